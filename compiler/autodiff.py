@@ -1,0 +1,203 @@
+"""Reverse-mode autodiff through time: one loop over the forward graph.
+
+Walk the forward graph in reverse topological order; for every node that
+some parameter influences, its cotangent is the sum of the contributions its
+consumers made (the first contribution *is* the cotangent: nothing is ever
+added into an uninitialised buffer); then each input's contribution comes
+from the op table's VJP rule. The backward nodes join the same graph
+(`grad=True`), in the same loops as the values they differentiate.
+
+Time enters through two node kinds:
+- `carry` (a source): a state's cotangent arriving from step t+1. It is
+  added into the cotangent of the state's update node at step t. At the
+  last step it is the cotangent of the state's final value (when another
+  loop starts from it) or nothing at all.
+- the cotangent of a state read at step t becomes the carry at step t-1;
+  after the loop (t = 0) it is the cotangent of the initial value
+  (`carry_out`): a learned initial state's gradient, or the final-state
+  cotangent of the loop the state started from.
+
+Nothing is differentiated that no parameter depends on: the data inputs,
+constants, and (for a cell's first layer) the input-side gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .ir import Graph, Node
+from .lower import Lowered
+from .ops import OPS, vjp_rule
+
+
+@dataclass
+class Backward:
+    """Where the backward pass put things."""
+
+    grads: dict[str, str] = field(default_factory=dict)  # param name -> grad node
+    carries: dict[str, str] = field(default_factory=dict)  # state read -> carry node
+    read_cts: dict[str, str] = field(default_factory=dict)  # state read -> its cotangent node
+    carry_outs: dict[str, str] = field(default_factory=dict)  # state read -> carry_out node
+    needs_grad: set[str] = field(default_factory=set)
+
+
+class Builder:
+    """What VJP rules see: node creation plus shape and time queries."""
+
+    def __init__(self, g: Graph, loc):
+        self.g = g
+        self.loc = loc
+
+    def shape_of(self, nid: str):
+        return self.g.node(nid).shape
+
+    def is_static(self, nid: str) -> bool:
+        return self.g.node(nid).seg is None
+
+    def op(self, name: str, *inputs: str, **attrs) -> str:
+        op = OPS[name]
+        segs = [self.g.node(i).seg for i in inputs]
+        loops = [s for s in segs if s is not None]
+        seg = max(loops, key=_seg_key) if loops else None
+        if name == "conv_grad_weight" or (name == "sum_to" and not attrs.get("batched")):
+            seg = None  # reductions over batch and time to a parameter's shape
+        base = _grad_name(self.g, inputs, name)
+        nid = self.g.fresh(base)
+        node = Node(nid, name, tuple(inputs), attrs, None, self.loc, seg, grad=True)
+        self.g.add(node)
+        node.shape = tuple(op.shape([self.g.node(i).shape for i in inputs], attrs))
+        return nid
+
+
+def _seg_key(seg: str):
+    # data sequences ("@x") come before loops ("loop0", "loop1", ...)
+    return (0, seg) if seg.startswith("@") else (1, int(seg[4:]))
+
+
+def _grad_name(g: Graph, inputs, op: str) -> str:
+    return "d_" + op
+
+
+def needs_grad(low: Lowered) -> set[str]:
+    """Nodes that depend on some parameter, through data edges and time."""
+    g = low.graph
+    order = g.order()
+    ng = {low.params[p].node for p in low.params}
+    changed = True
+    while changed:
+        changed = False
+        for nid in order:
+            if nid in ng:
+                continue
+            node = g.node(nid)
+            hit = any(i in ng for i in node.inputs)
+            if node.op == "state":
+                hit = hit or node.attrs.get("update") in ng or node.attrs.get("init_from") in ng
+            if hit:
+                ng.add(nid)
+                changed = True
+    return ng
+
+
+def differentiate(low: Lowered) -> Backward:
+    g = low.graph
+    ng = needs_grad(low)
+    bw = Backward(needs_grad=ng)
+    parts: dict[str, list[str]] = {}
+    update_of = {}  # update node -> state read
+    for nid in g.order():
+        node = g.node(nid)
+        if node.op == "state" and node.attrs.get("update"):
+            update_of.setdefault(node.attrs["update"], []).append(nid)
+
+    # carries: one per state read whose update needs a gradient
+    for nid in list(g.order()):
+        node = g.node(nid)
+        if node.op == "state" and nid in ng:
+            cid = g.fresh("d" + nid.removesuffix("_prev") + "_next")
+            g.add(Node(cid, "carry", (), dict(read=nid), node.shape, node.loc, node.seg,
+                       grad=True))
+            bw.carries[nid] = cid
+
+    forward = [n for n in g.order() if not g.node(n).grad]
+    for nid in reversed(forward):
+        if nid not in ng:
+            continue
+        node = g.node(nid)
+        b = Builder(g, node.loc)
+        contribs = list(parts.get(nid, []))
+        for read in update_of.get(nid, []):
+            if read in bw.carries:
+                contribs.append(bw.carries[read])
+        if node.op in ("bce", "bce_logits", "mse", "xent_logits"):
+            ct = None  # the seed: d loss / d loss = 1, folded into the loss's gradient op
+        elif not contribs:
+            continue
+        else:
+            ct = _sum(g, b, contribs, nid)
+        if node.op == "param":
+            bw.grads[node.attrs["name"]] = ct
+            continue
+        if node.op == "state":
+            bw.read_cts[nid] = ct
+            co = g.fresh("d" + nid.removesuffix("_prev") + "_init")
+            g.add(Node(co, "carry_out", (ct,), dict(read=nid), node.shape, node.loc, None,
+                       grad=True))
+            bw.carry_outs[nid] = co
+            src = node.attrs.get("init_from")
+            if src is not None and src in ng:
+                srcnode = g.node(src)
+                if srcnode.op == "param":
+                    contrib = b.op("sum_to", co, shape=tuple(srcnode.shape), batched=False)
+                    parts.setdefault(src, []).append(contrib)
+                # a final state (init=enc) is handled by the carry of the loop it came from
+            continue
+        op = OPS[node.op]
+        for i, u in enumerate(node.inputs):
+            if u not in ng:
+                continue
+            rule = vjp_rule(op, i)
+            if rule is None:
+                raise NotImplementedError(f"op {node.op} has no gradient rule for input {i}")
+            contrib = rule(b, node, ct, i)
+            parts.setdefault(u, []).append(contrib)
+
+    # a carry's value at the last step: the cotangent of the final state, if a later loop
+    # started from it (encoder -> forecaster)
+    for read, cid in bw.carries.items():
+        upd = g.node(read).attrs["update"]
+        terminal = [bw.carry_outs[r] for r, n in _reads_from(g, upd) if r in bw.carry_outs]
+        if terminal:
+            g.node(cid).attrs["terminal"] = tuple(terminal)
+    return bw
+
+
+def _reads_from(g: Graph, update: str):
+    for nid in g.order():
+        node = g.node(nid)
+        if node.op == "state" and node.attrs.get("init") == "final" and \
+                node.attrs.get("init_from") == update:
+            yield nid, node
+
+
+def _sum(g: Graph, b: Builder, contribs: list[str], nid: str) -> str:
+    """The cotangent of `nid`: its one contribution, or one `addn` of all of them.
+
+    It is named after the value it differentiates (`dh_enc` for `h_enc`), so
+    the generated code reads like a hand-written backward pass.
+    """
+    if len(contribs) == 1:
+        c = contribs[0]
+        node = g.node(c)
+        # only a fresh node made by a rule for this one input may take the name
+        if not c.startswith("d_") or not node.grad or g.consumers(c):
+            return c
+        return _rename(g, c, "d" + nid)
+    return _rename(g, b.op("addn", *contribs), "d" + nid)
+
+
+def _rename(g: Graph, old: str, base: str) -> str:
+    import networkx as nx
+    new = g.fresh(base)
+    nx.relabel_nodes(g.g, {old: new}, copy=False)
+    g.node(new).id = new
+    return new

@@ -1,0 +1,156 @@
+"""The compiler pipeline: spec -> checked program -> graph -> passes -> BPTT -> code.
+
+`compile_model` runs every stage and keeps what each produced, so every
+stage can be looked at (`convc compile --emit ir,dot,json`, `--timings`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from convc.spec.checker import check_program
+from convc.spec.diagnostics import Diagnostic
+from convc.spec.loader import Program, load_program
+
+from . import passes
+from .autodiff import Backward, differentiate
+from .codegen import generate
+from .lower import Lowered, lower
+from .schedule import Schedule, schedule
+from .shapes import infer_shapes
+
+
+@dataclass
+class Compiled:
+    """Everything one compile produced."""
+
+    program: Program
+    lowered: Lowered
+    backward: Backward
+    schedule: Schedule
+    source: str
+    warnings: list[Diagnostic] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    pass_counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.lowered.name
+
+    def ir_text(self) -> str:
+        return self.lowered.graph.dump() + "\n"
+
+    def dot(self) -> str:
+        return self.lowered.graph.to_dot(self.name)
+
+    def json(self) -> str:
+        return self.lowered.graph.to_json()
+
+
+def check(path: str | Path | None = None, text: str | None = None, file: str | None = None,
+          model: str | None = None, lower_models: bool = True) -> list[Diagnostic]:
+    """Every diagnostic for a file (raises CellError when there are errors)."""
+    prog = load_program(path, text=text, file=file)
+    rep = check_program(prog)
+    rep.diagnostics[:0] = getattr(prog, "warnings", [])
+    rep.check()
+    if lower_models:
+        names = [model] if model else [m.name for m in prog.root.models]
+        for name in names:
+            c = compile_program(prog, name, checked=True)
+            rep.diagnostics.extend(c.warnings)
+    return rep.diagnostics
+
+
+def compile_model(path: str | Path | None = None, text: str | None = None,
+                  file: str | None = None, model: str | None = None) -> Compiled:
+    t0 = time.perf_counter()
+    prog = load_program(path, text=text, file=file)
+    parse_s = time.perf_counter() - t0
+    c = compile_program(prog, model)
+    c.timings = {"parse": parse_s, **c.timings}
+    return c
+
+
+def compile_program(prog: Program, model: str | None = None, checked: bool = False) -> Compiled:
+    timings: dict[str, float] = {}
+    counts: dict[str, int] = {}
+
+    def stage(name):
+        class _T:
+            def __enter__(self):
+                self.t = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timings[name] = timings.get(name, 0.0) + time.perf_counter() - self.t
+        return _T()
+
+    warnings: list[Diagnostic] = []
+    with stage("check"):
+        if not checked:
+            rep = check_program(prog)
+            rep.diagnostics[:0] = getattr(prog, "warnings", [])
+            rep.check()
+            warnings = rep.warnings
+    with stage("lower"):
+        low = lower(prog, model)
+    g = low.graph
+    roots = set(low.losses) | set(low.outputs.values())
+    with stage("passes"):
+        counts["fold"] = passes.fold_constants(g, roots)
+        counts["fuse_bce_logits"] = passes.fuse_bce_logits(g)
+        counts["cse"] = passes.cse(g)
+        counts["dce"] = passes.dce(g, roots)
+        _prune_params(low)
+    from convc.spec.diagnostics import Reporter
+    rep = Reporter()
+    with stage("shapes"):
+        infer_shapes(g, rep)
+        rep.check()
+    with stage("autodiff"):
+        bw = differentiate(low)
+        counts["bwd_dce"] = _prune_backward(low, bw)
+    with stage("schedule"):
+        sched = schedule(low, bw)
+    with stage("codegen"):
+        source = generate(low, bw, sched)
+    return Compiled(prog, low, bw, sched, source, warnings, timings, counts)
+
+
+def _prune_params(low: Lowered) -> None:
+    """Drop parameters the model no longer uses (an input path folded away)."""
+    for name in list(low.params):
+        if low.params[name].node not in low.graph:
+            del low.params[name]
+    for seg in low.segments:
+        seg.states = [r for r in seg.states if r in low.graph]
+    low.segments[:] = [s for s in low.segments if s.states]
+
+
+def _prune_backward(low: Lowered, bw: Backward) -> int:
+    """Remove backward nodes no gradient needs."""
+    g = low.graph
+    roots = set(bw.grads.values())
+    live = set()
+    stack = list(roots)
+    while stack:
+        n = stack.pop()
+        if n in live:
+            continue
+        live.add(n)
+        node = g.node(n)
+        stack.extend(node.inputs)
+        if node.op == "carry":
+            read = node.attrs["read"]
+            if read in bw.read_cts:
+                stack.append(bw.read_cts[read])
+            stack.extend(node.attrs.get("terminal", ()))
+    dead = [n for n in list(g.g.nodes) if g.node(n).grad and n not in live]
+    for n in dead:
+        g.remove(n)
+    for table in (bw.carries, bw.read_cts, bw.carry_outs):
+        for k in list(table):
+            if table[k] not in g:
+                del table[k]
+    return len(dead)

@@ -1,0 +1,200 @@
+"""The graph IR: typed node records in a networkx DiGraph.
+
+A `Node` is one primitive op applied to ordered inputs (`inputs` is a tuple:
+a DiGraph cannot hold `mul(h, h)` twice, so edges only record dependencies).
+Every node knows its per-sample shape, the `.cell` location it came from,
+and its time context:
+
+- `seg` is the time loop (segment) a per-step value belongs to, or None for
+  values without time (parameters, constants, losses, gradients);
+- state reads (`op == "state"`) stand for a state's value at t-1; the node
+  that computes the state's new value is recorded in the read's attrs and
+  as an edge of kind "state" (the time recurrence), which the topological
+  order ignores.
+
+The order of everything emitted follows `Graph.order()`, a lexicographical
+topological sort keyed on creation order, so the same spec always gives
+byte-identical output.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from convc.spec.diagnostics import NOWHERE, Loc
+
+Shape = tuple  # tuple[int | None, ...]
+
+
+@dataclass
+class Node:
+    id: str
+    op: str
+    inputs: tuple[str, ...]
+    attrs: dict = field(default_factory=dict)
+    shape: Shape | None = None
+    loc: Loc = NOWHERE
+    seg: str | None = None
+    order: int = 0
+    grad: bool = False  # True for nodes of the backward pass
+
+    def describe(self) -> str:
+        shape = "?" if self.shape is None else "x".join(
+            "?" if d is None else str(d) for d in self.shape) or "scalar"
+        attrs = ", ".join(f"{k}={_fmt_attr(v)}" for k, v in sorted(self.attrs.items())
+                          if not k.startswith("_"))
+        args = ", ".join(self.inputs)
+        where = f"  @{self.seg}" if self.seg else ""
+        return (f"{self.id:<24} = {self.op}({args}{', ' if args and attrs else ''}{attrs})"
+                f"  : {shape}{where}  # {self.loc}")
+
+
+def _fmt_attr(v) -> str:
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, tuple):
+        return "(" + ", ".join(_fmt_attr(x) for x in v) + ")"
+    return str(v)
+
+
+class Graph:
+    """A DiGraph of Nodes plus the bookkeeping the passes need."""
+
+    def __init__(self) -> None:
+        self.g = nx.DiGraph()
+        self._counter = 0
+        self._names: dict[str, int] = {}
+
+    # ---------------------------------------------------------------- building
+    def fresh(self, base: str) -> str:
+        """A unique id starting with `base` (`h`, `h_1`, ...)."""
+        base = base.replace(".", "_")
+        if base not in self._names and base not in self.g:
+            self._names[base] = 0
+            return base
+        n = self._names.get(base, 0)
+        while True:
+            n += 1
+            cand = f"{base}_{n}"
+            if cand not in self.g:
+                self._names[base] = n
+                return cand
+
+    def add(self, node: Node) -> Node:
+        if node.id in self.g:
+            raise ValueError(f"duplicate node id {node.id}")
+        self._counter += 1
+        node.order = self._counter
+        self.g.add_node(node.id, node=node)
+        for i in node.inputs:
+            self.g.add_edge(i, node.id, kind="data")
+        return node
+
+    def node(self, nid: str) -> Node:
+        return self.g.nodes[nid]["node"]
+
+    def __contains__(self, nid: str) -> bool:
+        return nid in self.g
+
+    def nodes(self) -> list[Node]:
+        return [self.node(n) for n in self.order()]
+
+    def set_inputs(self, nid: str, inputs: tuple[str, ...]) -> None:
+        node = self.node(nid)
+        for i in set(node.inputs):
+            if self.g.has_edge(i, nid) and self.g[i][nid].get("kind") == "data":
+                self.g.remove_edge(i, nid)
+        node.inputs = tuple(inputs)
+        for i in node.inputs:
+            self.g.add_edge(i, nid, kind="data")
+
+    def link_state(self, read: str, update: str) -> None:
+        """Record the time recurrence: `update` at t is what `read` sees at t+1."""
+        self.node(read).attrs["update"] = update
+        self.g.add_edge(update, read, kind="state")
+
+    def remove(self, nid: str) -> None:
+        self.g.remove_node(nid)
+
+    def consumers(self, nid: str) -> list[str]:
+        return sorted((v for v in self.g.successors(nid)
+                       if self.g[nid][v].get("kind") == "data"),
+                      key=lambda v: self.node(v).order)
+
+    def replace_uses(self, old: str, new: str) -> None:
+        for user in self.consumers(old):
+            node = self.node(user)
+            self.set_inputs(user, tuple(new if i == old else i for i in node.inputs))
+        for read in list(self.g.nodes):
+            n = self.node(read)
+            if n.op == "state" and n.attrs.get("update") == old:
+                self.g.remove_edge(old, read)
+                self.link_state(read, new)
+
+    # ---------------------------------------------------------------- order
+    def data_view(self):
+        return nx.subgraph_view(self.g, filter_edge=lambda u, v: self.g[u][v]["kind"] == "data")
+
+    def order(self) -> list[str]:
+        """Deterministic topological order over data edges (creation order breaks ties)."""
+        view = self.data_view()
+        return list(nx.lexicographical_topological_sort(view, key=lambda n: self.node(n).order))
+
+    def ancestors(self, nid: str) -> set[str]:
+        return nx.ancestors(self.data_view(), nid)
+
+    def descendants(self, nid: str) -> set[str]:
+        return nx.descendants(self.data_view(), nid)
+
+    # ---------------------------------------------------------------- looking at it
+    def dump(self) -> str:
+        """Text form of the IR, one node a line, in schedule order."""
+        return "\n".join(self.node(n).describe() for n in self.order())
+
+    def to_dot(self, title: str = "convc") -> str:
+        lines = [f'digraph "{title}" {{', "  rankdir=TB;",
+                 '  node [shape=box, fontname="monospace", fontsize=10];']
+        segs: dict[str | None, list[str]] = {}
+        for n in self.order():
+            segs.setdefault(self.node(n).seg, []).append(n)
+        for seg, ids in segs.items():
+            if seg is not None:
+                lines.append(f'  subgraph "cluster_{seg}" {{ label="loop {seg}"; style=dashed;')
+            for n in ids:
+                node = self.node(n)
+                shape = "x".join("?" if d is None else str(d) for d in (node.shape or ()))
+                color = ', color="firebrick"' if node.grad else ""
+                fill = ', style=filled, fillcolor="#eef"' if node.op == "param" else ""
+                lines.append(f'    "{n}" [label="{n}\\n{node.op} {shape}"{color}{fill}];')
+            if seg is not None:
+                lines.append("  }")
+        for u, v, d in sorted(self.g.edges(data=True), key=lambda e: (e[0], e[1])):
+            style = ' [style=dashed, label="t+1", color="blue"]' if d["kind"] == "state" else ""
+            lines.append(f'  "{u}" -> "{v}"{style};')
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> str:
+        nodes = []
+        for n in self.order():
+            node = self.node(n)
+            nodes.append(dict(id=node.id, op=node.op, inputs=list(node.inputs),
+                              attrs={k: _jsonable(v) for k, v in sorted(node.attrs.items())
+                                     if not k.startswith("_")},
+                              shape=None if node.shape is None else list(node.shape),
+                              segment=node.seg, backward=node.grad,
+                              loc=dict(file=node.loc.file, line=node.loc.line,
+                                       column=node.loc.col)))
+        edges = [dict(source=u, target=v, kind=d["kind"])
+                 for u, v, d in sorted(self.g.edges(data=True), key=lambda e: (e[0], e[1]))]
+        return json.dumps(dict(nodes=nodes, edges=edges), indent=1) + "\n"
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    return str(v)

@@ -1,0 +1,763 @@
+"""Lower a checked model to the graph IR: instantiate cells, inline their equations.
+
+Each cell application becomes nodes of one time loop (a *segment*): layers
+applied to the same sequence share a loop and run one after another at every
+step; a cell that starts from another cell's final states (`init=enc`, the
+encoder-forecaster of Shi et al. 2015) runs in a later loop. Data inputs and
+targets are sequences of their own (segment ids starting with "@") with a
+time *axis*; axes that meet in an operation must have the same length, which
+also tells whether the task is next-frame prediction (the target shares the
+input's axis) or forecasting (it has its own).
+
+Equations are lowered on demand, so a cell's equations may come in any
+order; a name reached again while it is being lowered is an instantaneous
+cycle (a state read without [t-1]).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from convc.spec import ast as A
+from convc.spec.builtins import FUNCTIONS, LOSSES, WEIGHTS
+from convc.spec.checker import WORDS
+from convc.spec.diagnostics import CellError, Loc, Reporter
+from convc.spec.loader import Program
+
+from .ir import Graph, Node
+from .ops import OPS, ShapeError, fmt_shape
+
+
+@dataclass
+class Segment:
+    """One time loop: the cells that step together over one sequence."""
+
+    id: str
+    axis: str
+    index: int
+    states: list[str] = field(default_factory=list)  # state-read node ids
+    cells: list[str] = field(default_factory=list)  # instance names
+
+
+@dataclass
+class ParamSpec:
+    name: str
+    node: str
+    kind: str  # kernel, bias, hadamard, state
+    init: object
+    loc: Loc
+
+
+@dataclass
+class Lowered:
+    """The model's graph plus what codegen and the runtime need to know about it."""
+
+    name: str
+    doc: str | None
+    graph: Graph
+    segments: list[Segment]
+    params: dict[str, ParamSpec]
+    inputs: dict[str, str]
+    targets: dict[str, str]
+    outputs: dict[str, str]
+    losses: list[str]
+    axis_of: dict[str, str]  # data sequence name -> axis
+    train: dict
+    cells: dict[str, str]  # instance -> cell name
+    cell_docs: dict[str, str | None]
+    file: str
+    warnings: list = field(default_factory=list)
+
+    @property
+    def task(self) -> str:
+        """next_frame when targets share the inputs' time axis, else forecast."""
+        in_axes = {self.axis_of[n] for n in self.inputs}
+        t_axes = {self.axis_of[n] for n in self.targets}
+        return "next_frame" if t_axes <= in_axes else "forecast"
+
+
+class Tensor:
+    __slots__ = ("id",)
+
+    def __init__(self, nid: str):
+        self.id = nid
+
+    def __repr__(self):
+        return f"Tensor({self.id})"
+
+
+class Tup:
+    def __init__(self, items):
+        self.items = list(items)
+
+
+@dataclass
+class Instance:
+    name: str
+    cell: A.CellDef
+    params: dict
+    loc: Loc
+    applied: bool = False
+    seg: str | None = None
+    finals: dict = field(default_factory=dict)  # state name -> update node id
+    weights: dict = field(default_factory=dict)  # weight name -> node (shared across uses)
+
+
+class _Fail(Exception):
+    """Abort lowering one statement after a diagnostic was recorded."""
+
+
+class Lowerer:
+    def __init__(self, prog: Program, model: A.ModelDef):
+        self.prog = prog
+        self.model = model
+        self.g = Graph()
+        self.rep = Reporter()
+        self.segments: dict[str, Segment] = {}
+        self.axis_parent: dict[str, str] = {}
+        self.params: dict[str, ParamSpec] = {}
+        self.inputs: dict[str, str] = {}
+        self.targets: dict[str, str] = {}
+        self.outputs: dict[str, str] = {}
+        self.losses: list[str] = []
+        self.train: dict = {}
+        self.instances: dict[str, Instance] = {}
+        self.default_seg: dict[str, str] = {}
+        self.cell_docs: dict[str, str | None] = {}
+
+    # ------------------------------------------------------------ axes and segments
+    def axis(self, a: str) -> str:
+        while self.axis_parent.get(a, a) != a:
+            a = self.axis_parent[a]
+        return a
+
+    def unify_axes(self, a: str, b: str) -> None:
+        ra, rb = self.axis(a), self.axis(b)
+        if ra != rb:
+            self.axis_parent[rb] = ra
+
+    def seg_index(self, seg: str | None) -> int:
+        if seg is None:
+            return -2
+        if seg.startswith("@"):
+            return -1
+        return self.segments[seg].index
+
+    def seg_axis(self, seg: str) -> str:
+        return seg[1:] if seg.startswith("@") else self.segments[seg].axis
+
+    def new_segment(self, axis: str) -> str:
+        sid = f"loop{len(self.segments)}"
+        self.segments[sid] = Segment(sid, axis, len(self.segments))
+        return sid
+
+    # ------------------------------------------------------------ nodes
+    def node(self, op: str, inputs, loc: Loc, base: str | None = None, seg=-1, **attrs) -> str:
+        inputs = tuple(inputs)
+        if seg == -1:
+            seg = self.join_segments([self.g.node(i).seg for i in inputs], loc)
+        nid = self.g.fresh(base or op)
+        node = Node(nid, op, inputs, attrs, None, loc, seg)
+        self.g.add(node)
+        try:
+            node.shape = OPS[op].shape([self.g.node(i).shape for i in inputs], attrs)
+        except ShapeError as e:
+            self.rep.error("E300", f"{_opname(op)}: {e}", loc)
+            raise _Fail() from None
+        return nid
+
+    def join_segments(self, segs, loc: Loc) -> str | None:
+        segs = [s for s in segs if s is not None]
+        if not segs:
+            return None
+        best = max(segs, key=self.seg_index)
+        for s in segs:
+            if s != best:
+                self.unify_axes(self.seg_axis(s), self.seg_axis(best))
+        return best
+
+    def const(self, value: float, loc: Loc) -> str:
+        return self.node("const", (), loc, base="c", seg=None, value=float(value))
+
+    # ------------------------------------------------------------ the model
+    def run(self) -> Lowered:
+        env: dict[str, object] = {}
+        for st in self.model.body:
+            try:
+                self.model_stmt(st, env)
+            except _Fail:
+                continue
+        self.rep.check()
+        for seg in self.segments.values():
+            seg.axis = self.axis(seg.axis)
+        return Lowered(self.model.name, self.model.doc, self.g, list(self.segments.values()),
+                       self.params, self.inputs, self.targets, self.outputs, self.losses,
+                       {n: self.axis(n) for n in list(self.inputs) + list(self.targets)},
+                       self.train, {k: v.cell.name for k, v in self.instances.items()},
+                       self.cell_docs, self.model.loc.file)
+
+    def model_stmt(self, st, env) -> None:
+        if isinstance(st, A.SeqDecl):
+            shape = tuple(int(d.value) for d in st.shape)
+            op = "input"
+            nid = self.node(op, (), st.loc, base=st.name, seg="@" + st.name, shape=shape,
+                            kind=st.kind, seq=st.name)
+            (self.inputs if st.kind == "input" else self.targets)[st.name] = nid
+            env[st.name] = Tensor(nid)
+        elif isinstance(st, A.WeightDecl):
+            env[st.name] = self.weight(st, env, prefix="")
+        elif isinstance(st, A.Equation):
+            v = st.value
+            if isinstance(v, A.Call) and v.func_name in self.prog.cells and \
+                    not isinstance(env.get(v.func_name), Instance):
+                inst = self.instantiate(v, self.prog.cells[v.func_name], st.targets[0], env)
+                env[st.targets[0]] = inst
+                return
+            if isinstance(v, A.Call) and isinstance(v.func, A.Call) and \
+                    v.func.func_name in self.prog.cells:
+                inst = self.instantiate(v.func, self.prog.cells[v.func.func_name],
+                                        st.targets[0], env)
+                result = self.apply(inst, v, env)
+            elif isinstance(v, A.Call) and isinstance(env.get(v.func_name), Instance):
+                result = self.apply(env[v.func_name], v, env)
+            else:
+                result = self.expr(v, env, model=True)
+            self.bind(st, result, env)
+        elif isinstance(st, A.OutputDecl):
+            for n, loc in zip(st.names, st.locs):
+                v = env.get(n)
+                if not isinstance(v, Tensor):
+                    self.rep.error("E205", f"output {n!r} is not a tensor", loc)
+                    continue
+                self.outputs[n] = v.id
+        elif isinstance(st, A.Loss):
+            self.loss(st, env)
+        elif isinstance(st, A.Train):
+            for s in st.settings:
+                self.train[s.name] = self.const_value(s.value, env)
+
+    def bind(self, st: A.Equation, result, env) -> None:
+        locs = st.target_locs or (st.loc,) * len(st.targets)
+        if len(st.targets) == 1:
+            if isinstance(result, Tup):
+                self.rep.error("E203", f"this gives {len(result.items)} values; name each: "
+                               f"{', '.join(f'v{i}' for i in range(len(result.items)))} = ...",
+                               st.loc)
+                raise _Fail()
+            env[st.targets[0]] = result
+            self.rename(result, st.targets[0])
+            return
+        items = result.items if isinstance(result, Tup) else [result]
+        if len(items) != len(st.targets):
+            self.rep.error("E203", f"{len(st.targets)} names on the left but {len(items)} "
+                           "value" + ("s" if len(items) != 1 else "") + " on the right", st.loc)
+            raise _Fail()
+        for n, v, loc in zip(st.targets, items, locs):
+            env[n] = v
+            self.rename(v, n)
+
+    def rename(self, v, name: str, prefix: str = "") -> None:
+        """Give a node the spec's name (h_enc, not add_3) where it has none yet."""
+        if not isinstance(v, Tensor):
+            return
+        node = self.g.node(v.id)
+        if node.attrs.get("_named") or node.op in ("input", "param", "state", "const"):
+            return
+        base = f"{name}_{prefix}" if prefix else name
+        new = self.g.fresh(base)
+        self._relabel(v.id, new)
+        v.id = new
+        self.g.node(new).attrs["_named"] = True
+
+    def _relabel(self, old: str, new: str) -> None:
+        import networkx as nx
+        node = self.g.node(old)
+        node.id = new
+        nx.relabel_nodes(self.g.g, {old: new}, copy=False)
+        for n in self.g.g.nodes:
+            nd = self.g.node(n)
+            if old in nd.inputs:
+                nd.inputs = tuple(new if i == old else i for i in nd.inputs)
+            if nd.attrs.get("update") == old:
+                nd.attrs["update"] = new
+            if nd.attrs.get("init_from") == old:
+                nd.attrs["init_from"] = new
+        for table in (self.inputs, self.targets, self.outputs):
+            for k, v in table.items():
+                if v == old:
+                    table[k] = new
+        self.losses = [new if x == old else x for x in self.losses]
+        for p in self.params.values():
+            if p.node == old:
+                p.node = new
+        for inst in self.instances.values():
+            for k, v in inst.finals.items():
+                if v == old:
+                    inst.finals[k] = new
+        self._renamed[old] = new
+
+    _renamed: dict = {}
+
+    # ------------------------------------------------------------ constants
+    def const_value(self, e, env):
+        if isinstance(e, A.Num):
+            return e.value
+        if isinstance(e, A.Str):
+            return e.value
+        if isinstance(e, A.Bool):
+            return e.value
+        if isinstance(e, A.Name):
+            if e.id in env and not isinstance(env[e.id], (Tensor, Tup, Instance)):
+                return env[e.id]
+            if e.id in WORDS:
+                return e.id
+            self.rep.error("E205", f"{e.id!r} is not a constant here", e.loc)
+            raise _Fail()
+        if isinstance(e, A.Neg):
+            v = self.const_value(e.operand, env)
+            return -v
+        if isinstance(e, A.BinOp):
+            a, b = self.const_value(e.left, env), self.const_value(e.right, env)
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
+                self.rep.error("E205", f"cannot compute {a!r} {e.op} {b!r}", e.loc)
+                raise _Fail()
+            if e.op == "+":
+                return a + b
+            if e.op == "-":
+                return a - b
+            if e.op == "*":
+                return a * b
+            if b == 0:
+                self.rep.error("E205", "division by zero", e.right.loc)
+                raise _Fail()
+            r = a / b
+            return int(r) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else r
+        if isinstance(e, A.TupleExpr):
+            return tuple(self.const_value(x, env) for x in e.items)
+        if isinstance(e, A.Call) and e.func_name in ("uniform", "normal"):
+            return (e.func_name, float(self.const_value(e.args[0], env)))
+        self.rep.error("E205", "expected a constant", e.loc)
+        raise _Fail()
+
+    # ------------------------------------------------------------ weights
+    def weight(self, st: A.WeightDecl, env, prefix: str) -> Tensor:
+        call = st.value
+        sig = WEIGHTS[call.func_name]
+        args = dict(zip(sig.positional, (self.const_value(a, env) for a in call.args)))
+        kw = dict(sig.keywords)
+        for k in call.kwargs:
+            kw[k.name] = self.const_value(k.value, env) if k.name != "init" else \
+                self._init_value(k.value, env)
+        args.update({k: v for k, v in kw.items() if k in sig.positional})
+        name = f"{prefix}.{st.name}" if prefix else st.name
+        kind = call.func_name
+        for key in ("out", "channels"):
+            if key in args and not (isinstance(args[key], int) and args[key] > 0):
+                self.rep.error("E205", f"{key} must be a positive integer, got {args[key]!r}",
+                               call.loc)
+                raise _Fail()
+        if kind == "kernel":
+            size = args["size"]
+            kh, kw_ = (size, size) if isinstance(size, int) else tuple(size)
+            shape = (args["out"], None, kh, kw_)
+        elif kind == "bias" and not kw.get("per_pixel"):
+            shape = (args["channels"],)
+        else:
+            shape = (args["channels"], None, None)
+        nid = self.node("param", (), st.loc, base=name.replace(".", "_"), seg=None,
+                        shape=shape, name=name)
+        self.params[name] = ParamSpec(name, nid, kind if kind != "bias" or not kw.get(
+            "per_pixel") else "bias_pixel", kw.get("init"), st.loc)
+        if len(shape) == 1:
+            # a per-channel bias is stored as [C] and used as [C, 1, 1]
+            view = self.node("reshape", (nid,), st.loc, base=name.replace(".", "_") + "_c",
+                             seg=None, shape=(shape[0], 1, 1))
+            return Tensor(view)
+        return Tensor(nid)
+
+    def _init_value(self, e, env):
+        if isinstance(e, A.Name):
+            return e.id
+        return self.const_value(e, env)
+
+    # ------------------------------------------------------------ cells
+    def instantiate(self, call: A.Call, cell: A.CellDef, name: str, env) -> Instance:
+        values: dict = {}
+        names = [p.name for p in cell.params]
+        for p, a in zip(names, call.args):
+            values[p] = self.const_value(a, env)
+        for kw in call.kwargs:
+            values[kw.name] = self.const_value(kw.value, env)
+        for p in cell.params:
+            if p.name not in values:
+                if p.default is None:
+                    self.rep.error("E206", f"{cell.name} needs a value for parameter "
+                                   f"{p.name!r}", call.loc)
+                    raise _Fail()
+                values[p.name] = self.const_value(p.default, values)
+        inst = Instance(name, cell, values, call.loc)
+        if name in self.instances:
+            self.rep.error("E201", f"{name!r} is already defined", call.loc)
+            raise _Fail()
+        self.instances[name] = inst
+        self.cell_docs[cell.name] = cell.doc
+        return inst
+
+    def apply(self, inst: Instance, call: A.Call, env):
+        if inst.applied:
+            self.rep.error("E201", f"cell {inst.name!r} is already applied; make another "
+                           f"instance to apply it again", call.loc)
+            raise _Fail()
+        inst.applied = True
+        inputs = [self.expr(a, env, model=True) for a in call.args]
+        for x, a in zip(inputs, call.args):
+            if not isinstance(x, Tensor) or self.g.node(x.id).seg is None:
+                self.rep.error("E205", "a cell is applied to sequences", a.loc)
+                raise _Fail()
+        kw = {k.name: k for k in call.kwargs}
+        init_from = None
+        if "init" in kw:
+            src = env.get(kw["init"].value.id) if isinstance(kw["init"].value, A.Name) else None
+            if not isinstance(src, Instance) or not src.applied:
+                self.rep.error("E205", "init= names a cell applied earlier", kw["init"].value.loc)
+                raise _Fail()
+            init_from = src
+        steps_axis = None
+        if "steps" in kw:
+            src = self.expr(kw["steps"].value, env, model=True)
+            if not isinstance(src, Tensor) or not (self.g.node(src.id).seg or "").startswith("@"):
+                self.rep.error("E205", "steps= names an input or target sequence",
+                               kw["steps"].value.loc)
+                raise _Fail()
+            steps_axis = self.g.node(src.id).seg[1:]
+        # which loop runs this cell
+        in_segs = [self.g.node(x.id).seg for x in inputs]
+        if in_segs:
+            cand = self.join_segments(in_segs, call.loc)
+        elif steps_axis is not None:
+            cand = "@" + steps_axis
+        else:
+            self.rep.error("E203", f"{inst.name} has no input: give one, or steps=<sequence> "
+                           "to run it without input", call.loc)
+            raise _Fail()
+        if cand.startswith("@"):
+            axis = cand[1:]
+            seg = self.default_seg.get(self.axis(axis))
+            if seg is None or (init_from and self.seg_index(init_from.seg) >= self.seg_index(seg)):
+                seg = self.new_segment(axis)
+                self.default_seg.setdefault(self.axis(axis), seg)
+        else:
+            seg = cand
+            if init_from is not None and self.seg_index(init_from.seg) >= self.seg_index(seg):
+                seg = self.new_segment(self.segments[cand].axis)
+        if steps_axis is not None:
+            self.unify_axes(self.segments[seg].axis, steps_axis)
+        inst.seg = seg
+        self.segments[seg].cells.append(inst.name)
+        return self.elaborate(inst, inputs, init_from, seg, call.loc)
+
+    def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc):
+        cell = inst.cell
+        env: dict[str, object] = dict(inst.params)
+        body = self.flatten(cell.body, env)
+        eqs: dict[str, A.Equation] = {}
+        states: dict[str, A.StateDecl] = {}
+        outputs: list[tuple[str, Loc]] = []
+        input_names: list[str] = []
+        for st in body:
+            if isinstance(st, A.InputDecl):
+                input_names.extend(st.names)
+            elif isinstance(st, A.StateDecl):
+                states[st.name] = st
+            elif isinstance(st, A.WeightDecl):
+                env[st.name] = self.weight(st, env, prefix=inst.name)
+            elif isinstance(st, A.Equation):
+                for i, t in enumerate(st.targets):
+                    eqs[t] = (st, i)
+            elif isinstance(st, A.OutputDecl):
+                outputs.extend(zip(st.names, st.locs))
+        if len(inputs) > len(input_names):
+            self.rep.error("E203", f"{cell.name} takes {len(input_names)} input"
+                           f"{'s' if len(input_names) != 1 else ''} but {len(inputs)} were "
+                           "given", loc)
+            raise _Fail()
+        for i, n in enumerate(input_names):
+            env[n] = inputs[i] if i < len(inputs) else Tensor(self.const(0.0, loc))
+        # state reads: the value at t-1
+        reads: dict[str, str] = {}
+        for name, st in states.items():
+            init_kind = st.init
+            attrs = dict(state=f"{inst.name}.{name}", init=init_kind)
+            if init_from is not None:
+                if name not in init_from.finals:
+                    self.rep.error("E205", f"init={init_from.name}: {init_from.cell.name} has no "
+                                   f"state {name!r} to start {inst.cell.name}.{name} from", loc)
+                    raise _Fail()
+                attrs.update(init="final", init_from=init_from.finals[name])
+            rid = self.node("state", (), st.loc, base=f"{name}_{inst.name}_prev", seg=seg,
+                            shape=(None, None, None), **attrs)
+            if attrs["init"] == "learned":
+                pname = f"{inst.name}.{name}0"
+                pid = self.node("param", (), st.loc, base=pname.replace(".", "_"), seg=None,
+                                shape=(None, None, None), name=pname)
+                self.params[pname] = ParamSpec(pname, pid, "state", 0.0, st.loc)
+                self.g.node(rid).attrs["init_from"] = pid
+            reads[name] = rid
+            self.segments[seg].states.append(rid)
+        cur: dict[str, Tensor] = {}
+        busy: set[str] = set()
+        scope = _CellScope(self, inst, env, eqs, reads, cur, busy)
+        for name, st in states.items():
+            if name not in eqs:
+                continue
+            upd = scope.value(name, st.loc)
+            if not isinstance(upd, Tensor):
+                self.rep.error("E205", f"state {name!r} must be a tensor", st.loc)
+                raise _Fail()
+            upd_node = self.g.node(upd.id)
+            if upd_node.op in ("state", "param", "const", "input") or upd_node.seg != seg:
+                # the state's new value must be a node of this loop that the read can point at
+                ident = self.node("scale", (upd.id,), st.loc, base=f"{name}_{inst.name}",
+                                  seg=seg, factor=1.0, keep=True)
+                upd = Tensor(ident)
+                cur[name] = upd
+            self.g.link_state(reads[name], upd.id)
+            inst.finals[name] = upd.id
+        # every equation is lowered, even when no output needs it, to report its errors
+        for name in eqs:
+            scope.value(name, eqs[name][0].loc)
+        result = []
+        for n, oloc in outputs:
+            v = scope.value(n, oloc)
+            result.append(v)
+        return result[0] if len(result) == 1 else Tup(result)
+
+    def flatten(self, body, env) -> list:
+        """Statements with `if` resolved from the cell's parameter values."""
+        out = []
+        stack = list(reversed(body))
+        while stack:
+            st = stack.pop()
+            if isinstance(st, A.If):
+                cond = self.const_value(st.cond, env)
+                if not isinstance(cond, bool):
+                    self.rep.error("E205", f"an if condition is true or false, got {cond!r}",
+                                   st.cond.loc)
+                    raise _Fail()
+                stack.extend(reversed(st.then if cond else st.orelse))
+            else:
+                out.append(st)
+        return out
+
+    # ------------------------------------------------------------ expressions
+    def expr(self, e, env, model=False, scope=None):
+        if isinstance(e, (A.Num, A.Str, A.Bool)):
+            return e.value
+        if isinstance(e, A.Name):
+            if scope is not None:
+                return scope.value(e.id, e.loc)
+            if e.id in env:
+                return env[e.id]
+            if e.id in WORDS:
+                return e.id
+            self.rep.error("E200", f"unknown name {e.id!r}", e.loc)
+            raise _Fail()
+        if isinstance(e, A.Delayed):
+            if scope is None:
+                self.rep.error("E222", "[t-1] reads a cell's state, inside a cell", e.loc)
+                raise _Fail()
+            return scope.delayed(e)
+        if isinstance(e, A.Neg):
+            v = self.expr(e.operand, env, model, scope)
+            if isinstance(v, Tensor):
+                return Tensor(self.node("neg", (v.id,), e.loc))
+            return -v
+        if isinstance(e, A.BinOp):
+            return self.binop(e, self.expr(e.left, env, model, scope),
+                              self.expr(e.right, env, model, scope))
+        if isinstance(e, A.TupleExpr):
+            return tuple(self.expr(x, env, model, scope) for x in e.items)
+        if isinstance(e, A.Call):
+            return self.call(e, env, model, scope)
+        raise AssertionError(e)
+
+    def binop(self, e: A.BinOp, a, b):
+        ta, tb = isinstance(a, Tensor), isinstance(b, Tensor)
+        num = (int, float)
+        if not ta and not tb:
+            if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool):
+                return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
+                        "/": lambda: a / b}[e.op]()
+            self.rep.error("E205", f"cannot compute {a!r} {e.op} {b!r}", e.loc)
+            raise _Fail()
+        for v, side in ((a, e.left), (b, e.right)):
+            if not isinstance(v, (Tensor, int, float)) or isinstance(v, bool):
+                self.rep.error("E205", f"{e.op} needs tensors or numbers", side.loc)
+                raise _Fail()
+        if e.op == "/":
+            if tb:
+                self.rep.error("E205", "division only by a constant", e.right.loc)
+                raise _Fail()
+            if b == 0:
+                self.rep.error("E205", "division by zero", e.right.loc)
+                raise _Fail()
+            return Tensor(self.node("scale", (a.id,), e.loc, factor=1.0 / b))
+        if e.op == "*" and (not ta or not tb):
+            t, c = (a, b) if ta else (b, a)
+            return Tensor(self.node("scale", (t.id,), e.loc, factor=float(c)))
+        ids = [x.id if isinstance(x, Tensor) else self.const(x, e.loc) for x in (a, b)]
+        op = {"+": "add", "-": "sub", "*": "mul"}[e.op]
+        return Tensor(self.node(op, ids, e.loc))
+
+    def call(self, e: A.Call, env, model, scope):
+        fname = e.func_name
+        if fname not in FUNCTIONS:
+            self.rep.error("E202", f"unknown function {fname!r}", e.loc)
+            raise _Fail()
+        args = [self.expr(a, env, model, scope) for a in e.args]
+        kwargs = {k.name: self.expr(k.value, env, model, scope) for k in e.kwargs}
+        for a, src in zip(args, e.args):
+            if fname != "split" or src is e.args[0]:
+                if not isinstance(a, Tensor):
+                    self.rep.error("E205", f"{fname}() takes tensors, got {a!r}", src.loc)
+                    raise _Fail()
+        if fname == "conv":
+            return Tensor(self.conv(e, args, kwargs))
+        if fname in ("sigmoid", "hard_sigmoid", "tanh", "relu"):
+            return Tensor(self.node(fname, (args[0].id,), e.loc))
+        if fname == "concat":
+            return Tensor(self.node("concat", [a.id for a in args], e.loc))
+        if fname == "split":
+            x, n = args[0], args[1] if len(args) > 1 else kwargs.get("n")
+            if not isinstance(n, int) or n < 1:
+                self.rep.error("E205", "split(x, n) needs a positive integer n", e.loc)
+                raise _Fail()
+            shape = self.g.node(x.id).shape
+            c = shape[0] if shape else None
+            if c is None:
+                self.rep.error("E303", "cannot infer the channels of the value to split", e.loc)
+                raise _Fail()
+            if c % n:
+                self.rep.error("E302", f"split into {n} parts does not divide {c} channels "
+                               f"(shape {fmt_shape(shape)})", e.loc)
+                raise _Fail()
+            k = c // n
+            return Tup([Tensor(self.node("slice", (x.id,), e.loc, start=i * k, stop=(i + 1) * k))
+                        for i in range(n)])
+        raise AssertionError(fname)
+
+    def conv(self, e: A.Call, args, kwargs) -> str:
+        x, w = args[0], args[1]
+        wnode = self.g.node(w.id)
+        if wnode.op != "param" or wnode.shape is None or len(wnode.shape) != 4:
+            self.rep.error("E205", "the second argument of conv is a kernel weight "
+                           "(`weight W = kernel(out, size)`)", e.args[1].loc)
+            raise _Fail()
+        kh, kw = wnode.shape[2], wnode.shape[3]
+
+        def pair(v, what):
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = (v, v)
+            if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) for i in v)
+                    and min(v) >= (0 if what == "padding" else 1)):
+                self.rep.error("E205", f"{what} must be {'a non-negative' if what == 'padding' else 'a positive'} "
+                               f"integer or a pair, got {v!r}", e.loc)
+                raise _Fail()
+            return v
+
+        stride = pair(kwargs.get("stride", 1), "stride")
+        dil = pair(kwargs.get("dilation", 1), "dilation")
+        padding = kwargs.get("padding", "same")
+        if padding == "same":
+            if (dil[0] * (kh - 1)) % 2 or (dil[1] * (kw - 1)) % 2:
+                self.rep.error("E205", f"padding=same needs an odd kernel size, got {kh}x{kw}; "
+                               "give the padding as a number", e.loc)
+                raise _Fail()
+            pad = (dil[0] * (kh - 1) // 2, dil[1] * (kw - 1) // 2)
+        elif padding == "valid":
+            pad = (0, 0)
+        else:
+            pad = pair(padding, "padding")
+        return self.node("conv", (x.id, w.id), e.loc, stride=stride, pad=pad, dilation=dil)
+
+    # ------------------------------------------------------------ losses
+    def loss(self, st: A.Loss, env) -> None:
+        call = st.value
+        fname = call.func_name
+        sig = LOSSES[fname]
+        args = [self.expr(a, env, model=True) for a in call.args]
+        kw = {k.name: self.const_value(k.value, env) for k in call.kwargs}
+        steps = kw.get("steps", sig.keywords["steps"])
+        pred, target = args
+        if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
+            self.rep.error("E205", "a loss compares two sequences", call.loc)
+            raise _Fail()
+        op = {"bce": "bce", "mse": "mse", "cross_entropy": "xent_logits"}[fname]
+        nid = self.node(op, (pred.id, target.id), call.loc, base="loss", steps=steps)
+        self.g.node(nid).seg = None  # a loss is a scalar over every step
+        self.losses.append(nid)
+
+
+class _CellScope:
+    """Name lookup inside one cell application, lowering equations on demand."""
+
+    def __init__(self, low: Lowerer, inst: Instance, env, eqs, reads, cur, busy):
+        self.low, self.inst, self.env = low, inst, env
+        self.eqs, self.reads, self.cur, self.busy = eqs, reads, cur, busy
+
+    def value(self, name: str, loc: Loc):
+        if name in self.cur:
+            return self.cur[name]
+        if name in self.eqs:
+            st, idx = self.eqs[name]
+            key = st.targets
+            if key in self.busy:
+                chain = " -> ".join(key)
+                self.low.rep.error(
+                    "E220", f"{name!r} depends on itself at the same time step ({chain}); "
+                    f"read the previous step with {name}[t-1]" if name in self.reads else
+                    f"{name!r} depends on itself at the same time step", st.loc)
+                raise _Fail()
+            self.busy.add(key)
+            try:
+                result = self.low.expr(st.value, self.env, scope=self)
+            finally:
+                self.busy.discard(key)
+            if len(st.targets) == 1:
+                self.low.rename(result, st.targets[0], self.inst.name)
+                self.cur[name] = result
+            else:
+                items = result.items if isinstance(result, Tup) else [result]
+                if len(items) != len(st.targets):
+                    self.low.rep.error("E203", f"{len(st.targets)} names on the left but "
+                                       f"{len(items)} values on the right", st.loc)
+                    raise _Fail()
+                for t, v in zip(st.targets, items):
+                    self.low.rename(v, t, self.inst.name)
+                    self.cur[t] = v
+            return self.cur[name]
+        if name in self.reads:
+            self.low.rep.error("E210", f"state {name!r} has no equation", loc)
+            raise _Fail()
+        if name in self.env:
+            return self.env[name]
+        if name in WORDS:
+            return name
+        self.low.rep.error("E200", f"unknown name {name!r}", loc)
+        raise _Fail()
+
+    def delayed(self, e: A.Delayed):
+        if e.name not in self.reads:
+            self.low.rep.error("E222", f"{e.name!r} is not a state", e.loc)
+            raise _Fail()
+        return Tensor(self.reads[e.name])
+
+
+def _opname(op: str) -> str:
+    return {"add": "+", "sub": "-", "mul": "*"}.get(op, op)
+
+
+def lower(prog: Program, model_name: str | None = None) -> Lowered:
+    model = prog.model(model_name)
+    low = Lowerer(prog, model)
+    low._renamed = {}
+    return low.run()

@@ -1,0 +1,383 @@
+"""The op table: every primitive op, defined once.
+
+One `OpDef` record holds an op's shape rule, its vector-Jacobian rules (one
+per input), its code template and its reference evaluation. Gates, cells and
+losses are built from these in the language itself; fusion and hoisting are
+passes, not second definitions.
+
+Conventions
+- Shapes are per sample: a per-step value of shape (C, H, W) is an array of
+  shape (N, C, H, W) at run time (or (T, N, C, H, W) when a stage is
+  batched over time). Parameters and constants carry their full shape.
+  `None` stands for a dimension not inferred yet.
+- A VJP rule takes the builder, the node, the node's cotangent `g` (a node
+  id) and the input index, and returns the id of that input's contribution.
+  Rules add graph nodes; they never touch arrays. Sigmoid and tanh use their
+  output (`g*y*(1-y)`, `g*(1-y*y)`); conv has one rule per input.
+- Code templates are format strings over the argument expressions; `rt` is
+  `convc.runtime.kernels`, `B` the backend, `xp` its array module.
+- Reference evaluations take NumPy arrays with a leading batch axis.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from convc.runtime import kernels as K
+
+
+class ShapeError(Exception):
+    """Raised by shape rules; the caller turns it into a located diagnostic."""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    shape: Callable  # (in_shapes, attrs) -> shape
+    code: Callable | None  # (args: list[str], attrs) -> python expression
+    ref: Callable | None  # (*arrays, **attrs) -> array
+    vjp: tuple = ()  # one rule (or None: not differentiable in that input) per input
+    variadic: bool = False
+    elementwise: bool = False
+    doc: str = ""
+    # extra: how many inputs (fixed arity ops); -1 for variadic
+    arity: int = field(default=1)
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def defop(**kw) -> OpDef:
+    op = OpDef(**kw)
+    OPS[op.name] = op
+    return op
+
+
+# ---------------------------------------------------------------- shape helpers
+
+def unify_dim(a, b, what: str = "dimension"):
+    if a is None:
+        return b
+    if b is None or a == b:
+        return a
+    raise ShapeError(f"{what} {a} does not match {b}")
+
+
+def fmt_shape(s) -> str:
+    if s is None:
+        return "[?]"
+    return "[" + ", ".join("?" if d is None else str(d) for d in s) + "]"
+
+
+def broadcast(shapes) -> tuple:
+    """NumPy broadcasting of per-sample shapes (scalars are shape ())."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for axis in range(rank):
+        dims = [s[axis - rank + len(s)] for s in shapes if axis - rank + len(s) >= 0]
+        known = [d for d in dims if d is not None and d != 1]
+        if len(set(known)) > 1:
+            raise ShapeError("shapes " + " and ".join(fmt_shape(s) for s in shapes)
+                             + " do not match")
+        if known:
+            out.append(known[0])
+        elif any(d is None for d in dims):
+            out.append(None)
+        else:
+            out.append(1)
+    return tuple(out)
+
+
+def _same(shapes, attrs):
+    return shapes[0]
+
+
+def _elementwise(shapes, attrs):
+    return broadcast(shapes)
+
+
+# ---------------------------------------------------------------- sources
+# Sources have no inputs; their shape is set when they are created.
+
+def _source_shape(shapes, attrs):
+    return attrs.get("shape")
+
+
+for _name, _doc in (("input", "a per-step data input"),
+                    ("param", "a trainable parameter"),
+                    ("state", "a state's value at the previous step (t-1)"),
+                    ("init", "a state's initial value (zeros, learned, or another loop's final)"),
+                    ("seqref", "a per-step value of an earlier loop, read at the same step")):
+    defop(name=_name, shape=_source_shape, code=None, ref=None, arity=0, doc=_doc)
+
+
+defop(name="carry", shape=_source_shape, code=None, ref=None, arity=0,
+      doc="backward pass: a state's cotangent from step t+1, None when there is none")
+defop(name="carry_out", shape=lambda s, at: s[0], code=None, ref=None, arity=1,
+      doc="backward pass: a state read's cotangent at t=0, after the loop")
+
+
+def _const_shape(shapes, attrs):
+    return ()
+
+
+defop(name="const", shape=_const_shape, arity=0,
+      code=lambda a, at: repr(float(at["value"])),
+      ref=lambda **at: np.asarray(at["value"], dtype=np.float64),
+      doc="a scalar constant")
+
+
+# ---------------------------------------------------------------- elementwise
+
+def _g(b, node, g, i):
+    return g
+
+
+def _neg_g(b, node, g, i):
+    return b.op("neg", g)
+
+
+def _sum_to(b, node, contrib, i):
+    """Reduce a contribution to the shape of input i (undo broadcasting)."""
+    target = b.shape_of(node.inputs[i])
+    if b.is_static(node.inputs[i]) or tuple(b.shape_of(contrib)) != tuple(target):
+        return b.op("sum_to", contrib, shape=tuple(target),
+                    batched=not b.is_static(node.inputs[i]))
+    return contrib
+
+
+defop(name="add", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"{a[0]} + {a[1]}",
+      ref=lambda x, y: x + y,
+      vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),
+           lambda b, n, g, i: _sum_to(b, n, g, i)),
+      doc="elementwise sum (NumPy broadcasting)")
+
+defop(name="sub", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"{a[0]} - {a[1]}",
+      ref=lambda x, y: x - y,
+      vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),
+           lambda b, n, g, i: _sum_to(b, n, b.op("neg", g), i)),
+      doc="elementwise difference")
+
+defop(name="mul", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"{a[0]} * {a[1]}",
+      ref=lambda x, y: x * y,
+      vjp=(lambda b, n, g, i: _sum_to(b, n, b.op("mul", g, n.inputs[1]), i),
+           lambda b, n, g, i: _sum_to(b, n, b.op("mul", g, n.inputs[0]), i)),
+      doc="elementwise (Hadamard) product")
+
+defop(name="addn", arity=-1, variadic=True, elementwise=True, shape=_elementwise,
+      code=lambda a, at: " + ".join(a),
+      ref=lambda *xs: sum(xs[1:], xs[0]),
+      vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),),
+      doc="sum of several values (a cotangent with several contributions)")
+
+defop(name="neg", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"-{a[0]}",
+      ref=lambda x: -x,
+      vjp=(_neg_g,),
+      doc="negation")
+
+defop(name="scale", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"{a[0]} * {float(at['factor'])!r}",
+      ref=lambda x, factor: x * factor,
+      vjp=(lambda b, n, g, i: b.op("scale", g, factor=n.attrs["factor"]),),
+      doc="multiplication by a constant (also `/ constant`)")
+
+
+# ---------------------------------------------------------------- activations
+
+defop(name="sigmoid", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"rt.sigmoid({a[0]})",
+      ref=lambda x: K.sigmoid(x),
+      vjp=(lambda b, n, g, i: b.op("sigmoid_grad", n.id, g),),
+      doc="logistic sigmoid 1/(1+exp(-x))")
+
+defop(name="tanh", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"xp.tanh({a[0]})",
+      ref=lambda x: np.tanh(x),
+      vjp=(lambda b, n, g, i: b.op("tanh_grad", n.id, g),),
+      doc="hyperbolic tangent")
+
+defop(name="relu", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"xp.maximum({a[0]}, 0)",
+      ref=lambda x: np.maximum(x, 0),
+      vjp=(lambda b, n, g, i: b.op("relu_grad", n.id, g),),
+      doc="max(x, 0)")
+
+defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same,
+      code=lambda a, at: f"rt.hard_sigmoid({a[0]})",
+      ref=lambda x: K.hard_sigmoid(x),
+      vjp=(lambda b, n, g, i: b.op("hard_sigmoid_grad", n.inputs[0], g),),
+      doc="clip(0.2*x + 0.5, 0, 1), as in Keras")
+
+# gradients of activations: primitives of the backward pass (no VJP of their own)
+defop(name="sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"rt.sigmoid_grad({a[0]}, {a[1]})",
+      ref=lambda y, g: g * y * (1 - y), doc="g*y*(1-y) from the sigmoid's output y")
+defop(name="tanh_grad", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"rt.tanh_grad({a[0]}, {a[1]})",
+      ref=lambda y, g: g * (1 - y * y), doc="g*(1-y*y) from the tanh's output y")
+defop(name="relu_grad", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"rt.relu_grad({a[0]}, {a[1]})",
+      ref=lambda y, g: g * (y > 0), doc="g where the relu's output is positive")
+defop(name="hard_sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
+      code=lambda a, at: f"rt.hard_sigmoid_grad({a[0]}, {a[1]})",
+      ref=lambda x, g: g * 0.2 * ((x > -2.5) & (x < 2.5)),
+      doc="0.2*g inside the linear part")
+
+
+# ---------------------------------------------------------------- convolution
+
+def conv_out(size, k, stride, pad, dil, what="spatial size"):
+    if size is None:
+        return None
+    out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    if out < 1:
+        raise ShapeError(f"{what} {size} is too small for a {k}-wide kernel "
+                         f"(stride {stride}, padding {pad}, dilation {dil})")
+    return out
+
+
+def _conv_shape(shapes, attrs):
+    x, w = shapes
+    if len(x) != 3:
+        raise ShapeError(f"conv expects a [C, H, W] input, got {fmt_shape(x)}")
+    cout, cin, kh, kw = w
+    unify_dim(x[0], cin, "input channels")
+    sh, sw = attrs["stride"]
+    ph, pw = attrs["pad"]
+    dh, dw = attrs["dilation"]
+    return (cout, conv_out(x[1], kh, sh, ph, dh, "height"),
+            conv_out(x[2], kw, sw, pw, dw, "width"))
+
+
+def _conv_attrs(at):
+    return f"{tuple(at['stride'])}, {tuple(at['pad'])}, {tuple(at['dilation'])}"
+
+
+defop(name="conv", arity=2, shape=_conv_shape,
+      code=lambda a, at: f"rt.conv2d(B, {a[0]}, {a[1]}, {_conv_attrs(at)})",
+      ref=lambda x, w, stride, pad, dilation: K.conv2d_ref(x, w, stride, pad, dilation),
+      vjp=(lambda b, n, g, i: b.op("conv_grad_input", g, n.inputs[1],
+                                   x_shape=tuple(b.shape_of(n.inputs[0])),
+                                   stride=n.attrs["stride"], pad=n.attrs["pad"],
+                                   dilation=n.attrs["dilation"]),
+           lambda b, n, g, i: b.op("conv_grad_weight", n.inputs[0], g,
+                                   w_shape=tuple(b.shape_of(n.inputs[1])),
+                                   stride=n.attrs["stride"], pad=n.attrs["pad"],
+                                   dilation=n.attrs["dilation"])),
+      doc="2-D cross-correlation of a [C, H, W] value with a [O, C, kh, kw] kernel")
+
+defop(name="conv_grad_input", arity=2, shape=lambda s, at: tuple(at["x_shape"]),
+      code=lambda a, at: (f"rt.conv2d_grad_input(B, {a[0]}, {a[1]}, {tuple(at['x_shape'])}, "
+                          f"{_conv_attrs(at)})"),
+      ref=lambda g, w, x_shape, stride, pad, dilation: K.conv2d_grad_input_ref(
+          g, w, x_shape, stride, pad, dilation),
+      doc="gradient of conv with respect to its input")
+
+defop(name="conv_grad_weight", arity=2, shape=lambda s, at: tuple(at["w_shape"]),
+      code=lambda a, at: (f"rt.conv2d_grad_weight(B, {a[0]}, {a[1]}, {tuple(at['w_shape'])}, "
+                          f"{_conv_attrs(at)})"),
+      ref=lambda x, g, w_shape, stride, pad, dilation: K.conv2d_grad_weight_ref(
+          x, g, w_shape, stride, pad, dilation),
+      doc="gradient of conv with respect to its kernel, summed over the batch")
+
+
+# ---------------------------------------------------------------- channels
+
+def _concat_shape(shapes, attrs):
+    if any(len(s) != 3 for s in shapes):
+        raise ShapeError("concat expects [C, H, W] values, got "
+                         + ", ".join(fmt_shape(s) for s in shapes))
+    h = w = None
+    for s in shapes:
+        h = unify_dim(h, s[1], "height")
+        w = unify_dim(w, s[2], "width")
+    cs = [s[0] for s in shapes]
+    return (None if any(c is None for c in cs) else sum(cs), h, w)
+
+
+def _concat_vjp(b, n, g, i):
+    start = 0
+    for j in range(i):
+        start += b.shape_of(n.inputs[j])[0]
+    stop = start + b.shape_of(n.inputs[i])[0]
+    return b.op("slice", g, start=start, stop=stop)
+
+
+defop(name="concat", arity=-1, variadic=True, shape=_concat_shape,
+      code=lambda a, at: f"rt.concat([{', '.join(a)}])",
+      ref=lambda *xs: np.concatenate(xs, axis=1),
+      vjp=(_concat_vjp,),  # one rule for every input
+      doc="concatenation along channels")
+
+
+def _slice_shape(shapes, attrs):
+    (x,) = shapes
+    return (attrs["stop"] - attrs["start"],) + tuple(x[1:])
+
+
+defop(name="slice", arity=1, shape=_slice_shape,
+      code=lambda a, at: f"{a[0]}[..., {at['start']}:{at['stop']}, :, :]",
+      ref=lambda x, start, stop: x[:, start:stop],
+      vjp=(lambda b, n, g, i: b.op("pad_channels", g, start=n.attrs["start"],
+                                   total=b.shape_of(n.inputs[0])[0]),),
+      doc="channels [start, stop) (split is built from slices)")
+
+defop(name="pad_channels", arity=1,
+      shape=lambda s, at: (at["total"],) + tuple(s[0][1:]),
+      code=lambda a, at: f"rt.pad_channels({a[0]}, {at['start']}, {at['total']})",
+      ref=lambda g, start, total: K.pad_channels(g, start, total),
+      doc="zeros except channels [start, start+C): the gradient of slice")
+
+defop(name="reshape", arity=1, shape=lambda s, at: tuple(at["shape"]),
+      code=lambda a, at: f"{a[0]}.reshape({tuple(at['shape'])})",
+      ref=lambda x, shape: x.reshape(shape),
+      vjp=(lambda b, n, g, i: b.op("sum_to", g, shape=tuple(b.shape_of(n.inputs[0])),
+                                   batched=False),),
+      doc="a parameter viewed with another shape (a per-channel bias as [C, 1, 1])")
+
+defop(name="sum_to", arity=1, shape=lambda s, at: tuple(at["shape"]),
+      code=lambda a, at: f"rt.sum_to({a[0]}, {tuple(at['shape'])}, batched={at['batched']})",
+      ref=lambda x, shape, batched: K.sum_to(x, shape, batched),
+      doc="sum over the batch (and time) axes and broadcast dimensions down to `shape`")
+
+
+# ---------------------------------------------------------------- losses
+# A loss reduces a whole batch of sequences to a scalar: the mean over every
+# element of the steps it covers. Its VJP is the seed of the backward pass.
+
+def _loss_shape(shapes, attrs):
+    broadcast(shapes)
+    return ()
+
+
+def _loss(name, doc):
+    defop(name=name, arity=2, shape=_loss_shape,
+          code=lambda a, at: f"rt.{name}({a[0]}, {a[1]}, steps={at['steps']!r})",
+          ref=lambda p, y, steps: getattr(K, name)(p, y, steps),
+          vjp=(lambda b, n, g, i: b.op(name + "_grad", n.inputs[0], n.inputs[1],
+                                       steps=n.attrs["steps"]), None),
+          doc=doc)
+    defop(name=name + "_grad", arity=2, shape=lambda s, at: s[0],
+          code=lambda a, at: f"rt.{name}_grad({a[0]}, {a[1]}, steps={at['steps']!r})",
+          ref=lambda p, y, steps: getattr(K, name + "_grad")(p, y, steps),
+          doc=f"gradient of {name} with respect to its first argument")
+
+
+_loss("bce", "binary cross-entropy of probabilities p against targets y, mean")
+_loss("bce_logits", "binary cross-entropy computed from logits (stable), mean")
+_loss("mse", "mean squared error")
+_loss("xent_logits", "softmax cross-entropy over channels from logits, mean over pixels")
+
+
+def vjp_rule(op: OpDef, i: int):
+    if not op.vjp:
+        return None
+    if op.variadic:
+        return op.vjp[0]
+    return op.vjp[i] if i < len(op.vjp) else None

@@ -1,0 +1,114 @@
+"""Shape inference over the whole graph, to a fixed point.
+
+Lowering computes each node's shape as it is created, but some dimensions
+are only known later: a state read's shape is its update's (which is
+computed from the read itself one step later), a kernel's input channels
+come from what it is applied to, a per-pixel bias or peephole's height and
+width from the value it meets. This pass repeats the shape rules in
+topological order, writing those dimensions back, until nothing changes; a
+mismatch is reported at the `.cell` line of the op that caused it, with
+both shapes.
+"""
+from __future__ import annotations
+
+from convc.spec.diagnostics import Reporter
+
+from .ir import Graph
+from .ops import OPS, ShapeError, fmt_shape
+
+
+def _merge(old, new):
+    """Fill unknown dims of `old` from `new`; returns (shape, changed)."""
+    if new is None:
+        return old, False
+    if old is None:
+        return tuple(new), True
+    if len(old) != len(new):
+        raise ShapeError(f"{fmt_shape(old)} vs {fmt_shape(new)}")
+    out, changed = [], False
+    for a, b in zip(old, new):
+        if a is None and b is not None:
+            out.append(b)
+            changed = True
+        elif a is not None and b is not None and a != b:
+            raise ShapeError(f"{fmt_shape(old)} vs {fmt_shape(new)}")
+        else:
+            out.append(a)
+    return tuple(out), changed
+
+
+def _param_of(g: Graph, nid: str):
+    """The param node behind `nid` (itself, or the param a reshape views)."""
+    node = g.node(nid)
+    if node.op == "param":
+        return node
+    if node.op == "reshape" and g.node(node.inputs[0]).op == "param":
+        return g.node(node.inputs[0])
+    return None
+
+
+def infer_shapes(g: Graph, rep: Reporter, max_rounds: int = 8) -> None:
+    order = g.order()
+    for _ in range(max_rounds):
+        changed = False
+        for nid in order:
+            node = g.node(nid)
+            op = OPS[node.op]
+            try:
+                if node.op == "state":
+                    upd = g.node(node.attrs["update"]) if "update" in node.attrs else None
+                    if upd is not None:
+                        node.shape, c = _merge(node.shape, upd.shape)
+                        changed |= c
+                    src = node.attrs.get("init_from")
+                    if src is not None:
+                        s = g.node(src)
+                        node.shape, c = _merge(node.shape, s.shape)
+                        changed |= c
+                        if s.op == "param":
+                            s.shape, c2 = _merge(s.shape, node.shape)
+                            changed |= c2
+                    continue
+                if not node.inputs:
+                    continue
+                shapes = [g.node(i).shape for i in node.inputs]
+                if node.op == "conv":
+                    x, w = shapes
+                    if w is not None and x is not None and w[1] is None and x[0] is not None:
+                        p = g.node(node.inputs[1])
+                        p.shape = (w[0], x[0], w[2], w[3])
+                        changed = True
+                        shapes = [g.node(i).shape for i in node.inputs]
+                if any(s is None for s in shapes):
+                    continue
+                new = op.shape(shapes, node.attrs)
+                node.shape, c = _merge(node.shape, new)
+                changed |= c
+                if op.elementwise:
+                    # per-pixel weights take their height and width from what they meet
+                    for i in node.inputs:
+                        p = _param_of(g, i)
+                        if p is None or p.shape is None or None not in p.shape:
+                            continue
+                        s = g.node(i).shape
+                        out = node.shape
+                        filled = tuple(out[k - len(s) + len(out)] if d is None else d
+                                       for k, d in enumerate(s))
+                        if filled != s:
+                            p.shape = filled
+                            g.node(i).shape = filled
+                            changed = True
+            except ShapeError as e:
+                what = {"add": "+", "sub": "-", "mul": "*"}.get(node.op, node.op)
+                ins = ", ".join(f"{i} {fmt_shape(g.node(i).shape)}" for i in node.inputs)
+                rep.error("E300", f"shape mismatch in {what}: {e} (operands: {ins})", node.loc)
+                return
+        if not changed:
+            break
+    for nid in order:
+        node = g.node(nid)
+        if node.shape is None or any(d is None for d in node.shape):
+            label = node.attrs.get("name") or node.attrs.get("state") or nid
+            rep.error("E303", f"cannot infer the shape of {label} (got {fmt_shape(node.shape)})",
+                      node.loc)
+            return

@@ -1,0 +1,28 @@
+"""The one exception family convc raises for problems a user can fix.
+
+Every error that reaches the command line is a ConvcError (or a subclass):
+the CLI prints its message and exits with status 1 instead of a traceback.
+Subclasses live next to the code that raises them (spec diagnostics,
+data loading, checkpoints); this module only holds the base so that every
+stage can share it without importing another stage.
+"""
+
+
+class ConvcError(Exception):
+    """A problem with user input: a spec, a data file, a checkpoint, an option."""
+
+
+class DataError(ConvcError):
+    """A data file that is missing or has the wrong shape, dtype or range."""
+
+
+class CheckpointError(ConvcError):
+    """A checkpoint that cannot be read, or fails its checksum."""
+
+
+class BackendError(ConvcError):
+    """A backend that was asked for but is not available here."""
+
+
+class NonFiniteError(ConvcError):
+    """A NaN or Inf appeared during training."""

@@ -1,0 +1,452 @@
+"""Semantic checks that need names, not shapes.
+
+Run after parsing and before lowering: unknown and duplicate names, calls to
+unknown functions, wrong arguments, bad delays, states without an equation,
+outputs that are never defined, models without a loss, unknown training
+settings, unused weights (a warning). Every problem is collected, so one run
+reports them all. Shape and time checks need the graph and live in the
+compiler (compiler/lower.py, compiler/shapes.py), with the same diagnostics.
+"""
+from __future__ import annotations
+
+import difflib
+
+from . import ast as A
+from .builtins import (APPLY_KEYWORDS, FUNCTIONS, INITS, LOSS_STEPS, LOSSES, STATE_INITS,
+                       TRAIN_SETTINGS, WEIGHTS, Sig)
+from .diagnostics import Loc, Reporter
+from .loader import Program
+
+# bare words that are values, not names: `padding=same`, `init=glorot`, `steps=last`
+WORDS = {"same", "valid", "zeros", "ones", "glorot", "all", "last", "none", "uniform",
+         "normal", "learned"}
+
+
+def _suggest(name: str, candidates) -> str:
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.7)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_program(prog: Program) -> Reporter:
+    rep = Reporter()
+    for mod in prog.modules.values():
+        for item in mod.items:
+            if isinstance(item, A.CellDef):
+                _CellChecker(item, rep).run()
+            elif isinstance(item, A.ModelDef):
+                _ModelChecker(item, prog, rep).run()
+    return rep
+
+
+def walk_expr(e):
+    """Every sub-expression of e, e first (iterative: no recursion limit)."""
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        yield x
+        if isinstance(x, A.Call):
+            # a called name is checked as a function by the Call, not looked up as a value
+            head = [] if isinstance(x.func, A.Name) else [x.func]
+            stack.extend(reversed([*head, *x.args, *(k.value for k in x.kwargs)]))
+        elif isinstance(x, A.BinOp):
+            stack.extend([x.right, x.left])
+        elif isinstance(x, A.Neg):
+            stack.append(x.operand)
+        elif isinstance(x, A.TupleExpr):
+            stack.extend(reversed(x.items))
+
+
+def check_call_args(call: A.Call, sig: Sig, name: str, rep: Reporter) -> None:
+    n = len(call.args)
+    if sig.variadic:
+        if n == 0:
+            rep.error("E203", f"{name}() needs at least one argument", call.loc)
+    elif n > len(sig.positional):
+        rep.error("E203", f"{name}() takes {len(sig.positional)} positional argument"
+                  f"{'s' if len(sig.positional) != 1 else ''} but {n} were given "
+                  f"({sig.describe(name)})", call.args[len(sig.positional)].loc)
+    elif n < len(sig.positional):
+        given = {k.name for k in call.kwargs}
+        missing = [p for p in sig.positional[n:] if p not in given]
+        if missing:
+            rep.error("E203", f"{name}() is missing argument{'s' if len(missing) > 1 else ''} "
+                      f"{', '.join(missing)} ({sig.describe(name)})", call.loc)
+    seen = set()
+    for kw in call.kwargs:
+        if kw.name in seen:
+            rep.error("E201", f"argument {kw.name!r} given twice", kw.loc)
+        seen.add(kw.name)
+        if kw.name not in sig.keywords and kw.name not in sig.positional:
+            valid = list(sig.keywords) + list(sig.positional)
+            rep.error("E204", f"{name}() has no argument {kw.name!r}"
+                      f"{_suggest(kw.name, valid)} ({sig.describe(name)})", kw.loc)
+
+
+class _Scope:
+    def __init__(self, rep: Reporter, parent: "_Scope | None" = None):
+        self.rep = rep
+        self.parent = parent
+        self.names: dict[str, tuple[str, Loc]] = {}
+
+    def lookup(self, name):
+        s = self
+        while s is not None:
+            if name in s.names:
+                return s.names[name]
+            s = s.parent
+        return None
+
+    def declare(self, name: str, kind: str, loc: Loc) -> None:
+        prev = self.lookup(name)
+        if prev is not None and not (prev[0] == "state" and kind == "update"):
+            self.rep.error("E201", f"{name!r} is already defined", loc,
+                           f"previous definition at {prev[1]}")
+            return
+        if prev is not None:  # a state's update equation
+            if self.lookup("=" + name) is not None:
+                self.rep.error("E201", f"state {name!r} already has an equation", loc,
+                               f"previous equation at {self.lookup('=' + name)[1]}")
+                return
+            self.names["=" + name] = ("update", loc)
+            return
+        self.names[name] = (kind, loc)
+
+    def all_names(self):
+        s, out = self, set()
+        while s is not None:
+            out |= {n for n in s.names if not n.startswith("=")}
+            s = s.parent
+        return out
+
+
+class _CellChecker:
+    def __init__(self, cell: A.CellDef, rep: Reporter):
+        self.cell = cell
+        self.rep = rep
+        self.used: set[str] = set()
+        self.weights: dict[str, Loc] = {}
+        self.states: dict[str, Loc] = {}
+        self.updated: set[str] = set()
+
+    def run(self) -> None:
+        top = _Scope(self.rep)
+        for p in self.cell.params:
+            if p.default is not None:
+                self._expr(p.default, top, params_only=True)
+            top.declare(p.name, "param", p.loc)
+        # declarations first (any order inside a body), then the expressions
+        self._declare(self.cell.body, top)
+        self._exprs(self.cell.body, top)
+        for name, loc in self.states.items():
+            if name not in self.updated:
+                self.rep.error("E210", f"state {name!r} has no equation (write `{name} = ...`)",
+                               loc)
+        for name, loc in self.weights.items():
+            if name not in self.used:
+                self.rep.warning("W001", f"weight {name!r} is never used", loc)
+
+    def _declare(self, body, scope: _Scope) -> None:
+        for st in body:
+            if isinstance(st, A.InputDecl):
+                for n, loc in zip(st.names, st.locs):
+                    scope.declare(n, "input", loc)
+            elif isinstance(st, A.StateDecl):
+                scope.declare(st.name, "state", st.loc)
+                self.states[st.name] = st.loc
+                if st.init not in STATE_INITS:
+                    self.rep.error("E205", f"a state starts as one of {', '.join(STATE_INITS)}, "
+                                   f"not {st.init!r}", st.init_loc or st.loc)
+            elif isinstance(st, A.WeightDecl):
+                scope.declare(st.name, "weight", st.loc)
+                self.weights[st.name] = st.loc
+            elif isinstance(st, A.Equation):
+                for n, loc in zip(st.targets, st.target_locs or (st.loc,) * len(st.targets)):
+                    kind = scope.lookup(n)
+                    if kind is not None and kind[0] == "state":
+                        self.updated.add(n)
+                        scope.declare(n, "update", loc)
+                    else:
+                        scope.declare(n, "value", loc)
+            elif isinstance(st, A.If):
+                # each branch is its own scope for the names it defines
+                for branch in (st.then, st.orelse):
+                    sub = _Scope(self.rep, scope)
+                    self._declare(branch, sub)
+                    # names from a branch are visible after the if (either may run)
+                    for n, v in sub.names.items():
+                        if n not in scope.names:
+                            scope.names.setdefault(n, v)
+                st_scope = None  # noqa: F841 - branches merged above
+            elif isinstance(st, (A.SeqDecl, A.Loss, A.Train)):
+                self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a model, not "
+                               "in a cell", st.loc)
+
+    def _exprs(self, body, scope: _Scope) -> None:
+        for st in body:
+            if isinstance(st, A.WeightDecl):
+                self._weight(st, scope)
+            elif isinstance(st, A.Equation):
+                self._expr(st.value, scope)
+            elif isinstance(st, A.OutputDecl):
+                for n, loc in zip(st.names, st.locs):
+                    if scope.lookup(n) is None:
+                        self.rep.error("E200", f"output {n!r} is not defined"
+                                       f"{_suggest(n, scope.all_names())}", loc)
+            elif isinstance(st, A.If):
+                self._expr(st.cond, scope, params_only=True)
+                self._exprs(st.then, scope)
+                self._exprs(st.orelse, scope)
+
+    def _weight(self, st: A.WeightDecl, scope: _Scope) -> None:
+        v = st.value
+        if not (isinstance(v, A.Call) and v.func_name in WEIGHTS):
+            name = v.func_name if isinstance(v, A.Call) else None
+            self.rep.error("E202", f"unknown weight kind {name or '?'!r}; use one of "
+                           f"{', '.join(WEIGHTS)}{_suggest(name or '', WEIGHTS)}", v.loc)
+            return
+        check_call_args(v, WEIGHTS[v.func_name], v.func_name, self.rep)
+        for a in v.args:
+            self._expr(a, scope, params_only=True)
+        for kw in v.kwargs:
+            if kw.name == "init":
+                _check_init(kw.value, self.rep)
+            else:
+                self._expr(kw.value, scope, params_only=True)
+
+    def _expr(self, e, scope: _Scope, params_only: bool = False) -> None:
+        for x in walk_expr(e):
+            if isinstance(x, A.Name):
+                if x.id in WORDS or x.id in ("true", "false"):
+                    continue
+                found = scope.lookup(x.id)
+                if found is None:
+                    if x.id in FUNCTIONS:
+                        self.rep.error("E200", f"{x.id!r} is a function; call it: {x.id}(...)",
+                                       x.loc)
+                    else:
+                        self.rep.error("E200", f"unknown name {x.id!r}"
+                                       f"{_suggest(x.id, scope.all_names())}", x.loc)
+                    continue
+                self.used.add(x.id)
+                if params_only and found[0] != "param":
+                    self.rep.error("E205", f"{x.id!r} is a {found[0]}, but only parameters "
+                                   "can be used here", x.loc)
+            elif isinstance(x, A.Delayed):
+                found = scope.lookup(x.name)
+                if found is None:
+                    self.rep.error("E200", f"unknown name {x.name!r}"
+                                   f"{_suggest(x.name, scope.all_names())}", x.loc)
+                elif found[0] != "state":
+                    self.rep.error("E222", f"{x.name!r} is not a state, so it has no value at "
+                                   f"an earlier step (declare `state {x.name}`)", x.loc)
+                if x.var != "t":
+                    self.rep.error("E221", f"time index must be `t`, as in {x.name}[t-1]", x.loc)
+                elif x.delay != 1:
+                    self.rep.error("E221", f"delay t-{x.delay} is not supported: a state is read "
+                                   f"one step back, {x.name}[t-1]", x.loc)
+            elif isinstance(x, A.Call):
+                fname = x.func_name
+                if fname is None:
+                    self.rep.error("E202", "only named functions can be called here", x.loc)
+                elif fname in FUNCTIONS:
+                    check_call_args(x, FUNCTIONS[fname], fname, self.rep)
+                    _check_conv_kwargs(x, self.rep)
+                elif fname in WEIGHTS:
+                    self.rep.error("E202", f"{fname}(...) declares a weight: write "
+                                   f"`weight W = {fname}(...)`", x.loc)
+                else:
+                    self.rep.error("E202", f"unknown function {fname!r}"
+                                   f"{_suggest(fname, FUNCTIONS)}", x.func.loc)
+            elif isinstance(x, A.BinOp) and x.op == "/":
+                if not isinstance(x.right, (A.Num, A.Name)) or (
+                        isinstance(x.right, A.Name) and (scope.lookup(x.right.id) or ("",))[0]
+                        not in ("param",)):
+                    self.rep.error("E205", "division only by a constant", x.right.loc)
+
+
+def _check_init(v, rep: Reporter) -> None:
+    if isinstance(v, A.Num) or (isinstance(v, A.Neg) and isinstance(v.operand, A.Num)):
+        return
+    if isinstance(v, A.Name) and v.id in INITS:
+        return
+    if isinstance(v, A.Call) and v.func_name in ("uniform", "normal") and len(v.args) == 1:
+        return
+    rep.error("E205", "init is a number, glorot, zeros, ones, uniform(a) or normal(std)", v.loc)
+
+
+def _check_conv_kwargs(call: A.Call, rep: Reporter) -> None:
+    for kw in call.kwargs:
+        if kw.name == "padding":
+            v = kw.value
+            if isinstance(v, A.Name) and v.id not in ("same", "valid") and v.id in WORDS:
+                rep.error("E205", f"padding is same, valid or a number, not {v.id!r}", v.loc)
+            elif isinstance(v, A.Str):
+                rep.error("E205", f"padding is same, valid or a number, not {v.value!r}", v.loc)
+
+
+class _ModelChecker:
+    def __init__(self, model: A.ModelDef, prog: Program, rep: Reporter):
+        self.model = model
+        self.prog = prog
+        self.rep = rep
+
+    def run(self) -> None:
+        scope = _Scope(self.rep)
+        instances: set[str] = set()
+        weights: dict[str, Loc] = {}
+        used: set[str] = set()
+        losses = []
+        for st in self.model.body:
+            if isinstance(st, A.SeqDecl):
+                scope.declare(st.name, st.kind, st.loc)
+                for d in st.shape:
+                    if not (isinstance(d, A.Num) and isinstance(d.value, int) and d.value > 0):
+                        self.rep.error("E205", "a shape is made of positive integers", d.loc)
+                if len(st.shape) != 3:
+                    self.rep.error("E205", f"a per-step shape is [C, H, W], got "
+                                   f"{len(st.shape)} dimension{'s' if len(st.shape) != 1 else ''}",
+                                   st.loc)
+            elif isinstance(st, A.WeightDecl):
+                scope.declare(st.name, "weight", st.loc)
+                weights[st.name] = st.loc
+                _CellChecker(A.CellDef("", (), None, (), st.loc), self.rep)._weight(st, scope)
+            elif isinstance(st, A.Equation):
+                self._equation(st, scope, instances, used)
+            elif isinstance(st, A.OutputDecl):
+                for n, loc in zip(st.names, st.locs):
+                    if scope.lookup(n) is None:
+                        self.rep.error("E200", f"output {n!r} is not defined"
+                                       f"{_suggest(n, scope.all_names())}", loc)
+                    used.add(n)
+            elif isinstance(st, A.Loss):
+                losses.append(st)
+                self._loss(st, scope, used)
+            elif isinstance(st, A.Train):
+                self._train(st)
+            else:
+                self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a cell, not in "
+                               "a model", st.loc)
+        if not losses:
+            self.rep.error("E240", f"model {self.model.name!r} has no loss (add e.g. "
+                           "`loss bce(pred, y)`)", self.model.loc)
+        for name, loc in weights.items():
+            if name not in used:
+                self.rep.warning("W001", f"weight {name!r} is never used", loc)
+
+    def _names(self, e, scope, used, allow_instances=False):
+        for x in walk_expr(e):
+            if isinstance(x, A.Name) and x.id not in WORDS and x.id not in ("true", "false"):
+                if scope.lookup(x.id) is None:
+                    self.rep.error("E200", f"unknown name {x.id!r}"
+                                   f"{_suggest(x.id, scope.all_names())}", x.loc)
+                used.add(x.id)
+            elif isinstance(x, A.Delayed):
+                self.rep.error("E222", "a model has no states of its own; [t-1] is for cells",
+                               x.loc)
+
+    def _equation(self, st: A.Equation, scope, instances, used) -> None:
+        v = st.value
+        if isinstance(v, A.Call) and v.func_name in self.prog.cells:
+            # instantiation: enc = ConvLSTM(hidden=64)
+            cell = self.prog.cells[v.func_name]
+            self._instantiate(v, cell, scope, used)
+            for n in st.targets:
+                scope.declare(n, "instance", st.loc)
+                instances.add(n)
+            return
+        if isinstance(v, A.Call) and isinstance(v.func, A.Call) and \
+                v.func.func_name in self.prog.cells:
+            # inline: h = ConvLSTM(hidden=8)(x)
+            self._instantiate(v.func, self.prog.cells[v.func.func_name], scope, used)
+            self._apply(v, scope, used)
+        elif isinstance(v, A.Call) and v.func_name in instances:
+            self._apply(v, scope, used)
+            used.add(v.func_name)
+        else:
+            self._tensor_expr(v, scope, used)
+        for n, loc in zip(st.targets, st.target_locs or (st.loc,) * len(st.targets)):
+            scope.declare(n, "value", loc)
+
+    def _instantiate(self, call: A.Call, cell: A.CellDef, scope, used) -> None:
+        names = [p.name for p in cell.params]
+        if len(call.args) > len(names):
+            self.rep.error("E203", f"{cell.name} takes {len(names)} parameter"
+                           f"{'s' if len(names) != 1 else ''} but {len(call.args)} were given",
+                           call.loc)
+        given = set(names[:len(call.args)])
+        for kw in call.kwargs:
+            if kw.name not in names:
+                self.rep.error("E204", f"{cell.name} has no parameter {kw.name!r}"
+                               f"{_suggest(kw.name, names)} (parameters: {', '.join(names)})",
+                               kw.loc)
+            elif kw.name in given:
+                self.rep.error("E201", f"parameter {kw.name!r} given twice", kw.loc)
+            given.add(kw.name)
+        for p in cell.params:
+            if p.default is None and p.name not in given:
+                self.rep.error("E206", f"{cell.name} needs a value for parameter {p.name!r}",
+                               call.loc)
+        for a in list(call.args) + [k.value for k in call.kwargs]:
+            self._names(a, scope, used)
+
+    def _apply(self, call: A.Call, scope, used) -> None:
+        for kw in call.kwargs:
+            if kw.name not in APPLY_KEYWORDS:
+                self.rep.error("E204", f"a cell is applied with inputs and optionally "
+                               f"init=<cell> or steps=<sequence>, not {kw.name!r}", kw.loc)
+        for a in list(call.args) + [k.value for k in call.kwargs]:
+            self._names(a, scope, used)
+
+    def _tensor_expr(self, e, scope, used) -> None:
+        for x in walk_expr(e):
+            if isinstance(x, A.Call):
+                fname = x.func_name
+                if fname in FUNCTIONS:
+                    check_call_args(x, FUNCTIONS[fname], fname, self.rep)
+                    _check_conv_kwargs(x, self.rep)
+                elif fname in self.prog.cells or (fname and scope.lookup(fname) and
+                                                   scope.lookup(fname)[0] == "instance"):
+                    self.rep.error("E202", f"apply a cell on its own line: `h = {fname}(...)`",
+                                   x.loc)
+                elif fname is not None:
+                    self.rep.error("E202", f"unknown function or cell {fname!r}"
+                                   f"{_suggest(fname, list(FUNCTIONS) + list(self.prog.cells))}",
+                                   x.func.loc)
+        self._names(e, scope, used)
+
+    def _loss(self, st: A.Loss, scope, used) -> None:
+        v = st.value
+        if not (isinstance(v, A.Call) and v.func_name in LOSSES):
+            name = v.func_name if isinstance(v, A.Call) else None
+            self.rep.error("E202", f"unknown loss {name or '?'!r}; use one of "
+                           f"{', '.join(LOSSES)}{_suggest(name or '', LOSSES)}", v.loc)
+            return
+        check_call_args(v, LOSSES[v.func_name], v.func_name, self.rep)
+        for kw in v.kwargs:
+            if kw.name == "steps" and not (isinstance(kw.value, A.Name) and
+                                           kw.value.id in LOSS_STEPS):
+                self.rep.error("E205", f"steps is one of {', '.join(LOSS_STEPS)}", kw.value.loc)
+        for a in v.args:
+            self._tensor_expr(a, scope, used)
+
+    def _train(self, st: A.Train) -> None:
+        seen = {}
+        for s in st.settings:
+            if s.name in seen:
+                self.rep.error("E201", f"setting {s.name!r} given twice", s.loc)
+            seen[s.name] = s
+            if s.name not in TRAIN_SETTINGS:
+                self.rep.error("E204", f"unknown training setting {s.name!r}"
+                               f"{_suggest(s.name, TRAIN_SETTINGS)} (known: "
+                               f"{', '.join(sorted(TRAIN_SETTINGS))})", s.loc)
+                continue
+            want = TRAIN_SETTINGS[s.name]
+            v = s.value
+            ok = (want is str and isinstance(v, (A.Str, A.Name))) or \
+                 (want is bool and isinstance(v, A.Bool)) or \
+                 (want is int and isinstance(v, A.Num) and isinstance(v.value, int)) or \
+                 (want is float and (isinstance(v, A.Num) or
+                                     (isinstance(v, A.Neg) and isinstance(v.operand, A.Num))))
+            if not ok:
+                self.rep.error("E205", f"setting {s.name!r} takes a{'n' if want is int else ''} "
+                               f"{want.__name__}", v.loc)

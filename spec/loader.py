@@ -1,0 +1,125 @@
+"""Load a `.cell` file with its imports into one `Program`.
+
+`import std` finds `std.cell` in the standard library shipped with convc
+(spec/stdlib/); `import "layers.cell"` is a path relative to the importing
+file. Imports are loaded once each; a cycle is an error naming the chain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from . import ast as A
+from .diagnostics import SOURCES, CellError, Diagnostic, Loc, Reporter
+from .parser import parse
+
+
+def stdlib_dir() -> Path:
+    return Path(str(resources.files(__package__).joinpath("stdlib")))
+
+
+def stdlib_modules() -> list[str]:
+    return sorted(p.stem for p in stdlib_dir().glob("*.cell"))
+
+
+@dataclass
+class Program:
+    """Every definition visible from the root file, by name."""
+
+    root: A.Module
+    modules: dict[str, A.Module] = field(default_factory=dict)
+    cells: dict[str, A.CellDef] = field(default_factory=dict)
+    models: dict[str, A.ModelDef] = field(default_factory=dict)
+
+    def model(self, name: str | None = None) -> A.ModelDef:
+        """The named model, or the root file's only (or last) model."""
+        if name is not None:
+            if name not in self.models:
+                raise CellError([Diagnostic("error", "E202", f"no model named {name!r}; "
+                                            f"models here: {', '.join(self.models) or 'none'}",
+                                            Loc(self.root.file, 1, 1))])
+            return self.models[name]
+        own = self.root.models
+        if not own:
+            raise CellError([Diagnostic("error", "E240", "this file defines no model",
+                                        Loc(self.root.file, 1, 1))])
+        return own[-1]
+
+
+def load_program(path: str | Path | None = None, text: str | None = None,
+                 file: str | None = None) -> Program:
+    """Parse the root file and, recursively, what it imports."""
+    rep = Reporter()
+    if text is None:
+        from .parser import parse_file
+        root = parse_file(path)
+        root_path = Path(path).resolve()
+    else:
+        name = file or (str(path) if path else "<string>")
+        root = parse(text, name)
+        root_path = Path(name).resolve() if path or file else Path.cwd() / "<string>"
+    prog = Program(root)
+    _load(root, root_path, prog, rep, stack=[str(root_path)])
+    _collect(root, prog, rep, seen=set())
+    rep.check()
+    prog.warnings = rep.warnings  # type: ignore[attr-defined]
+    return prog
+
+
+def _resolve(imp: A.Import, importer: Path) -> Path | None:
+    if imp.is_path:
+        p = (importer.parent / imp.target)
+        return p.resolve() if p.exists() else None
+    p = stdlib_dir() / f"{imp.target}.cell"
+    return p.resolve() if p.exists() else None
+
+
+def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[str]) -> None:
+    prog.modules[str(path)] = mod
+    for imp in mod.imports:
+        target = _resolve(imp, path)
+        if target is None:
+            where = "the standard library (" + ", ".join(stdlib_modules()) + ")" \
+                if not imp.is_path else str(path.parent)
+            rep.error("E230", f"cannot import {imp.target!r}: not found in {where}", imp.loc)
+            continue
+        key = str(target)
+        if key in stack:
+            chain = " -> ".join(Path(s).name for s in stack[stack.index(key):] + [key])
+            rep.error("E231", f"import cycle: {chain}", imp.loc)
+            continue
+        if key in prog.modules:
+            continue
+        try:
+            child = parse(target.read_text(encoding="utf-8"), _display(target))
+        except CellError as e:
+            rep.diagnostics.extend(e.diagnostics)
+            continue
+        object.__setattr__(imp, "_resolved", key)
+        _load(child, target, prog, rep, stack + [key])
+
+
+def _display(p: Path) -> str:
+    try:
+        return str(p.relative_to(Path.cwd()))
+    except ValueError:
+        return str(p)
+
+
+def _collect(mod: A.Module, prog: Program, rep: Reporter, seen: set[str]) -> None:
+    """Register definitions: imported ones first, so a local one can be reported as a clash."""
+    for path, m in prog.modules.items():
+        for item in m.items:
+            if isinstance(item, (A.CellDef, A.ModelDef)):
+                table = prog.cells if isinstance(item, A.CellDef) else prog.models
+                other = prog.cells.get(item.name) or prog.models.get(item.name)
+                if other is not None and other is not item:
+                    rep.error("E201", f"duplicate definition of {item.name!r}", item.loc,
+                              f"first defined at {other.loc}")
+                    continue
+                table[item.name] = item
+
+
+def source_text(path: str) -> str | None:
+    return SOURCES._text.get(path)
