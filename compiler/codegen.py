@@ -64,7 +64,9 @@ def _shape_tuple(shape) -> str:
 
 
 class Generator:
-    def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule):
+    def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule,
+                 debug_nans: bool = False):
+        self.debug_nans = debug_nans
         self.low = low
         self.g: Graph = low.graph
         self.bw = bw
@@ -110,6 +112,15 @@ class Generator:
         if b[0] == "loop" and nid in self.state_of_update:
             return f"{self.buf(self.state_of_update[nid])}[t + 1]"
         return f"{self.batched(nid)}[t]"
+
+    def check(self, o: _Out, nid: str, step: bool, backward: bool) -> None:
+        """With debug_nans: stop at the first non-finite value, saying where it came from."""
+        if not self.debug_nans:
+            return
+        node = self.g.node(nid)
+        where = f"{node.loc.file}:{node.loc.line}"
+        o(f"rt.check_finite({nid}, {nid!r}, {where!r}, {'t' if step else 'None'}, "
+          f"{'backward' if backward else 'forward'!r})")
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
@@ -247,6 +258,7 @@ class Generator:
             o.loc_comment(node)
             args = [self.batched(i) for i in node.inputs]
             o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, step=False, backward=node.grad)
 
     def init_expr(self, read: str) -> str:
         node = self.g.node(read)
@@ -270,7 +282,7 @@ class Generator:
         for r in reads:
             node = g.node(r)
             shape = _shape_tuple(node.shape)
-            o(f"{self.buf(r)} = xp.empty(({T} + 1, N) + {shape}, dtype=dtype)")
+            o(f"{self.buf(r)} = rt.empty(xp, ({T} + 1, N) + {shape}, dtype)")
             init = self.init_expr(r)
             if state_arg and node.attrs["init"] != "final":
                 o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
@@ -278,7 +290,7 @@ class Generator:
                 o(f"{self.buf(r)}[0] = {init}")
         for n in nodes:
             if n in stored:
-                o(f"{n}_seq = xp.empty(({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype=dtype)")
+                o(f"{n}_seq = rt.empty(xp, ({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype)")
         o(f"for t in range({T}):")
         o.indent()
         o.last_loc = None
@@ -292,6 +304,7 @@ class Generator:
             o.loc_comment(node)
             args = [self.at_step(i, ctx) for i in node.inputs]
             o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, step=True, backward=False)
             if n in stored:
                 o(f"{n}_seq[t] = {n}")
         for r in reads:
@@ -318,12 +331,12 @@ class Generator:
             if term:
                 o(f"{c} = {' + '.join(term)}")
             elif zero_carry[c]:
-                o(f"{c} = xp.zeros((N,) + {_shape_tuple(node.shape)}, dtype=dtype)")
+                o(f"{c} = xp.zeros((N,) + {_shape_tuple(node.shape)}, dtype)")
             else:
                 o(f"{c} = None  # nothing flows back from after the last step")
         for n in nodes:
             if n in self.s.stored:
-                o(f"{n}_seq = xp.empty(({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype=dtype)")
+                o(f"{n}_seq = rt.empty(xp, ({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype)")
         o(f"for t in range({T} - 1, -1, -1):")
         o.indent()
         o.last_loc = None
@@ -347,6 +360,7 @@ class Generator:
             else:
                 args = [self.at_step(i, ctx) for i in node.inputs]
                 o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, step=True, backward=True)
             if n in self.s.stored:
                 o(f"{n}_seq[t] = {n}")
         # hand each state's cotangent to the previous step; cut at truncation windows
@@ -449,6 +463,8 @@ class Generator:
         o()
         losses = " + ".join(low.losses)
         o(f"loss = float({losses})")
+        if self.debug_nans:
+            o("rt.check_finite(loss, 'loss', " + repr(f"{low.file}") + ", None, 'forward')")
         grads = []
         for name in sorted(low.params):
             gid = self.bw.grads.get(name)
@@ -477,5 +493,5 @@ _BLOCK_TITLES = {
 }
 
 
-def generate(low: Lowered, bw: Backward, sched: Schedule) -> str:
-    return Generator(low, bw, sched).module()
+def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False) -> str:
+    return Generator(low, bw, sched, debug_nans=debug_nans).module()

@@ -64,16 +64,18 @@ def check(path: str | Path | None = None, text: str | None = None, file: str | N
 
 
 def compile_model(path: str | Path | None = None, text: str | None = None,
-                  file: str | None = None, model: str | None = None) -> Compiled:
+                  file: str | None = None, model: str | None = None,
+                  debug_nans: bool = False) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
-    c = compile_program(prog, model)
+    c = compile_program(prog, model, debug_nans=debug_nans)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
-def compile_program(prog: Program, model: str | None = None, checked: bool = False) -> Compiled:
+def compile_program(prog: Program, model: str | None = None, checked: bool = False,
+                    debug_nans: bool = False) -> Compiled:
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -114,7 +116,7 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     with stage("schedule"):
         sched = schedule(low, bw)
     with stage("codegen"):
-        source = generate(low, bw, sched)
+        source = generate(low, bw, sched, debug_nans=debug_nans)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts)
 
 

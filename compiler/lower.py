@@ -106,6 +106,9 @@ class _Fail(Exception):
     """Abort lowering one statement after a diagnostic was recorded."""
 
 
+_FAILED = object()  # the value of a name whose definition already reported an error
+
+
 class Lowerer:
     def __init__(self, prog: Program, model: A.ModelDef):
         self.prog = prog
@@ -133,6 +136,12 @@ class Lowerer:
     def unify_axes(self, a: str, b: str) -> None:
         ra, rb = self.axis(a), self.axis(b)
         if ra != rb:
+            # the root is the sequence declared first, so T_x names the input's length
+            order = list(self.inputs) + list(self.targets)
+            ka = order.index(ra) if ra in order else len(order)
+            kb = order.index(rb) if rb in order else len(order)
+            if kb < ka:
+                ra, rb = rb, ra
             self.axis_parent[rb] = ra
 
     def seg_index(self, seg: str | None) -> int:
@@ -185,6 +194,9 @@ class Lowerer:
             try:
                 self.model_stmt(st, env)
             except _Fail:
+                # names this statement would have defined: quietly unusable from now on
+                for n in getattr(st, "targets", ()):
+                    env[n] = _FAILED
                 continue
         self.rep.check()
         for seg in self.segments.values():
@@ -225,6 +237,8 @@ class Lowerer:
         elif isinstance(st, A.OutputDecl):
             for n, loc in zip(st.names, st.locs):
                 v = env.get(n)
+                if v is _FAILED:
+                    continue
                 if not isinstance(v, Tensor):
                     self.rep.error("E205", f"output {n!r} is not a tensor", loc)
                     continue
@@ -556,6 +570,8 @@ class Lowerer:
             if scope is not None:
                 return scope.value(e.id, e.loc)
             if e.id in env:
+                if env[e.id] is _FAILED:
+                    raise _Fail()
                 return env[e.id]
             if e.id in WORDS:
                 return e.id
@@ -647,6 +663,8 @@ class Lowerer:
 
     def conv(self, e: A.Call, args, kwargs) -> str:
         x, w = args[0], args[1]
+        if self.g.node(x.id).op == "const" and self.g.node(x.id).attrs["value"] == 0.0:
+            return x.id  # a cell run without input: its input convolutions are zero
         wnode = self.g.node(w.id)
         if wnode.op != "param" or wnode.shape is None or len(wnode.shape) != 4:
             self.rep.error("E205", "the second argument of conv is a kernel weight "

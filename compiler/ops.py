@@ -337,8 +337,7 @@ defop(name="pad_channels", arity=1,
 defop(name="reshape", arity=1, shape=lambda s, at: tuple(at["shape"]),
       code=lambda a, at: f"{a[0]}.reshape({tuple(at['shape'])})",
       ref=lambda x, shape: x.reshape(shape),
-      vjp=(lambda b, n, g, i: b.op("sum_to", g, shape=tuple(b.shape_of(n.inputs[0])),
-                                   batched=False),),
+      vjp=(lambda b, n, g, i: b.op("reshape", g, shape=tuple(b.shape_of(n.inputs[0]))),),
       doc="a parameter viewed with another shape (a per-channel bias as [C, 1, 1])")
 
 defop(name="sum_to", arity=1, shape=lambda s, at: tuple(at["shape"]),

@@ -16,10 +16,11 @@ import types
 from pathlib import Path
 
 
-def compile_file(path, model: str | None = None, text: str | None = None):
+def compile_file(path, model: str | None = None, text: str | None = None,
+                 debug_nans: bool = False):
     """Run the compiler; returns a `convc.compiler.driver.Compiled`."""
     from convc.compiler.driver import compile_model
-    return compile_model(path, text=text, model=model)
+    return compile_model(path, text=text, model=model, debug_nans=debug_nans)
 
 
 def module_from_source(source: str, name: str, filename: str | None = None) -> types.ModuleType:
@@ -35,14 +36,15 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
     return mod
 
 
-def load(path, model: str | None = None, text: str | None = None) -> types.ModuleType:
+def load(path, model: str | None = None, text: str | None = None,
+         debug_nans: bool = False) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
     `sgd_step`, `MODEL` (metadata), plus `compiled` (every stage of the
     compile) and `train(...)` (the training loop of convc.runtime.train).
     """
-    c = compile_file(path, model=model, text=text)
+    c = compile_file(path, model=model, text=text, debug_nans=debug_nans)
     mod = module_from_source(c.source, c.name)
     mod.compiled = c
     mod.source = c.source

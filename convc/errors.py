@@ -25,4 +25,14 @@ class BackendError(ConvcError):
 
 
 class NonFiniteError(ConvcError):
-    """A NaN or Inf appeared during training."""
+    """A NaN or Inf appeared during training.
+
+    With --debug-nans the generated code raises it at the first non-finite
+    value, with the graph node, the .cell file and line, the time step and
+    the pass (forward or backward) as attributes.
+    """
+
+    def __init__(self, message: str, node: str | None = None, where: str | None = None,
+                 step: int | None = None, direction: str | None = None):
+        super().__init__(message)
+        self.node, self.where, self.step, self.direction = node, where, step, direction

@@ -272,3 +272,38 @@ def initial_state(state, name, default):
     if state is not None and name in state:
         return state[name]
     return default
+
+
+# ---------------------------------------------------------------- buffers and checks
+
+_POISON = False
+
+
+def set_poison(on: bool) -> None:
+    """Poison mode: every buffer starts as NaN, so reading it before writing shows."""
+    global _POISON
+    _POISON = bool(on)
+
+
+def poison_enabled() -> bool:
+    return _POISON
+
+
+def empty(xp, shape, dtype):
+    """A buffer every element of which the generated code writes before reading."""
+    if _POISON:
+        return xp.full(shape, xp.nan, dtype=dtype)
+    return xp.empty(shape, dtype=dtype)
+
+
+def check_finite(value, node, where, t, direction):
+    """Raise NonFiniteError naming the node, its .cell line, step and pass (--debug-nans)."""
+    xp = array_module(value)
+    ok = bool(xp.isfinite(value).all()) if hasattr(value, "shape") else \
+        bool(np.isfinite(value))
+    if not ok:
+        from convc.errors import NonFiniteError
+        step = f" at time step {t}" if t is not None else ""
+        raise NonFiniteError(f"{where}: non-finite value in {node}{step} during the "
+                             f"{direction} pass", node=node, where=where, step=t,
+                             direction=direction)

@@ -168,15 +168,16 @@ class _CellChecker:
                     else:
                         scope.declare(n, "value", loc)
             elif isinstance(st, A.If):
-                # each branch is its own scope for the names it defines
+                # each branch is its own scope for the names it defines; afterwards
+                # the names of both are visible (either branch may be the one that runs)
+                subs = []
                 for branch in (st.then, st.orelse):
                     sub = _Scope(self.rep, scope)
                     self._declare(branch, sub)
-                    # names from a branch are visible after the if (either may run)
+                    subs.append(sub)
+                for sub in subs:
                     for n, v in sub.names.items():
-                        if n not in scope.names:
-                            scope.names.setdefault(n, v)
-                st_scope = None  # noqa: F841 - branches merged above
+                        scope.names.setdefault(n, v)
             elif isinstance(st, (A.SeqDecl, A.Loss, A.Train)):
                 self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a model, not "
                                "in a cell", st.loc)
