@@ -163,20 +163,17 @@ def differentiate(low: Lowered) -> Backward:
 
     # a carry's value at the last step: the cotangent of the final state, if a later loop
     # started from it (encoder -> forecaster)
+    started_from: dict[str, list[str]] = {}
+    for nid in g.order():
+        node = g.node(nid)
+        if node.op == "state" and node.attrs.get("init") == "final":
+            started_from.setdefault(node.attrs["init_from"], []).append(nid)
     for read, cid in bw.carries.items():
         upd = g.node(read).attrs["update"]
-        terminal = [bw.carry_outs[r] for r, n in _reads_from(g, upd) if r in bw.carry_outs]
+        terminal = [bw.carry_outs[r] for r in started_from.get(upd, []) if r in bw.carry_outs]
         if terminal:
             g.node(cid).attrs["terminal"] = tuple(terminal)
     return bw
-
-
-def _reads_from(g: Graph, update: str):
-    for nid in g.order():
-        node = g.node(nid)
-        if node.op == "state" and node.attrs.get("init") == "final" and \
-                node.attrs.get("init_from") == update:
-            yield nid, node
 
 
 def _sum(g: Graph, b: Builder, contribs: list[str], nid: str) -> str:
@@ -196,8 +193,6 @@ def _sum(g: Graph, b: Builder, contribs: list[str], nid: str) -> str:
 
 
 def _rename(g: Graph, old: str, base: str) -> str:
-    import networkx as nx
     new = g.fresh(base)
-    nx.relabel_nodes(g.g, {old: new}, copy=False)
-    g.node(new).id = new
+    g.relabel(old, new)
     return new

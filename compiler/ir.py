@@ -63,9 +63,11 @@ class Graph:
     """A DiGraph of Nodes plus the bookkeeping the passes need."""
 
     def __init__(self) -> None:
-        self.g = nx.DiGraph()
+        self.g = nx.DiGraph()  # every edge, with kind "data" or "state"
+        self.data = nx.DiGraph()  # data edges only: what the topological order follows
         self._counter = 0
         self._names: dict[str, int] = {}
+        self._order: list[str] | None = None
 
     # ---------------------------------------------------------------- building
     def fresh(self, base: str) -> str:
@@ -88,9 +90,22 @@ class Graph:
         self._counter += 1
         node.order = self._counter
         self.g.add_node(node.id, node=node)
+        self.data.add_node(node.id)
         for i in node.inputs:
-            self.g.add_edge(i, node.id, kind="data")
+            self._add_data_edge(i, node.id)
+        self._order = None
         return node
+
+    def _add_data_edge(self, u: str, v: str) -> None:
+        self.g.add_edge(u, v, kind="data")
+        self.data.add_edge(u, v)
+
+    def relabel(self, old: str, new: str) -> None:
+        """Rename a node (ids are the names in generated code)."""
+        nx.relabel_nodes(self.g, {old: new}, copy=False)
+        nx.relabel_nodes(self.data, {old: new}, copy=False)
+        self.node(new).id = new
+        self._order = None
 
     def node(self, nid: str) -> Node:
         return self.g.nodes[nid]["node"]
@@ -106,9 +121,11 @@ class Graph:
         for i in set(node.inputs):
             if self.g.has_edge(i, nid) and self.g[i][nid].get("kind") == "data":
                 self.g.remove_edge(i, nid)
+                self.data.remove_edge(i, nid)
         node.inputs = tuple(inputs)
         for i in node.inputs:
-            self.g.add_edge(i, nid, kind="data")
+            self._add_data_edge(i, nid)
+        self._order = None
 
     def link_state(self, read: str, update: str) -> None:
         """Record the time recurrence: `update` at t is what `read` sees at t+1."""
@@ -117,11 +134,11 @@ class Graph:
 
     def remove(self, nid: str) -> None:
         self.g.remove_node(nid)
+        self.data.remove_node(nid)
+        self._order = None
 
     def consumers(self, nid: str) -> list[str]:
-        return sorted((v for v in self.g.successors(nid)
-                       if self.g[nid][v].get("kind") == "data"),
-                      key=lambda v: self.node(v).order)
+        return sorted(self.data.successors(nid), key=lambda v: self.node(v).order)
 
     def replace_uses(self, old: str, new: str) -> None:
         for user in self.consumers(old):
@@ -134,19 +151,22 @@ class Graph:
                 self.link_state(read, new)
 
     # ---------------------------------------------------------------- order
-    def data_view(self):
-        return nx.subgraph_view(self.g, filter_edge=lambda u, v: self.g[u][v]["kind"] == "data")
+    def data_view(self) -> nx.DiGraph:
+        return self.data
 
     def order(self) -> list[str]:
         """Deterministic topological order over data edges (creation order breaks ties)."""
-        view = self.data_view()
-        return list(nx.lexicographical_topological_sort(view, key=lambda n: self.node(n).order))
+        if self._order is None:
+            key = {n: self.node(n).order for n in self.data.nodes}
+            self._order = list(nx.lexicographical_topological_sort(self.data,
+                                                                   key=key.__getitem__))
+        return list(self._order)
 
     def ancestors(self, nid: str) -> set[str]:
-        return nx.ancestors(self.data_view(), nid)
+        return nx.ancestors(self.data, nid)
 
     def descendants(self, nid: str) -> set[str]:
-        return nx.descendants(self.data_view(), nid)
+        return nx.descendants(self.data, nid)
 
     # ---------------------------------------------------------------- looking at it
     def dump(self) -> str:

@@ -170,7 +170,11 @@ class Lowerer:
         try:
             node.shape = OPS[op].shape([self.g.node(i).shape for i in inputs], attrs)
         except ShapeError as e:
-            self.rep.error("E300", f"{_opname(op)}: {e}", loc)
+            shapes = [fmt_shape(self.g.node(i).shape) for i in inputs]
+            msg = f"{_opname(op)}: {e}"
+            if not all(s in msg for s in shapes):  # say what met, when the rule did not
+                msg += f" (operands {', '.join(shapes)})"
+            self.rep.error("E300", msg, loc)
             raise _Fail() from None
         return nid
 
@@ -283,10 +287,7 @@ class Lowerer:
         self.g.node(new).attrs["_named"] = True
 
     def _relabel(self, old: str, new: str) -> None:
-        import networkx as nx
-        node = self.g.node(old)
-        node.id = new
-        nx.relabel_nodes(self.g.g, {old: new}, copy=False)
+        self.g.relabel(old, new)
         for n in self.g.g.nodes:
             nd = self.g.node(n)
             if old in nd.inputs:
@@ -365,13 +366,20 @@ class Lowerer:
         name = f"{prefix}.{st.name}" if prefix else st.name
         kind = call.func_name
         for key in ("out", "channels"):
-            if key in args and not (isinstance(args[key], int) and args[key] > 0):
+            if key in args and not _positive_int(args[key]):
                 self.rep.error("E205", f"{key} must be a positive integer, got {args[key]!r}",
                                call.loc)
                 raise _Fail()
         if kind == "kernel":
             size = args["size"]
-            kh, kw_ = (size, size) if isinstance(size, int) else tuple(size)
+            if _positive_int(size):
+                size = (size, size)
+            if not (isinstance(size, tuple) and len(size) == 2 and
+                    all(_positive_int(v) for v in size)):
+                self.rep.error("E205", "size must be a positive integer or a pair (h, w), got "
+                               f"{args['size']!r}", call.loc)
+                raise _Fail()
+            kh, kw_ = size
             shape = (args["out"], None, kh, kw_)
         elif kind == "bias" and not kw.get("per_pixel"):
             shape = (args["channels"],)
@@ -721,6 +729,7 @@ class _CellScope:
     def __init__(self, low: Lowerer, inst: Instance, env, eqs, reads, cur, busy):
         self.low, self.inst, self.env = low, inst, env
         self.eqs, self.reads, self.cur, self.busy = eqs, reads, cur, busy
+        self.path: list[tuple[str, tuple]] = []  # (name, equation targets) being lowered
 
     def value(self, name: str, loc: Loc):
         if name in self.cur:
@@ -729,17 +738,20 @@ class _CellScope:
             st, idx = self.eqs[name]
             key = st.targets
             if key in self.busy:
-                chain = " -> ".join(key)
+                start = next((i for i, (_, k) in enumerate(self.path) if k == key), 0)
+                chain = " -> ".join([n for n, _ in self.path[start:]] + [name])
                 self.low.rep.error(
                     "E220", f"{name!r} depends on itself at the same time step ({chain}); "
                     f"read the previous step with {name}[t-1]" if name in self.reads else
-                    f"{name!r} depends on itself at the same time step", st.loc)
+                    f"{name!r} depends on itself at the same time step ({chain})", loc)
                 raise _Fail()
             self.busy.add(key)
+            self.path.append((name, key))
             try:
                 result = self.low.expr(st.value, self.env, scope=self)
             finally:
                 self.busy.discard(key)
+                self.path.pop()
             if len(st.targets) == 1:
                 self.low.rename(result, st.targets[0], self.inst.name)
                 self.cur[name] = result
@@ -768,6 +780,10 @@ class _CellScope:
             self.low.rep.error("E222", f"{e.name!r} is not a state", e.loc)
             raise _Fail()
         return Tensor(self.reads[e.name])
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _opname(op: str) -> str:
