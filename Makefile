@@ -25,7 +25,7 @@ STAMP := $(VENV)/.convc-installed
 CONSTRAINTS := $(abspath constraints.txt)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv test demo fuzz bench clean distclean
+.PHONY: help venv test demo fuzz bench quality clean distclean
 
 help:
 	@echo "convc make targets:"
@@ -34,6 +34,7 @@ help:
 	@echo "  make demo       train $(DEMO_SPEC) on synthetic data into $(DEMO_OUT)/ (DEMO_ARGS=...)"
 	@echo "  make fuzz       run the long hypothesis fuzz profile"
 	@echo "  make bench      run the benchmarks (convc bench)"
+	@echo "  make quality    train shi2015_small for QUALITY_MINUTES (15) and write bench/QUALITY.md"
 	@echo "  make clean      remove build artefacts and caches (keeps $(VENV))"
 	@echo "  make distclean  clean, and remove $(VENV) too"
 	@echo "Variables: VENV=$(VENV) PYTHON=$(PYTHON) TORCH_SPEC=$(TORCH_SPEC)"
@@ -58,7 +59,7 @@ $(STAMP): pyproject.toml constraints.txt
 	PIP_BUILD_CONSTRAINT=$(CONSTRAINTS) PIP_CONSTRAINT=$(CONSTRAINTS) \
 	  $(VPY) -m pip install "$(CHAINER_SPEC)"
 	@if [ -n "$(TORCH_SPEC)" ]; then \
-	  $(VPY) -m pip install "$(TORCH_SPEC)" || \
+	  PIP_CONSTRAINT=$(CONSTRAINTS) $(VPY) -m pip install "$(TORCH_SPEC)" || \
 	    echo "note: could not install $(TORCH_SPEC); the torch oracle tests will be skipped"; \
 	fi
 	@touch $@
@@ -66,14 +67,22 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
+# --overwrite: a second `make demo` starts afresh; --threads 1: the demo's small GEMMs
+# run faster on one BLAS thread than on two competing for a busy machine
 demo: $(STAMP)
-	$(VENV)/bin/convc train $(DEMO_SPEC) --data synthetic --out $(DEMO_OUT) $(DEMO_ARGS)
+	$(VENV)/bin/convc train $(DEMO_SPEC) --data synthetic --out $(DEMO_OUT) --overwrite \
+	  --threads 1 $(DEMO_ARGS)
 
 fuzz: $(STAMP)
 	$(VPY) -m pytest -q tests/test_fuzz.py --hypothesis-profile=fuzz $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/convc bench
+
+QUALITY_MINUTES ?= 15
+# train examples/shi2015_small.cell for a fixed budget and write bench/QUALITY.md
+quality: $(STAMP)
+	$(VPY) bench/quality.py --minutes $(QUALITY_MINUTES)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .hypothesis $(DEMO_OUT)

@@ -126,6 +126,7 @@ class Lowerer:
         self.instances: dict[str, Instance] = {}
         self.default_seg: dict[str, str] = {}
         self.cell_docs: dict[str, str | None] = {}
+        self.current_instance: str | None = None  # the cell being elaborated, if any
 
     # ------------------------------------------------------------ axes and segments
     def axis(self, a: str) -> str:
@@ -162,6 +163,8 @@ class Lowerer:
     # ------------------------------------------------------------ nodes
     def node(self, op: str, inputs, loc: Loc, base: str | None = None, seg=-1, **attrs) -> str:
         inputs = tuple(inputs)
+        if self.current_instance is not None:
+            attrs.setdefault("_instance", self.current_instance)
         if seg == -1:
             seg = self.join_segments([self.g.node(i).seg for i in inputs], loc)
         nid = self.g.fresh(base or op)
@@ -257,7 +260,8 @@ class Lowerer:
         locs = st.target_locs or (st.loc,) * len(st.targets)
         if len(st.targets) == 1:
             if isinstance(result, Tup):
-                self.rep.error("E203", f"this gives {len(result.items)} values; name each: "
+                self.rep.error("E203", f"this gives {len(result.items)} value"
+                               f"{'s' if len(result.items) != 1 else ''}; name each: "
                                f"{', '.join(f'v{i}' for i in range(len(result.items)))} = ...",
                                st.loc)
                 raise _Fail()
@@ -329,6 +333,9 @@ class Lowerer:
             raise _Fail()
         if isinstance(e, A.Neg):
             v = self.const_value(e.operand, env)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.rep.error("E205", f"cannot negate {v!r}", e.loc)
+                raise _Fail()
             return -v
         if isinstance(e, A.BinOp):
             a, b = self.const_value(e.left, env), self.const_value(e.right, env)
@@ -348,8 +355,13 @@ class Lowerer:
             return int(r) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else r
         if isinstance(e, A.TupleExpr):
             return tuple(self.const_value(x, env) for x in e.items)
-        if isinstance(e, A.Call) and e.func_name in ("uniform", "normal"):
-            return (e.func_name, float(self.const_value(e.args[0], env)))
+        if isinstance(e, A.Call) and e.func_name in ("uniform", "normal") and \
+                len(e.args) == 1 and not e.kwargs:
+            v = self.const_value(e.args[0], env)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.rep.error("E205", f"{e.func_name}() takes a number, got {v!r}", e.loc)
+                raise _Fail()
+            return (e.func_name, float(v))
         self.rep.error("E205", "expected a constant", e.loc)
         raise _Fail()
 
@@ -439,7 +451,7 @@ class Lowerer:
         init_from = None
         if "init" in kw:
             src = env.get(kw["init"].value.id) if isinstance(kw["init"].value, A.Name) else None
-            if not isinstance(src, Instance) or not src.applied:
+            if not isinstance(src, Instance) or not src.applied or src is inst:
                 self.rep.error("E205", "init= names a cell applied earlier", kw["init"].value.loc)
                 raise _Fail()
             init_from = src
@@ -478,6 +490,13 @@ class Lowerer:
         return self.elaborate(inst, inputs, init_from, seg, call.loc)
 
     def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc):
+        self.current_instance = inst.name
+        try:
+            return self._elaborate(inst, inputs, init_from, seg, loc)
+        finally:
+            self.current_instance = None
+
+    def _elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc):
         cell = inst.cell
         env: dict[str, object] = dict(inst.params)
         body = self.flatten(cell.body, env)
@@ -594,6 +613,9 @@ class Lowerer:
             v = self.expr(e.operand, env, model, scope)
             if isinstance(v, Tensor):
                 return Tensor(self.node("neg", (v.id,), e.loc))
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                self.rep.error("E205", f"cannot negate {v!r}", e.loc)
+                raise _Fail()
             return -v
         if isinstance(e, A.BinOp):
             return self.binop(e, self.expr(e.left, env, model, scope),
@@ -609,6 +631,9 @@ class Lowerer:
         num = (int, float)
         if not ta and not tb:
             if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool):
+                if e.op == "/" and b == 0:
+                    self.rep.error("E205", "division by zero", e.right.loc)
+                    raise _Fail()
                 return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
                         "/": lambda: a / b}[e.op]()
             self.rep.error("E205", f"cannot compute {a!r} {e.op} {b!r}", e.loc)
@@ -635,7 +660,8 @@ class Lowerer:
     def call(self, e: A.Call, env, model, scope):
         fname = e.func_name
         if fname not in FUNCTIONS:
-            self.rep.error("E202", f"unknown function {fname!r}", e.loc)
+            if env.get(fname) is not _FAILED:  # else its definition was reported already
+                self.rep.error("E202", f"unknown function {fname!r}", e.loc)
             raise _Fail()
         args = [self.expr(a, env, model, scope) for a in e.args]
         kwargs = {k.name: self.expr(k.value, env, model, scope) for k in e.kwargs}
@@ -652,7 +678,7 @@ class Lowerer:
             return Tensor(self.node("concat", [a.id for a in args], e.loc))
         if fname == "split":
             x, n = args[0], args[1] if len(args) > 1 else kwargs.get("n")
-            if not isinstance(n, int) or n < 1:
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 self.rep.error("E205", "split(x, n) needs a positive integer n", e.loc)
                 raise _Fail()
             shape = self.g.node(x.id).shape

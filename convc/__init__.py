@@ -6,6 +6,19 @@ a generated backward pass through time, and train it on NumPy or CuPy.
     >>> import convc
     >>> m = convc.load("examples/seed.cell")       # doctest: +SKIP
     >>> params = m.init_params(seed=0)             # doctest: +SKIP
+    >>> result = m.train(steps=100, out="runs/seed")   # doctest: +SKIP
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "load", "import_generated"]
+
+
+def __getattr__(name: str):
+    # Lazy, so that `import convc` (and `convc --help`) does not import the
+    # compiler, lark, networkx and NumPy before they are needed.
+    if name in ("load", "import_generated"):
+        from convc import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'convc' has no attribute {name!r}")

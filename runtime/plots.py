@@ -11,7 +11,6 @@ never leaves a half-written PNG where the last good one was.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -36,8 +35,10 @@ def _figure(width: float, height: float) -> Any:
 def _save_atomically(figure: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    # a named temporary beside the target (so os.replace is atomic), created with the
+    # usual 0666 & ~umask permissions rather than mkstemp's 0600
+    temporary = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
+    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
     try:
         figure.savefig(temporary, format="png")
         os.replace(temporary, path)

@@ -1,5 +1,1243 @@
-"""Training loop (placeholder until the full loop lands)."""
+"""The training loop of a compiled model: data, steps, validation, checkpoints, resume.
+
+    m = convc.load("examples/seed.cell")
+    result = m.train(steps=200, out="runs/seed")     # or convc.runtime.train.train(m, ...)
+    result.losses[-1], result.checkpoint
+
+One step is: the next minibatch, `loss_and_grad` of the generated module,
+a check that the loss and the gradient are finite, global-norm clipping,
+the learning rate from the schedule, one optimizer update. Around it:
+validation, early stopping, a CSV log, checkpoints, two PNGs.
+
+Every setting comes from three layers, the later winning: the built-in
+`DEFAULTS`, the spec's `train { ... }` block (`MODEL['train']`), and the
+arguments given to `train()`. A resumed run puts the settings saved in its
+checkpoint between the last two, so `--resume` alone continues the same run.
+
+Two promises shape the code:
+
+- **Bitwise reproducibility.** Nothing here draws from a global random
+  generator or iterates a dict in insertion order. The data order is a
+  function of (seed, epoch) alone (`runtime.data.Batches`), so a checkpoint
+  that stores the parameters, the optimizer and schedule state, the batch
+  position, the stateful carry and the run's generator continues with
+  exactly the losses an uninterrupted run would have produced.
+- **Never save a broken state.** A non-finite loss or gradient stops the run
+  before the update, and a checkpoint is only written from finite
+  parameters, so the newest checkpoint is always one worth resuming from.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import linecache
+import math
+import os
+import secrets
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from convc.errors import CheckpointError, ConvcError, DataError, NonFiniteError
+
+# Built-in defaults, used where neither the spec nor the caller says otherwise.
+DEFAULTS: dict[str, Any] = {
+    "data": "synthetic",
+    "clips": None,          # generated data: DEFAULT_CLIPS; files: every sequence
+    "size": None,           # frame size in pixels; fixed by the model's input shape
+    "steps": None,          # DEFAULT_STEPS when neither steps nor epochs is set
+    "epochs": None,
+    "batch_size": 8,
+    "optimizer": "adam",
+    "lr": 1e-3,
+    "momentum": None,
+    "decay": None,          # RMSProp's moving-average factor (PyTorch's alpha)
+    "eps": None,
+    "weight_decay": None,
+    "schedule": "constant",
+    "clip": None,           # a limit turns clipping on
+    "clip_mode": "global_norm",
+    "bptt": None,           # truncate backpropagation to windows of this many steps
+    "stateful": False,
+    "val_fraction": 0.1,
+    "val_every": None,      # steps between validations; default: every epoch or 10% of steps
+    "patience": None,       # validations without improvement before stopping early
+    "frames_in": None,      # next_frame: sequence length (default 10); forecast: frames seen
+    "frames_out": None,     # forecast: frames predicted (default 10)
+    "dtype": "float32",
+    "seed": 0,
+}
+DEFAULT_STEPS = 200
+DEFAULT_CLIPS = 512
+DEFAULT_FRAMES = 10
+
+# Settings whose change on resume breaks the bitwise continuation; a note says so.
+_TRAJECTORY_KEYS = ("data", "clips", "size", "batch_size", "optimizer", "lr", "momentum",
+                    "decay", "eps", "weight_decay", "schedule", "clip", "clip_mode", "bptt",
+                    "stateful", "val_fraction", "frames_in", "frames_out", "dtype", "seed")
+
+GENERATED_DATA = ("synthetic", "synthetic:digits", "synthetic:shapes", "sklearn-digits")
+
+LOG_NAME = "log.csv"
+LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "seconds")
+OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
 
 
-def train(mod, params=None, **options):
-    raise NotImplementedError
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a run produced. `history` holds one dict per step, as in log.csv."""
+
+    params: dict
+    history: list[dict]
+    config: dict
+    steps: int = 0
+    epoch: int = 0
+    stopped: str = "steps"  # steps | early_stopping | callback | interrupted
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    seconds: float = 0.0
+    out: Path | None = None
+    checkpoint: Path | None = None
+    log: Path | None = None
+    model_py: Path | None = None
+    predictions_png: Path | None = None
+    loss_png: Path | None = None
+    final_state: dict | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        return [row["loss"] for row in self.history]
+
+    @property
+    def val_losses(self) -> list[tuple[int, float]]:
+        return [(row["step"], row["val_loss"]) for row in self.history
+                if row.get("val_loss") is not None]
+
+    def paths(self) -> dict[str, Path]:
+        """The files this run wrote, by kind (only those that exist)."""
+        found = {"checkpoint": self.checkpoint, "log": self.log, "model": self.model_py,
+                 "predictions": self.predictions_png, "loss plot": self.loss_png}
+        return {k: v for k, v in found.items() if v is not None}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training; `checkpoint` is where the last completed step was saved."""
+
+    def __init__(self, message: str, result: TrainResult, checkpoint: Path | None):
+        super().__init__(message)
+        self.result = result
+        self.checkpoint = checkpoint
+
+
+class _Stop(Exception):
+    """Internal: a non-finite value was found before the update of `step`.
+
+    `cause` is the NonFiniteError of a model compiled with debug_nans, which
+    names the op, its .cell line and the time step.
+    """
+
+    def __init__(self, message: str, step: int, cause: NonFiniteError | None = None):
+        super().__init__(message)
+        self.step = step
+        self.cause = cause
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+
+def resolve_config(model_train: dict, explicit: dict, saved: dict | None = None) -> dict:
+    """Merge DEFAULTS < spec train block < saved run settings < explicit arguments.
+
+    `steps` and `epochs` are one choice: a layer that sets one of them
+    clears the other from the layers below it, so `--epochs 3` on a spec
+    that says `steps = 200` trains for three epochs.
+    """
+    cfg = dict(DEFAULTS)
+    for layer_name, layer in (("train block", model_train), ("checkpoint", saved or {}),
+                              ("arguments", explicit)):
+        layer = {k: v for k, v in layer.items() if k in cfg and v is not None}
+        if layer.get("steps") is not None and layer.get("epochs") is not None:
+            if layer_name == "checkpoint":
+                layer.pop("epochs")
+            else:
+                where = "the train block" if layer_name == "train block" else "train()"
+                raise ConvcError(f"{where} sets both steps and epochs; give one of them")
+        if "steps" in layer:
+            cfg["epochs"] = None
+        if "epochs" in layer:
+            cfg["steps"] = None
+        cfg.update(layer)
+    return cfg
+
+
+def _check_config(cfg: dict) -> None:
+    """Reject settings that cannot work, with the option's name in the message."""
+    for key in ("batch_size", "steps", "epochs", "bptt", "clips", "size", "val_every",
+                "frames_in", "frames_out"):
+        v = cfg[key]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                              or v < 1):
+            raise ConvcError(f"{key} must be a positive integer, got {v!r}")
+    if cfg["patience"] is not None and (not isinstance(cfg["patience"], int)
+                                        or cfg["patience"] < 0):
+        raise ConvcError(f"patience must be a non-negative integer, got {cfg['patience']!r}")
+    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
+        raise ConvcError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
+    if cfg["dtype"] not in ("float32", "float64"):
+        raise ConvcError(f"dtype must be float32 or float64, got {cfg['dtype']!r}")
+    vf = cfg["val_fraction"]
+    if not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
+        raise ConvcError(f"val_fraction must be in [0, 1), got {vf!r}")
+    if cfg["clip"] is not None and not (isinstance(cfg["clip"], (int, float))
+                                        and cfg["clip"] > 0):
+        raise ConvcError(f"clip must be a positive number, got {cfg['clip']!r}")
+
+
+def _parse_schedule(text: str) -> tuple[str, dict]:
+    """'cosine' or 'step:step_size=100,gamma=0.5' -> (name, options)."""
+    name, _, rest = str(text).partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConvcError(f"schedule option {item!r} must look like key=value "
+                             f"(for example 'step:step_size=100,gamma=0.5')")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConvcError(f"schedule option {key}={value!r} is not a number") from None
+        options[key.strip()] = int(number) if number.is_integer() and key.strip() in (
+            "step_size", "total_steps", "patience") else number
+    return name.strip(), options
+
+
+def _make_schedule(cfg: dict, total_steps: int):
+    from convc.runtime.optim import make_schedule
+
+    name, options = _parse_schedule(cfg["schedule"])
+    # Defaults that fit a run of `total_steps`; plateau counts validations, not steps.
+    builtin = {"step": {"step_size": max(1, total_steps // 3), "gamma": 0.1},
+               "cosine": {"total_steps": max(1, total_steps)},
+               "plateau": {"factor": 0.5, "patience": 2}}.get(name, {})
+    return make_schedule(name, cfg["lr"], **{**builtin, **options})
+
+
+def _make_optimizer(cfg: dict):
+    from convc.runtime.optim import make_optimizer
+
+    options = {k: cfg[k] for k in ("momentum", "decay", "eps", "weight_decay")
+               if cfg[k] is not None}
+    return make_optimizer(cfg["optimizer"], cfg["lr"], **options)
+
+
+# ---------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Dataset:
+    """Training and validation (inputs, targets) in the model's layout (N, T, C, H, W)."""
+
+    input_name: str
+    target_name: str
+    train_x: np.ndarray
+    train_y: np.ndarray
+    val_x: np.ndarray
+    val_y: np.ndarray
+    patch: int  # p when frames were cut into p x p patches, else 1
+    task: str
+    frames_out: int | None
+    fingerprint: dict
+
+
+def _patch_factor(channels: int) -> int:
+    """p for a model that reads C = p*p channels of patched one-channel frames, else 1."""
+    p = int(round(math.sqrt(channels)))
+    return p if p > 1 and p * p == channels else 1
+
+
+def _fingerprint(spec: str, clips: np.ndarray) -> dict:
+    """Enough to notice that a resumed run sees different data: shape and a content hash.
+
+    Large files are hashed on a sample of sequences (the first, middle and
+    last) to keep resuming fast.
+    """
+    digest = hashlib.sha256()
+    if clips.nbytes <= 64 << 20:
+        digest.update(np.ascontiguousarray(clips).tobytes())
+    else:
+        for i in sorted({0, len(clips) // 2, len(clips) - 1}):
+            digest.update(np.ascontiguousarray(clips[i]).tobytes())
+    return {"source": str(spec), "shape": list(clips.shape), "sha256": digest.hexdigest()}
+
+
+def _task_lengths(model: dict, cfg: dict) -> tuple[int, int | None, int]:
+    """(frames_in, frames_out or None, clip length) of the model's task."""
+    fi = cfg["frames_in"] or DEFAULT_FRAMES
+    if model.get("task") == "forecast":
+        fo = cfg["frames_out"] or DEFAULT_FRAMES
+        return fi, fo, fi + fo
+    return fi, None, fi + 1
+
+
+def load_clips(model: dict, cfg: dict, length: int, clips: np.ndarray | None = None
+               ) -> tuple[np.ndarray, int, dict]:
+    """Clips in the model's input layout: (clips, patch factor p, fingerprint).
+
+    Generated data is made at the model's frame size, `length` frames long;
+    a model whose input has C = p*p > 1 channels gets (H*p)x(W*p) one-channel
+    clips cut into p x p patches (Shi et al. 2015: 64x64 -> 16x16x16). A file
+    must match the model, patched or not. Anything else is a DataError that
+    names what the model expects and what the data has. `clips` (an array of
+    clips) skips loading.
+    """
+    from convc.runtime import data as D
+
+    if len(model["inputs"]) != 1 or len(model["targets"]) != 1:
+        raise ConvcError(f"training on clip data needs a model with one input and one target; "
+                         f"{model['name']} has inputs {sorted(model['inputs'])} and targets "
+                         f"{sorted(model['targets'])}")
+    (in_name, in_shape), = model["inputs"].items()
+    (tg_name, tg_shape), = model["targets"].items()
+    C, H, W = (int(d) for d in in_shape)
+    if tuple(tg_shape) != tuple(in_shape):
+        raise ConvcError(f"training on clip data needs the target to have the input's shape; "
+                         f"{in_name} is {_shape(in_shape)} but {tg_name} is {_shape(tg_shape)}")
+    p = _patch_factor(C)
+    spec = str(cfg["data"])
+    frame = (H * p, W * p)
+    if cfg["size"] is not None and cfg["size"] != frame[0]:
+        how = f" cut into {p}x{p} patches" if p > 1 else ""
+        raise ConvcError(f"size {cfg['size']} does not fit model {model['name']}: its input "
+                         f"{in_name} is {_shape(in_shape)}, so frames are {frame[0]}x{frame[1]} "
+                         f"pixels{how}; leave size out or set it to {frame[0]}")
+    if clips is None:
+        if spec in GENERATED_DATA:
+            if C > 1 and p == 1:
+                raise DataError(f"{spec} data has one channel, but model {model['name']} reads "
+                                f"{C} channels ({_shape(in_shape)}); give a data file instead")
+            if frame[0] != frame[1]:
+                raise DataError(f"{spec} data has square frames, but model {model['name']} "
+                                f"reads {frame[0]}x{frame[1]} frames")
+            clips = D.load_data(spec, n=cfg["clips"] or DEFAULT_CLIPS, length=length,
+                                size=frame[0], seed=cfg["seed"])
+        else:
+            clips = D.load_data(spec, n=cfg["clips"])
+    clips = np.asarray(clips)
+    if clips.ndim != 5:
+        raise DataError(f"{spec}: expected clips shaped (N, T, C, H, W), found {clips.shape}")
+    fingerprint = _fingerprint(spec, clips)
+    found = tuple(clips.shape[2:])
+    if found == (C, H, W):
+        pass
+    elif p > 1 and found == (1, H * p, W * p):
+        clips = D.patch(clips, p)
+    else:
+        also = f" (or 1x{H * p}x{W * p} frames to cut into {p}x{p} patches)" if p > 1 else ""
+        raise DataError(f"{spec}: model {model['name']} reads {in_name} frames of "
+                        f"{C}x{H}x{W} (channels x height x width){also}, but the data has "
+                        f"{found[0]}x{found[1]}x{found[2]} (clips of shape {clips.shape})")
+    return clips, p, fingerprint
+
+
+def prepare_data(model: dict, cfg: dict, clips: np.ndarray | None = None) -> Dataset:
+    """Load clips sized to the model (see `load_clips`), split them, cut the task's pairs.
+
+    next_frame: x = clip[:, :-1], y = clip[:, 1:] over frames_in + 1 frames;
+    forecast: x = clip[:, :frames_in], y = the next frames_out frames. The
+    split into training and validation clips depends only on the seed.
+    """
+    from convc.runtime import data as D
+
+    fi, fo, length = _task_lengths(model, cfg)
+    clips, p, fingerprint = load_clips(model, cfg, length, clips)
+    if clips.shape[1] < length:
+        need = (f"{fi} input + {fo} target frames" if fo is not None else
+                f"{fi} input frames + 1 for the last target")
+        raise DataError(f"{cfg['data']}: clips have {clips.shape[1]} frames, too short for "
+                        f"{need} ({length}); set frames_in/frames_out to fit")
+    clips = clips[:, :length]
+    val_fraction = float(cfg["val_fraction"])
+    if val_fraction > 0 and len(clips) < 2:
+        val_fraction = 0.0
+    elif val_fraction > 0 and round(len(clips) * val_fraction) < 1:
+        val_fraction = 1.0 / len(clips)  # hold out at least one sequence
+    train, val = D.split(clips, val_fraction, seed=cfg["seed"])
+    cut = (fi, fo) if fo is not None else (None, None)
+    tx, ty = D.frames_for_task(train, *cut)
+    vx, vy = D.frames_for_task(val, *cut)
+    (in_name, _), = model["inputs"].items()
+    (tg_name, _), = model["targets"].items()
+    return Dataset(in_name, tg_name, tx, ty, vx, vy, p, model.get("task", "next_frame"), fo,
+                   fingerprint)
+
+
+def _shape(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(max(0.0, seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Progress:
+    """A one-line bar on a terminal, plain lines every ~10% of the steps otherwise.
+
+    On a terminal the bar is redrawn at most ten times a second, and every
+    10% it leaves a permanent line behind, so the falling loss stays on
+    screen. The loss shown in a permanent line is the mean since the last one.
+    """
+
+    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True,
+                 tty: bool | None = None):
+        self.total = max(int(total), 1)
+        self.start = int(start)
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled
+        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty",
+                                                            lambda: False)())
+        self.every = max(1, self.total // 10)
+        self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+        self.window: list[float] = []
+        self.val: float | None = None
+        self.bar_shown = False
+
+    def _rate(self, step: int) -> tuple[float, float]:
+        done = step - self.start
+        elapsed = time.perf_counter() - self.t0
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else 0.0
+        return rate, eta
+
+    def update(self, step: int, loss: float, lr: float, val_loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        self.window.append(loss)
+        if val_loss is not None:
+            self.val = val_loss
+        rate, eta = self._rate(step)
+        if step % self.every == 0 or step == self.total or step == self.start + 1:
+            mean = sum(self.window) / len(self.window)
+            self.window = []
+            val = f"  val {self.val:.4f}" if self.val is not None else ""
+            self.line(f"step {step:>{len(str(self.total))}}/{self.total}  loss {mean:.4f}{val}"
+                      f"  lr {lr:.3g}  {rate:.1f} steps/s  eta {_duration(eta)}")
+        elif self.tty and time.perf_counter() - self.last_draw > 0.1:
+            self.last_draw = time.perf_counter()
+            width = 24
+            filled = int(width * step / self.total)
+            bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
+            text = (f"[{bar}] {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
+                    f"eta {_duration(eta)}")
+            self.stream.write("\r" + text + "\x1b[K")
+            self.stream.flush()
+            self.bar_shown = True
+
+    def line(self, text: str) -> None:
+        """A permanent line (clearing the bar first on a terminal)."""
+        if not self.enabled:
+            return
+        prefix = "\r\x1b[K" if self.tty and self.bar_shown else ""
+        self.bar_shown = False
+        self.stream.write(prefix + text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.bar_shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.bar_shown = False
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a text file through a temporary name and a rename: never half a file.
+
+    os.open with mode 0o666 (not mkstemp's 0o600) lets the umask decide the
+    permissions, as for any other file the user creates.
+    """
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise
+
+
+def _format_row(row: dict) -> list[str]:
+    """A log row as CSV text; floats as repr so they read back bit for bit."""
+    val = row.get("val_loss")
+    return [str(row["step"]), str(row["epoch"]), repr(float(row["loss"])),
+            repr(float(row["lr"])), repr(float(row["grad_norm"])),
+            "" if val is None else repr(float(val)), f"{row['seconds']:.3f}"]
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a log.csv as dicts with numbers (val_loss None where blank)."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as stream:
+        for rec in csv.DictReader(stream):
+            rows.append({"step": int(rec["step"]), "epoch": int(rec["epoch"]),
+                         "loss": float(rec["loss"]), "lr": float(rec["lr"]),
+                         "grad_norm": float(rec["grad_norm"]),
+                         "val_loss": float(rec["val_loss"]) if rec["val_loss"] else None,
+                         "seconds": float(rec["seconds"])})
+    return rows
+
+
+def _model_source(mod) -> str | None:
+    """The generated source of a compiled module (in memory or imported from a file)."""
+    source = getattr(mod, "source", None)
+    if isinstance(source, str):
+        return source
+    compiled = getattr(mod, "compiled", None)
+    if compiled is not None:
+        return compiled.source
+    filename = getattr(mod, "__file__", None)
+    if filename:
+        lines = linecache.getlines(filename)
+        if lines:
+            return "".join(lines)
+    return None
+
+
+def _prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
+    from convc.runtime.checkpoint import list_checkpoints
+
+    folder = Path(out)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvcError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    if not folder.is_dir():
+        raise ConvcError(f"output folder {folder} is not a folder")
+    if not os.access(folder, os.W_OK):
+        raise ConvcError(f"output folder {folder} is not writable")
+    old = list_checkpoints(folder)
+    if old and not resume:
+        if not overwrite:
+            raise ConvcError(f"{folder} already holds a training run ({len(old)} checkpoint"
+                             f"{'s' if len(old) != 1 else ''}, newest {old[-1].name}); continue it "
+                             f"with --resume (resume=True), start again with --overwrite "
+                             f"(overwrite=True), or choose another folder")
+        for path in old:
+            path.unlink()
+    if overwrite and not resume:
+        for name in OUTPUT_NAMES:
+            (folder / name).unlink(missing_ok=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+def _all_finite(arrays: dict) -> bool:
+    from convc.runtime.optim import array_module
+
+    return all(bool(array_module(arrays[k]).isfinite(arrays[k]).all()) for k in sorted(arrays))
+
+
+class _Trainer:
+    """One training run; `train()` is the public face. State lives in attributes so
+    that a checkpoint can be written from any point between two steps."""
+
+    def __init__(self, mod, params, cfg: dict, *, explicit: dict, device: str, conv: str,
+                 out, checkpoint_every, keep, resume: bool, overwrite: bool, progress,
+                 on_step, clips_array):
+        from convc.runtime.backend import get_backend
+
+        self.mod = mod
+        self.model = mod.MODEL
+        self.cfg = cfg
+        self.explicit = explicit
+        self.B = get_backend(device, conv)
+        self.xp = self.B.xp
+        self.device, self.conv = device, conv
+        self.checkpoint_every = checkpoint_every
+        self.keep = keep
+        self.on_step = on_step
+        self.out = Path(out) if out is not None else None
+        self.resume_from = None
+        saved_cfg = None
+        if resume:
+            if self.out is None:
+                raise ConvcError("resume=True needs out= (the folder of the run to continue)")
+            self.resume_from = self._find_checkpoint()
+            saved_cfg = self.resume_from[2]["user"].get("config", {})
+            self.cfg = cfg = resolve_config(self.model.get("train", {}), explicit, saved_cfg)
+            _check_config(cfg)
+        self.data = prepare_data(self.model, cfg, clips_array)
+        self._fit_batch_size()
+        self.bpe = len(self.data.train_x) // cfg["batch_size"]
+        self.total = cfg["steps"] if cfg["steps"] is not None else (
+            cfg["epochs"] * self.bpe if cfg["epochs"] is not None else DEFAULT_STEPS)
+        self.has_val = len(self.data.val_x) > 0
+        if cfg["patience"] is not None and not self.has_val:
+            raise ConvcError("patience (early stopping) needs validation data; "
+                             "set val_fraction above 0")
+        if cfg["val_every"] is None:
+            # Saved with the run, so a resumed run validates at the same steps
+            # even when it is given a new length.
+            cfg["val_every"] = (self.bpe if cfg["epochs"] is not None else
+                                max(1, min(self.bpe, self.total // 10)))
+        self.val_every = cfg["val_every"]
+        self.clip_method = cfg["clip_mode"] if cfg["clip"] is not None else None
+        if self.clip_method is not None:
+            from convc.runtime.clip import CLIP_METHODS
+            if self.clip_method not in CLIP_METHODS:
+                raise ConvcError(f"unknown clip_mode {self.clip_method!r}; choose one of "
+                                 f"{', '.join(m for m in CLIP_METHODS if m)}")
+        self.dtype = np.dtype(cfg["dtype"])
+        self.opt = _make_optimizer(cfg)
+        self.schedule = _make_schedule(cfg, self.total)
+        from convc.runtime.data import Batches
+
+        self.batches = Batches(len(self.data.train_x), cfg["batch_size"], seed=cfg["seed"])
+        self.rng = np.random.default_rng([cfg["seed"], 1])
+        self.params = self._initial_params(params)
+        self.carry_names = sorted(n for n, s in self.model.get("states", {}).items()
+                                  if s.get("init") != "final")
+        self.carry: dict | None = None
+        self.step = 0
+        self.history: list[dict] = []
+        self.best_val: float | None = None
+        self.best_step: int | None = None
+        self.bad_validations = 0
+        self.seconds_before = 0.0
+        self.last_checkpoint: Path | None = None
+        self.last_checkpoint_step: int | None = None
+        self.stopped = "steps"
+        self.progress = Progress(self.total, enabled=progress is not False)
+        if self.resume_from is not None:
+            self._restore(saved_cfg)
+        # Only now, with the settings and the data known to be good, is the
+        # folder created (or an old run in it removed, with overwrite=True).
+        if self.out is not None:
+            _prepare_out(self.out, resume, overwrite)
+
+    # ------------------------------------------------------------ setup
+    def _fit_batch_size(self) -> None:
+        n = len(self.data.train_x)
+        if n >= self.cfg["batch_size"]:
+            return
+        if "batch_size" in self.explicit or n < 1:
+            raise DataError(f"batch size {self.cfg['batch_size']} needs at least that many "
+                            f"training sequences; the data leaves {n} after holding out "
+                            f"{len(self.data.val_x)} for validation")
+        _note(f"only {n} training sequences: batch size {self.cfg['batch_size']} -> {n}")
+        self.cfg["batch_size"] = n
+
+    def _initial_params(self, params) -> dict:
+        if params is None:
+            return self.mod.init_params(seed=self.cfg["seed"], dtype=self.cfg["dtype"],
+                                        backend=self.B)
+        check_params(self.model, params, "params")
+        # A copy: the optimizer updates in place, and the caller's arrays stay theirs.
+        return {name: self.xp.array(self.B.asarray(params[name]), dtype=self.dtype, copy=True)
+                for name in sorted(params)}
+
+    def _find_checkpoint(self):
+        from convc.runtime.checkpoint import latest_valid_checkpoint
+
+        found = latest_valid_checkpoint(self.out, report=_note)
+        if found is None:
+            raise CheckpointError(f"{self.out}: no valid checkpoint to resume from; "
+                                  f"start without --resume")
+        return found
+
+    def _restore(self, saved_cfg: dict) -> None:
+        from convc.runtime.data import Batches
+
+        path, arrays, meta = self.resume_from
+        user = meta["user"]
+        if user.get("model") != self.model["name"]:
+            raise CheckpointError(f"{path}: saved by model {user.get('model')!r}, "
+                                  f"not {self.model['name']!r}")
+        groups: dict[str, dict] = {}
+        for key in sorted(arrays):
+            group, _, name = key.partition("/")
+            groups.setdefault(group, {})[name] = arrays[key]
+        saved_params = groups.get("param", {})
+        check_params(self.model, saved_params, str(path))
+        for name in sorted(saved_params):
+            self.params[name] = self.xp.asarray(saved_params[name].astype(self.dtype,
+                                                                          copy=False))
+        self.opt.load_state_dict(groups.get("optim", {}))
+        try:
+            self.schedule.load_state_dict(groups.get("sched", {}))
+        except KeyError as exc:
+            raise CheckpointError(f"{path}: its learning-rate schedule state has no {exc}; was "
+                                  f"it saved with another schedule than "
+                                  f"{self.cfg['schedule']!r}?") from None
+        carry = groups.get("carry")
+        self.carry = ({k: self.xp.asarray(carry[k]) for k in sorted(carry)}
+                      if carry else None)
+        self.batches = Batches.from_state(user["data_position"], n=len(self.data.train_x))
+        self.rng.bit_generator.state = user["rng"]
+        self.step = int(meta["step"])
+        self.best_val = user.get("best_val_loss")
+        self.best_step = user.get("best_step")
+        self.bad_validations = int(user.get("bad_validations", 0))
+        self.seconds_before = float(user.get("seconds", 0.0))
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        if user.get("data") != self.data.fingerprint:
+            _note(f"resuming with different data from the run in {self.out}; "
+                  f"the losses will not match an uninterrupted run")
+        changed = [k for k in _TRAJECTORY_KEYS if saved_cfg.get(k) != self.cfg.get(k)
+                   and k in saved_cfg]
+        if changed:
+            _note("resuming with changed settings: " + ", ".join(
+                f"{k}={self.cfg[k]!r} (was {saved_cfg[k]!r})" for k in changed))
+        log = self.out / LOG_NAME
+        if log.exists():
+            try:
+                rows = [r for r in read_log(log) if r["step"] <= self.step]
+            except (ValueError, KeyError, OSError) as exc:
+                _note(f"{log}: unreadable ({exc}); starting a new log")
+                rows = []
+            self.history = rows
+        self._rewrite_log()
+        self.progress.start = self.step
+        self.progress.line(f"resuming from {path} (step {self.step}, epoch "
+                           f"{self.batches.epoch})")
+
+    # ------------------------------------------------------------ log
+    def _rewrite_log(self) -> None:
+        if self.out is None:
+            return
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(LOG_COLUMNS)
+        for row in self.history:
+            writer.writerow(_format_row(row))
+        _write_atomic(self.out / LOG_NAME, buffer.getvalue())
+
+    def _append_log(self, row: dict) -> None:
+        if self.out is None:
+            return
+        with open(self.out / LOG_NAME, "a", newline="", encoding="utf-8") as stream:
+            csv.writer(stream, lineterminator="\n").writerow(_format_row(row))
+
+    # ------------------------------------------------------------ checkpoints
+    def _checkpoint_arrays(self) -> dict:
+        arrays = {f"param/{k}": self.params[k] for k in sorted(self.params)}
+        opt_state = self.opt.state_dict()
+        arrays.update({f"optim/{k}": opt_state[k] for k in sorted(opt_state)})
+        sched_state = self.schedule.state_dict()
+        arrays.update({f"sched/{k}": sched_state[k] for k in sorted(sched_state)})
+        if self.carry is not None:
+            arrays.update({f"carry/{k}": self.carry[k] for k in sorted(self.carry)})
+        return arrays
+
+    def save(self, elapsed: float) -> Path | None:
+        """Write the checkpoint of the last completed step (finite parameters only)."""
+        from convc.runtime.checkpoint import save_checkpoint
+
+        if self.out is None:
+            return None
+        if self.last_checkpoint_step == self.step:
+            return self.last_checkpoint
+        if not _all_finite(self.params):
+            _note(f"not saving step {self.step}: the parameters are not finite")
+            return None
+        meta = {
+            "model": self.model["name"],
+            "epoch": self.batches.epoch,
+            "data_position": self.batches.state(),
+            "rng": self.rng.bit_generator.state,
+            "config": self.cfg,
+            "best_val_loss": self.best_val,
+            "best_step": self.best_step,
+            "bad_validations": self.bad_validations,
+            "seconds": elapsed,
+            "data": self.data.fingerprint,
+            "patch": self.data.patch,
+            "device": self.device,
+            "conv": self.conv,
+            "convc_version": _convc_version(),
+        }
+        path = save_checkpoint(self.out, self.step, self._checkpoint_arrays(), meta,
+                               keep=self.keep)
+        self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        return path
+
+    # ------------------------------------------------------------ one step
+    def _batch(self, x: np.ndarray):
+        return self.B.asarray(np.ascontiguousarray(x, dtype=self.dtype))
+
+    def _step(self) -> dict:
+        cfg = self.cfg
+        k = self.step + 1
+        self._phase = "pre"
+        self._position = position = self.batches.state()
+        if self.batches.index == 0:
+            self.carry = None  # stateful runs start every epoch from the initial states
+        epoch = self.batches.epoch
+        idx = next(self.batches)
+        x = self._batch(self.data.train_x[idx])
+        y = self._batch(self.data.train_y[idx])
+        options = {"backend": self.B}
+        if cfg["bptt"] is not None:
+            options["bptt"] = cfg["bptt"]
+        if cfg["stateful"] and self.carry is not None:
+            options["state"] = self.carry
+        try:
+            loss, grads, final = self.mod.loss_and_grad(
+                self.params, {self.data.input_name: x}, {self.data.target_name: y}, **options)
+        except NonFiniteError as exc:  # a model compiled with debug_nans found one
+            self.batches = type(self.batches).from_state(position)
+            raise _Stop(str(exc), k, cause=exc) from None
+        loss = float(loss)
+        if not math.isfinite(loss):
+            self.batches = type(self.batches).from_state(position)
+            raise _Stop(f"the loss is {loss}", k)
+        from convc.runtime.clip import clip_grads
+
+        grads, norm = clip_grads(grads, self.clip_method, cfg["clip"])
+        if not math.isfinite(norm):
+            bad = [n for n in sorted(grads)
+                   if not bool(self.xp.isfinite(grads[n]).all())]
+            self.batches = type(self.batches).from_state(position)
+            what = f"not finite in {', '.join(bad)}" if bad else f"{norm} (overflow)"
+            raise _Stop(f"the loss is {loss:.6g} but the gradient is {what}", k)
+        self._phase = "update"  # from here until step = k, the state is half updated
+        lr = self.schedule.apply(self.opt, self.step)
+        self.opt.step(self.params, grads)
+        if cfg["stateful"]:
+            self.carry = {n: self.xp.array(final[n], copy=True)
+                          for n in self.carry_names if n in final}
+        self.step = k
+        self._phase = "post"
+        return {"step": k, "epoch": epoch, "loss": loss, "lr": float(lr),
+                "grad_norm": float(norm), "val_loss": None}
+
+    def validate(self) -> float:
+        """Mean loss over the validation clips (from the initial states, no update)."""
+        total, count = 0.0, 0
+        size = self.cfg["batch_size"] * 4
+        for start in range(0, len(self.data.val_x), size):
+            x = self._batch(self.data.val_x[start:start + size])
+            y = self._batch(self.data.val_y[start:start + size])
+            loss, _, _ = self.mod.loss_and_grad(
+                self.params, {self.data.input_name: x}, {self.data.target_name: y},
+                backend=self.B)
+            total += float(loss) * len(x)
+            count += len(x)
+        return total / count
+
+    def _after_validation(self, val: float) -> bool:
+        """Record a validation loss; True when early stopping says stop."""
+        self.schedule.observe(val)
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.best_step = val, self.step
+            self.bad_validations = 0
+            return False
+        self.bad_validations += 1
+        patience = self.cfg["patience"]
+        return patience is not None and self.bad_validations > patience
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> TrainResult:
+        if self.out is not None:
+            source = _model_source(self.mod)
+            if source is not None:
+                _write_atomic(self.out / "model.py", source)
+            if self.resume_from is None:
+                self._rewrite_log()
+        cfg = self.cfg
+        what = (f"{self.total} steps" + (f" ({cfg['epochs']} epochs)" if cfg["epochs"] else ""))
+        self.progress.line(
+            f"training {self.model['name']} on {cfg['data']}: {len(self.data.train_x)} train / "
+            f"{len(self.data.val_x)} val clips of {self.data.train_x.shape[1]} frames, "
+            f"batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']:g}, {what}")
+        t0 = time.perf_counter()
+
+        def elapsed() -> float:
+            return self.seconds_before + time.perf_counter() - t0
+
+        flag = _InterruptFlag()
+        self._phase = "between"
+        pending: dict | None = None  # a completed step's row not yet in the log
+        try:
+            with flag:
+                while self.step < self.total:
+                    pending = self._step()
+                    stop = False
+                    if self.has_val and (self.step % self.val_every == 0
+                                         or self.step == self.total):
+                        pending["val_loss"] = self.validate()
+                        stop = self._after_validation(pending["val_loss"])
+                    row, pending = self._log(pending, elapsed()), None
+                    self._phase = "between"
+                    self.progress.update(self.step, row["loss"], row["lr"], row["val_loss"])
+                    if self.on_step is not None and self.on_step(dict(row)) is False:
+                        self.stopped, stop = "callback", True
+                    if self.checkpoint_every and self.step % self.checkpoint_every == 0:
+                        self.save(elapsed())
+                    if stop:
+                        if self.stopped != "callback":
+                            self.stopped = "early_stopping"
+                            self.progress.line(
+                                f"early stopping at step {self.step}: no better validation "
+                                f"loss than {self.best_val:.6g} (step {self.best_step}) for "
+                                f"{self.bad_validations} validations")
+                        break
+                    if flag.raised:
+                        raise KeyboardInterrupt
+        except _Stop as stop:
+            self.progress.close()
+            saved = self.save(elapsed()) if _all_finite(self.params) else None
+            cause = stop.cause
+            raise NonFiniteError(self._nonfinite_message(stop, saved),
+                                 node=cause.node if cause else None,
+                                 where=cause.where if cause else None, step=stop.step,
+                                 direction=cause.direction if cause else "training") from None
+        except KeyboardInterrupt:
+            self.progress.close()
+            self._interrupted(pending, elapsed())
+        self.progress.close()
+        checkpoint = self.save(elapsed())
+        result = self._result(elapsed())
+        result.checkpoint = checkpoint or self.last_checkpoint
+        if self.out is not None:
+            self._plots(result)
+        return result
+
+    def _log(self, row: dict, seconds: float) -> dict:
+        row["seconds"] = seconds
+        self.history.append(row)
+        self._append_log(row)
+        return row
+
+    def _interrupted(self, pending: dict | None, seconds: float) -> None:
+        """Save the last completed step after Ctrl-C, then raise TrainingInterrupted.
+
+        With the signal handler installed the interrupt only arrives between
+        steps. Without it (training outside the main thread) it can arrive
+        anywhere: before the update nothing of the step counts (the batch
+        position is put back), during it the state is unusable and only the
+        previous checkpoint is reported, after it the step is logged and saved.
+        """
+        from convc.runtime.data import Batches
+
+        saved: Path | None
+        if self._phase == "pre":
+            self.batches = Batches.from_state(self._position)
+        if self._phase == "update":
+            saved = None
+        else:
+            if self._phase == "post" and pending is not None:
+                self._log(pending, seconds)
+            saved = self.save(seconds)
+        self.stopped = "interrupted"
+        if saved is not None:
+            message = (f"interrupted: saved step {self.step} to {saved}; "
+                       f"continue with --resume")
+        elif self.last_checkpoint is not None:
+            message = (f"interrupted during an update: the last checkpoint is "
+                       f"{self.last_checkpoint} (step {self.last_checkpoint_step})")
+        else:
+            message = f"interrupted at step {self.step}; no checkpoint was written"
+        raise TrainingInterrupted(message, self._result(seconds),
+                                  saved or self.last_checkpoint) from None
+
+    def _nonfinite_message(self, stop: _Stop, saved: Path | None) -> str:
+        cfg = self.cfg
+        if saved is not None:
+            kept = f"The last good state (step {self.last_checkpoint_step}) is saved in {saved}."
+        elif self.out is not None:
+            kept = "No checkpoint was written: the parameters were not finite either."
+        else:
+            kept = "Nothing was saved (no out folder)."
+        hints = [f"a smaller learning rate (lr is {cfg['lr']:g})"]
+        if cfg["clip"] is None:
+            hints.append("gradient clipping (clip=1.0)")
+        hints.append("checking that the data lies in [0, 1]")
+        find = "" if stop.cause else ("; compile with --debug-nans to find the first "
+                                      "operation that produced it")
+        return (f"training stopped at step {stop.step} (epoch {self.batches.epoch}): {stop}. "
+                f"{kept} Try {', '.join(hints)}{find}")
+
+    def _result(self, seconds: float) -> TrainResult:
+        final = dict(self.carry) if self.carry else None
+        out = self.out
+        return TrainResult(
+            params=self.params, history=list(self.history), config=dict(self.cfg),
+            steps=self.step, epoch=self.batches.epoch, stopped=self.stopped,
+            best_val_loss=self.best_val, best_step=self.best_step, seconds=seconds,
+            out=out, checkpoint=self.last_checkpoint,
+            log=(out / LOG_NAME) if out else None,
+            model_py=(out / "model.py") if out and (out / "model.py").exists() else None,
+            final_state=final)
+
+    # ------------------------------------------------------------ pictures
+    def _plots(self, result: TrainResult) -> None:
+        from convc.runtime import plots
+
+        try:
+            rows = self.history
+            steps = [r["step"] for r in rows]
+            losses = [r["loss"] for r in rows]
+            vals = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
+            result.loss_png = plots.save_loss_png(
+                self.out / "loss.png", steps, losses,
+                [s for s, _ in vals] or None, [v for _, v in vals] or None,
+                title=f"{self.model['name']}: training loss")
+            xs, ys = (self.data.val_x, self.data.val_y) if self.has_val else \
+                (self.data.train_x, self.data.train_y)
+            inputs, targets, preds = predict_frames(
+                self.mod, self.params, xs[:4], ys[:4], patch=self.data.patch,
+                frames_out=self.data.frames_out, backend=self.B)
+            result.predictions_png = plots.save_frames_png(
+                self.out / "predictions.png", inputs, targets, preds,
+                title=f"{self.model['name']} after {self.step} steps "
+                      f"({'validation' if self.has_val else 'training'} clips)")
+        except (ConvcError, ValueError) as exc:
+            _note(f"skipping the PNGs: {exc}")
+
+
+def check_params(model: dict, params: dict, where: str) -> None:
+    """Raise CheckpointError unless `params` has exactly the model's names and shapes."""
+    specs = model["params"]
+    missing = sorted(set(specs) - set(params))
+    extra = sorted(set(params) - set(specs))
+    if missing or extra:
+        raise CheckpointError(f"{where} does not fit model {model['name']}: missing "
+                              f"{missing or 'nothing'}, unexpected {extra or 'nothing'}")
+    for name in sorted(specs):
+        if tuple(params[name].shape) != tuple(specs[name]["shape"]):
+            raise CheckpointError(f"{where}: parameter {name} has shape "
+                                  f"{tuple(params[name].shape)}, model {model['name']} "
+                                  f"needs {tuple(specs[name]['shape'])}")
+
+
+def load_checkpoint_params(path: str | os.PathLike, model: dict
+                           ) -> tuple[dict, dict, Path]:
+    """(params, metadata, file) from a checkpoint file or a run folder (its newest valid one)."""
+    from convc.runtime.checkpoint import latest_valid_checkpoint, load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_valid_checkpoint(path, report=_note)
+        if found is None:
+            raise CheckpointError(f"{path}: no valid checkpoint in this folder")
+        path, arrays, meta = found
+    else:
+        arrays, meta = load_checkpoint(path)
+    user = meta.get("user") or {}
+    if user.get("model") not in (None, model["name"]):
+        raise CheckpointError(f"{path} was written by model {user.get('model')!r}, "
+                              f"not {model['name']!r}")
+    params = {key.partition("/")[2]: arrays[key] for key in sorted(arrays)
+              if key.startswith("param/")}
+    check_params(model, params, str(path))
+    return params, meta, path
+
+
+def predict_frames(mod, params: dict, x: np.ndarray, y: np.ndarray | None = None, *,
+                   patch: int = 1, frames_out: int | None = None, backend=None
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Run the model on clips x; return (inputs, targets, predictions) as full frames.
+
+    Forecast models predict `frames_out` frames (default: as many as y has).
+    With patch=p > 1 every result is unpatched back to one-channel frames.
+    """
+    from convc.runtime import data as D
+    from convc.runtime.model import default_backend
+
+    B = backend if backend is not None else default_backend()
+    dtype = params[sorted(params)[0]].dtype
+    (input_name, _), = mod.MODEL["inputs"].items()
+    kw: dict[str, Any] = {"backend": B}
+    if mod.MODEL.get("task") == "forecast":
+        kw["steps"] = frames_out or (y.shape[1] if y is not None else DEFAULT_FRAMES)
+    outputs, _ = mod.forward(params, {input_name: B.asarray(np.ascontiguousarray(x, dtype))},
+                             **kw)
+    name = next(iter(mod.MODEL["outputs"]))
+    pred = np.asarray(B.asnumpy(outputs[name]), dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    y = None if y is None else np.asarray(y, dtype=np.float32)
+    if patch > 1:
+        x = D.unpatch(x, patch)
+        y = None if y is None else D.unpatch(y, patch)
+        pred = D.unpatch(pred, patch)
+    return x, y, pred
+
+
+class _InterruptFlag:
+    """Turn the first Ctrl-C into a flag checked between steps; the second one aborts.
+
+    A KeyboardInterrupt in the middle of an optimizer update would leave some
+    parameters updated and some not, a state no checkpoint may hold. Outside
+    the main thread no handler can be installed, and the loop falls back to
+    catching KeyboardInterrupt where it happens.
+    """
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            try:
+                self._old = signal.signal(signal.SIGINT, self._handler)
+            except (ValueError, OSError):
+                self._old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr, flush=True)
+
+
+def _convc_version() -> str:
+    import convc
+
+    return convc.__version__
+
+
+# ---------------------------------------------------------------------------
+# The public function
+# ---------------------------------------------------------------------------
+
+
+def train(mod, params: dict | None = None, *, data: str | None = None,
+          clips: int | np.ndarray | None = None, size: int | None = None,
+          steps: int | None = None, epochs: int | None = None,
+          batch_size: int | None = None, optimizer: str | None = None,
+          lr: float | None = None, momentum: float | None = None,
+          decay: float | None = None, weight_decay: float | None = None,
+          schedule: str | None = None, clip: float | None = None,
+          clip_mode: str | None = None, bptt: int | None = None,
+          stateful: bool | None = None, val_fraction: float | None = None,
+          patience: int | None = None, dtype: str | None = None, device: str = "cpu",
+          conv: str = "numpy", seed: int | None = None, out: str | os.PathLike | None = None,
+          checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
+          progress: bool | None = None, on_step: Callable[[dict], Any] | None = None,
+          eps: float | None = None, frames_in: int | None = None,
+          frames_out: int | None = None, val_every: int | None = None,
+          overwrite: bool = False, threads: int | None = None) -> TrainResult:
+    """Train a compiled model (from `convc.load` or `convc.api.import_generated`).
+
+    Settings left as None come from the spec's `train { ... }` block, then
+    from DEFAULTS (adam, lr 1e-3, batch 8, 200 steps, no clipping, float32,
+    seed 0, 10% of the clips for validation).
+
+    data: "synthetic" (moving digits, generated at the model's frame size),
+        "synthetic:shapes", "sklearn-digits", or a .npy/.npz clip file;
+        `clips` is how many sequences to generate or keep (or an array of
+        clips (N, L, C, H, W) to train on directly).
+    steps / epochs: how long; validation runs every epoch, or every
+        `val_every` steps (default 10% of the steps), and `patience`
+        validations without improvement stop the run early.
+    clip: a limit turns on clipping, by global norm unless `clip_mode` says
+        "value" or "per_tensor_norm". The pre-clip global norm is logged.
+    bptt: truncate backpropagation to windows of this many steps.
+    stateful: the final states of one batch start the next (no gradient
+        flows between them); every epoch starts from the initial states.
+    schedule: "constant", "step", "cosine" or "plateau" (observes the
+        validation loss), with options as "step:step_size=100,gamma=0.5".
+    out: a folder for model.py, log.csv, checkpoints (every
+        `checkpoint_every` steps, the newest `keep` kept, and one at the end),
+        predictions.png and loss.png. `resume=True` continues from its newest
+        valid checkpoint with bitwise-identical losses; a folder that already
+        holds checkpoints needs `resume` or `overwrite`.
+    progress: None or True shows progress on stderr, False is silent.
+    on_step: called with each log row (a dict); returning False stops.
+    threads: limit the BLAS threads (needs threadpoolctl).
+
+    Raises NonFiniteError when the loss or gradient stops being finite
+    (after saving the last good step), DataError for data that does not
+    fit the model, and TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C
+    after saving the last completed step.
+    """
+    explicit = {
+        "data": data, "clips": clips if not isinstance(clips, np.ndarray) else None,
+        "size": size, "steps": steps, "epochs": epochs, "batch_size": batch_size,
+        "optimizer": optimizer, "lr": lr, "momentum": momentum, "decay": decay,
+        "eps": eps, "weight_decay": weight_decay, "schedule": schedule, "clip": clip,
+        "clip_mode": clip_mode, "bptt": bptt, "stateful": stateful,
+        "val_fraction": val_fraction, "val_every": val_every, "patience": patience,
+        "frames_in": frames_in, "frames_out": frames_out, "dtype": dtype, "seed": seed,
+    }
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    if not hasattr(mod, "MODEL") or not hasattr(mod, "loss_and_grad"):
+        raise ConvcError("train() needs a compiled model module (from convc.load)")
+    cfg = resolve_config(mod.MODEL.get("train", {}), explicit)
+    _check_config(cfg)
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
+                                         or checkpoint_every < 1):
+        raise ConvcError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    clips_array = clips if isinstance(clips, np.ndarray) else None
+    if clips_array is not None:
+        cfg["data"] = "<array>"
+    limits = _thread_limits(threads)
+    with limits:
+        trainer = _Trainer(mod, params, cfg, explicit=explicit, device=device, conv=conv,
+                           out=out, checkpoint_every=checkpoint_every, keep=keep,
+                           resume=resume, overwrite=overwrite, progress=progress,
+                           on_step=on_step, clips_array=clips_array)
+        return trainer.run()
+
+
+def _thread_limits(threads: int | None):
+    import contextlib
+
+    if threads is None:
+        return contextlib.nullcontext()
+    if not isinstance(threads, int) or threads < 1:
+        raise ConvcError(f"threads must be a positive integer, got {threads!r}")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        raise ConvcError("threads= needs threadpoolctl (pip install threadpoolctl); or set "
+                         "OMP_NUM_THREADS before starting Python") from None
+    return threadpool_limits(limits=threads)

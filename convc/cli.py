@@ -1,0 +1,701 @@
+"""The `convc` command: check, compile, look at, train and use `.cell` models.
+
+Every subcommand is one small function `cmd_<name>(args) -> int`; `main`
+builds the parser, runs the command and turns the errors a user can fix
+into one line on stderr and exit status 1 (spec errors print gcc-style
+diagnostics instead). Bad arguments exit 2, as argparse does; Ctrl-C
+exits 130. The compiler and the runtime are imported inside the commands
+that need them; only `eval` and `bench`, whose options runtime/evaluate.py
+and runtime/bench.py define, are imported to build the parser.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from convc import __version__
+from convc.errors import ConvcError, DataError
+
+EMITS = ("py", "ir", "dot", "json")
+GRADCHECK_THRESHOLD = 1e-6
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keep the hand-made line breaks of descriptions and epilogs."""
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def _require_file(path: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise ConvcError(f"{path}: no such file")
+    if not p.is_file():
+        raise ConvcError(f"{path}: not a file")
+    return p
+
+
+def _load(args, debug_nans: bool = False):
+    """Compile the command's FILE (and --model) in memory; warnings go to stderr."""
+    import convc.api as api
+
+    _require_file(args.file)
+    mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans)
+    _print_warnings(mod.compiled.warnings)
+    return mod
+
+
+def _print_warnings(warnings) -> None:
+    if warnings:
+        from convc.spec.diagnostics import Diagnostic
+
+        for w in warnings:
+            text = w.format() if isinstance(w, Diagnostic) else str(w)
+            print(text, file=sys.stderr)
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConvcError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _emits(text: str) -> list[str]:
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in EMITS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(
+            f"unknown kind {', '.join(unknown) or '(none)'}; choose from {', '.join(EMITS)}")
+    return list(dict.fromkeys(kinds))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# check, compile, graph, fmt, summary
+# ---------------------------------------------------------------------------
+
+
+def cmd_check(args) -> int:
+    from convc.compiler.driver import check
+    from convc.spec.diagnostics import CellError, format_diagnostics, summary_line
+
+    _require_file(args.file)
+    try:
+        diags = check(args.file, model=args.model)
+    except CellError as exc:
+        if args.diagnostics_format == "json":
+            print(format_diagnostics(exc.diagnostics, "json"))
+        else:
+            print(format_diagnostics(exc.diagnostics), file=sys.stderr)
+        return 1
+    if args.diagnostics_format == "json":
+        print(format_diagnostics(diags, "json"))
+        return 0
+    if diags:
+        body = format_diagnostics(diags)
+        print(body.rsplit("\n", 1)[0], file=sys.stderr)  # the summary line goes below
+    print(f"{args.file}: ok ({summary_line(diags)})")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    mod = _load(args, debug_nans=args.debug_nans)
+    c = mod.compiled
+    texts = {"py": c.source, "ir": c.ir_text(), "dot": c.dot(), "json": c.json()}
+    if args.output is None:
+        for kind in args.emit:
+            if len(args.emit) > 1:
+                print(f"# ---- {kind} ----")
+            sys.stdout.write(texts[kind])
+    elif len(args.emit) == 1:
+        _write(Path(args.output), texts[args.emit[0]])
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        out = Path(args.output)
+        stem = out.with_suffix("") if out.suffix else out
+        for kind in args.emit:
+            path = stem.with_name(f"{stem.name}.{kind}")
+            _write(path, texts[kind])
+            print(f"wrote {path}", file=sys.stderr)
+    if args.timings:
+        total = sum(c.timings.values())
+        print("timings:", file=sys.stderr)
+        for stage, seconds in c.timings.items():
+            print(f"  {stage:<10} {seconds * 1000:9.2f} ms", file=sys.stderr)
+        print(f"  {'total':<10} {total * 1000:9.2f} ms", file=sys.stderr)
+        if c.pass_counts:
+            print("passes (nodes changed):", file=sys.stderr)
+            for name, count in c.pass_counts.items():
+                print(f"  {name:<16} {count}", file=sys.stderr)
+    return 0
+
+
+def cmd_graph(args) -> int:
+    mod = _load(args)
+    dot = mod.compiled.dot()
+    if args.output is None:
+        sys.stdout.write(dot)
+        return 0
+    out = Path(args.output)
+    kind = out.suffix.lower().lstrip(".")
+    if kind in ("dot", "gv"):
+        _write(out, dot)
+    elif kind in ("svg", "png", "pdf"):
+        exe = shutil.which("dot")
+        if exe is None:
+            raise ConvcError(f"drawing {out.name} needs Graphviz's `dot` program, which is not "
+                             f"on PATH; install Graphviz, or write DOT with -o "
+                             f"{out.with_suffix('.dot')}")
+        result = subprocess.run([exe, f"-T{kind}", "-o", str(out)], input=dot, text=True,
+                                capture_output=True)
+        if result.returncode != 0:
+            raise ConvcError(f"dot failed drawing {out}: {result.stderr.strip()}")
+    else:
+        raise ConvcError(f"{out}: unknown graph format {out.suffix or '(none)'}; use .dot, "
+                         f".svg, .png or .pdf")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_fmt(args) -> int:
+    try:
+        from convc.spec.format import format_source
+    except ImportError as exc:
+        if getattr(exc, "name", "") in ("convc.spec.format",):
+            raise ConvcError("convc fmt is not available in this build "
+                             "(convc.spec.format is missing)") from None
+        raise
+    path = _require_file(args.file)
+    text = path.read_text(encoding="utf-8")
+    formatted = format_source(text, args.file)
+    if args.check:
+        if formatted != text:
+            print(f"{args.file}: would reformat", file=sys.stderr)
+            return 1
+        print(f"{args.file}: already formatted")
+        return 0
+    if args.write:
+        if formatted != text:
+            _write(path, formatted)
+            print(f"reformatted {args.file}")
+        else:
+            print(f"{args.file}: already formatted")
+        return 0
+    sys.stdout.write(formatted)
+    return 0
+
+
+def cmd_summary(args) -> int:
+    from convc.runtime.summary import summary
+
+    mod = _load(args)
+    sys.stdout.write(summary(mod))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# train, predict
+# ---------------------------------------------------------------------------
+
+# CLI option -> train() keyword, for the options passed through as given.
+_TRAIN_OPTIONS = ("data", "clips", "size", "steps", "epochs", "batch_size", "optimizer", "lr",
+                  "momentum", "decay", "eps", "weight_decay", "schedule", "clip", "clip_mode",
+                  "bptt", "stateful", "val_fraction", "val_every", "patience", "frames_in",
+                  "frames_out", "dtype", "seed", "checkpoint_every", "keep", "threads")
+
+
+def cmd_train(args) -> int:
+    from convc.runtime.train import train
+
+    mod = _load(args, debug_nans=args.debug_nans)
+    out = args.out or os.path.join("runs", mod.MODEL["name"])
+    options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    result = train(mod, out=out, device=args.device, conv=args.conv, resume=args.resume,
+                   overwrite=args.overwrite, progress=False if args.quiet else None,
+                   **options)
+    losses = result.losses
+    if losses:
+        first = sum(losses[:10]) / len(losses[:10])
+        last = sum(losses[-10:]) / len(losses[-10:])
+        val = f", validation {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
+        how = {"early_stopping": " (stopped early)", "callback": " (stopped)"}.get(
+            result.stopped, "")
+        print(f"trained {result.steps} steps{how} in {result.seconds:.1f} s: loss "
+              f"{first:.4f} -> {last:.4f} (mean of the first and last 10 steps){val}")
+    print(f"wrote {result.out}/")
+    descriptions = {"model": "the generated model (import with convc.api.import_generated)",
+                    "log": "one row per step: loss, lr, grad_norm, val_loss",
+                    "checkpoint": "parameters and training state (continue with --resume)",
+                    "predictions": "inputs, targets and predictions of validation clips",
+                    "loss plot": "the loss curves"}
+    for kind, path in result.paths().items():
+        print(f"  {Path(path).name:<20} {descriptions[kind]}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from convc.runtime import plots
+    from convc.runtime.backend import get_backend
+    from convc.runtime.train import (GENERATED_DATA, load_checkpoint_params, load_clips,
+                                     predict_frames, resolve_config)
+
+    mod = _load(args)
+    model = mod.MODEL
+    params, meta, where = load_checkpoint_params(args.checkpoint, model)
+    run_config = (meta.get("user") or {}).get("config") or {}
+    explicit = {"data": args.data, "clips": args.clips, "seed": args.seed}
+    if args.clips is None and args.data in GENERATED_DATA:
+        explicit["clips"] = 8
+    explicit = {k: v for k, v in explicit.items() if v is not None}
+    cfg = resolve_config(model.get("train", {}), explicit, run_config)
+    forecast = model.get("task") == "forecast"
+    fi = cfg["frames_in"] or 10
+    fo = args.steps or cfg["frames_out"] or 10
+    clips, p, _ = load_clips(model, cfg, fi + fo if forecast else fi + 1)
+    if clips.shape[1] < fi + (0 if forecast else 1):
+        raise DataError(f"{args.data}: clips have {clips.shape[1]} frames; the model reads "
+                          f"{fi} (frames_in){'' if forecast else ' and predicts one more'}")
+    x = clips[:, :fi]
+    if forecast:
+        y = clips[:, fi:fi + fo] if clips.shape[1] >= fi + fo else None
+    else:
+        y = clips[:, 1:fi + 1]
+    B = get_backend(args.device, args.conv)
+    params = {k: B.asarray(v.astype(np.float32)) for k, v in sorted(params.items())}
+    parts = [predict_frames(mod, params, x[i:i + 16], None if y is None else y[i:i + 16],
+                            patch=p, frames_out=fo, backend=B) for i in range(0, len(x), 16)]
+    inputs = np.concatenate([part[0] for part in parts])
+    targets = None if y is None else np.concatenate([part[1] for part in parts])
+    preds = np.concatenate([part[2] for part in parts])
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConvcError(f"cannot create {out}: {exc.strerror or exc}") from None
+    np.save(out / "predictions.npy", preds)
+    what = (f"{preds.shape[1]} frames after {fi} input frames" if forecast else
+            f"the next frame at each of {fi} steps")
+    print(f"predicted {what} for {len(preds)} sequences with {where} (step {meta.get('step')})")
+    print(f"wrote {out / 'predictions.npy'}  {tuple(preds.shape)} float32 (N, T, C, H, W)")
+    try:
+        png = plots.save_frames_png(out / "predictions.png", inputs, targets, preds,
+                                    title=f"{model['name']} at step {meta.get('step')}")
+        print(f"wrote {png}")
+    except ConvcError as exc:
+        print(f"note: no PNG: {exc}", file=sys.stderr)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# gradcheck, doctor, eval, bench
+# ---------------------------------------------------------------------------
+
+
+def cmd_gradcheck(args) -> int:
+    """Float64 finite differences along random directions against the generated BPTT."""
+    import numpy as np
+
+    from convc.runtime import kernels
+    from convc.runtime.gradcheck import directional_check
+
+    mod = _load(args)
+    model = mod.MODEL
+    rng = np.random.default_rng(args.seed)
+    params = mod.init_params(seed=args.seed, dtype="float64")
+    # Move every parameter off its initial value, so none sits at a special
+    # point (zero biases, zero peepholes) where the check would see little.
+    params = {k: v + rng.normal(0.0, 0.3, v.shape) for k, v in sorted(params.items())}
+    steps = args.frames
+    inputs = {n: rng.uniform(0.0, 1.0, (args.batch, steps) + tuple(s))
+              for n, s in sorted(model["inputs"].items())}
+    t_targets = steps
+    if model.get("task") == "forecast":
+        t_targets = args.frames_out or steps
+    targets = {n: rng.uniform(0.0, 1.0, (args.batch, t_targets) + tuple(s))
+               for n, s in sorted(model["targets"].items())}
+    was = kernels.poison_enabled()
+    kernels.set_poison(True)  # a read of memory nobody wrote shows up as NaN
+    try:
+        t0 = time.perf_counter()
+        errors = directional_check(mod, params, inputs, targets, n_dirs=args.dirs,
+                                   seed=args.seed, bptt=args.bptt)
+    finally:
+        kernels.set_poison(was)
+    width = max(len(n) for n in errors)
+    print(f"gradient check of {model['name']}: float64, batch {args.batch}, {steps} steps"
+          f"{f', bptt {args.bptt}' if args.bptt else ''}, {args.dirs} random directions per "
+          f"parameter, threshold {GRADCHECK_THRESHOLD:g}")
+    failed = []
+    for name in sorted(errors):
+        err = errors[name]
+        ok = bool(np.isfinite(err)) and err <= GRADCHECK_THRESHOLD
+        if not ok:
+            failed.append(name)
+        print(f"  {name:<{width}}  {err:.2e}  {'ok' if ok else 'FAIL'}")
+    worst = max(errors.values()) if errors else 0.0
+    verdict = "PASS" if not failed else f"FAIL ({len(failed)} of {len(errors)} parameters)"
+    print(f"{verdict}: worst relative error {worst:.2e} "
+          f"({time.perf_counter() - t0:.1f} s)")
+    return 0 if not failed else 1
+
+
+def cmd_doctor(args) -> int:
+    from convc.runtime.doctor import format_report, report
+
+    print(format_report(report()))
+    return 0
+
+
+def _optional(module: str):
+    """Import an optional part of convc, or None if that module is not there."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if getattr(exc, "name", None) == module:
+            return None
+        raise
+
+
+def cmd_eval(args) -> int:
+    evaluate = _optional("convc.runtime.evaluate")
+    if evaluate is None or not hasattr(evaluate, "main_eval"):
+        raise ConvcError("convc eval is not available in this build "
+                         "(convc.runtime.evaluate is missing)")
+    _require_file(args.spec)
+    return int(evaluate.main_eval(args) or 0)
+
+
+def cmd_bench(args) -> int:
+    bench = _optional("convc.runtime.bench")
+    run = getattr(bench, "main_bench", None) or getattr(bench, "run", None)
+    if run is None:
+        raise ConvcError("convc bench is not available in this build "
+                         "(convc.runtime.bench is missing)")
+    if getattr(args, "file", None) is not None:
+        _require_file(args.file)
+    return int(run(args) or 0)
+
+
+# ---------------------------------------------------------------------------
+# The parser
+# ---------------------------------------------------------------------------
+
+
+def _add_file(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    p.add_argument("file", metavar="FILE", help="a .cell file")
+    if with_model:
+        p.add_argument("--model", metavar="NAME", default=None,
+                       help="which model of FILE (default: its last one)")
+
+
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu (NumPy) or gpu (CuPy); default cpu")
+    p.add_argument("--conv", choices=("numpy", "chainer"), default="numpy",
+                   help="convolution: convc's own im2col+GEMM, or Chainer's; default numpy")
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
+    _add_file(p)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="synthetic (moving digits), synthetic:shapes, sklearn-digits, "
+                                  "or a .npy/.npz clip file (N, T, [C,] H, W); default synthetic")
+    g.add_argument("--clips", type=_positive_int, metavar="N",
+                   help="sequences to generate (default 512) or to keep from a file")
+    g.add_argument("--size", type=_positive_int, metavar="PX",
+                   help="frame size in pixels; fixed by the model, checked if given")
+    g.add_argument("--frames-in", type=_positive_int, metavar="T",
+                   help="input frames per sequence (default 10)")
+    g.add_argument("--frames-out", type=_positive_int, metavar="T",
+                   help="frames to predict, forecast models (default 10)")
+    g.add_argument("--val-fraction", type=float, metavar="F",
+                   help="share of the sequences held out for validation (default 0.1)")
+    g = p.add_argument_group("optimisation (defaults: the spec's train block, then built-in)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, metavar="N",
+                        help="optimizer steps (default 200)")
+    length.add_argument("--epochs", type=_positive_int, metavar="N", help="passes over the data")
+    g.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 8")
+    g.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "rmsprop"),
+                   help="default adam")
+    g.add_argument("--lr", type=_positive_float, help="learning rate (default 1e-3)")
+    g.add_argument("--momentum", type=float, help="SGD/RMSProp momentum")
+    g.add_argument("--decay", type=float, help="RMSProp decay (PyTorch's alpha; default 0.9)")
+    g.add_argument("--eps", type=float, help="Adam/RMSProp epsilon")
+    g.add_argument("--weight-decay", type=float, help="L2 penalty added to the gradient")
+    g.add_argument("--schedule", metavar="NAME",
+                   help="constant, step, cosine or plateau, with options as "
+                        "'step:step_size=100,gamma=0.5'")
+    g.add_argument("--clip", type=_positive_float, metavar="MAX",
+                   help="clip the gradient to this global norm")
+    g.add_argument("--clip-mode", choices=("global_norm", "value", "per_tensor_norm"),
+                   help="how --clip clips (default global_norm)")
+    g.add_argument("--bptt", type=_positive_int, metavar="K",
+                   help="truncate backpropagation through time to windows of K steps")
+    g.add_argument("--stateful", action=argparse.BooleanOptionalAction, default=None,
+                   help="carry the final states of a batch into the next (reset every epoch)")
+    g.add_argument("--val-every", type=_positive_int, metavar="N",
+                   help="steps between validations (default: every epoch, or 10%% of steps)")
+    g.add_argument("--patience", type=_nonneg_int, metavar="N",
+                   help="stop after N validations without improvement")
+    g.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
+    g.add_argument("--seed", type=_nonneg_int, help="seed of data, split, order and init "
+                                                    "(default 0)")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", metavar="DIR", help="output folder (default runs/<model>)")
+    g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
+                   help="save a checkpoint every N steps (one is always saved at the end)")
+    g.add_argument("--keep", type=_positive_int, metavar="N",
+                   help="checkpoints to keep (default 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest valid checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that already holds a run")
+    g.add_argument("--threads", type=_positive_int, metavar="N",
+                   help="BLAS threads (needs threadpoolctl)")
+    g.add_argument("--debug-nans", action="store_true",
+                   help="compile with NaN checks after every op (slow; names the first one)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    _add_backend(g)
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    evaluate = _optional("convc.runtime.evaluate")
+    if evaluate is not None and hasattr(evaluate, "add_eval_arguments"):
+        evaluate.add_eval_arguments(p)
+        return
+    p.add_argument("spec", metavar="FILE", help="the model's .cell file")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint or a run folder")
+    p.add_argument("--data", default=None, help="the data to evaluate on")
+
+
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    bench = _optional("convc.runtime.bench")
+    if bench is not None and hasattr(bench, "add_bench_arguments"):
+        bench.add_bench_arguments(p)
+        return
+    p.add_argument("file", metavar="FILE", nargs="?", default=None,
+                   help="a .cell file to time (default: the built-in set)")
+    p.add_argument("--json", metavar="OUT", default=None, help="also write results as JSON")
+    _add_backend(p)
+
+
+COMMANDS = {
+    "check": "check a .cell file and print its diagnostics",
+    "compile": "compile a model to a Python module (and its IR, DOT, JSON)",
+    "graph": "write the compiled graph as DOT, SVG or PNG",
+    "fmt": "format a .cell file",
+    "summary": "parameters, FLOPs and BPTT memory per cell",
+    "train": "train a model and write its run folder",
+    "predict": "predict frames with a trained checkpoint",
+    "eval": "score a checkpoint's forecasts beside two baselines",
+    "gradcheck": "check the generated gradients against finite differences",
+    "bench": "time convc's kernels and models",
+    "doctor": "describe this installation (for bug reports)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convc", formatter_class=_Formatter,
+        description="convc compiles recurrent convolutional networks written in .cell files "
+                    "to Python\nmodules with a generated backward pass through time, and "
+                    "trains them.",
+        epilog="examples:\n"
+               "  convc check examples/seed.cell\n"
+               "  convc compile examples/seed.cell -o seed_model.py\n"
+               "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
+               "  convc summary examples/stack.cell\n\n"
+               "`convc COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"convc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+
+    def command(name: str, func, description: str = "", epilog: str = ""):
+        p = sub.add_parser(name, help=COMMANDS[name], formatter_class=_Formatter,
+                           description=description or COMMANDS[name][0].upper()
+                           + COMMANDS[name][1:] + ".", epilog=epilog)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("check", cmd_check,
+                "Parse, check and lower every model of FILE. Errors print as\n"
+                "file:line:col: error[CODE]: message, with the source line and a caret.\n"
+                "Exit status 0 without errors (warnings allowed), 1 with.")
+    _add_file(p)
+    p.add_argument("--diagnostics-format", choices=("text", "json"), default="text",
+                   help="text (gcc-style, on stderr) or json (on stdout)")
+
+    p = command("compile", cmd_compile,
+                "Compile a model. Without -o the result goes to stdout; with several\n"
+                "--emit kinds, -o OUT.py names OUT.py, OUT.ir, OUT.dot and OUT.json.",
+                "example:\n  convc compile examples/seed.cell -o seed_model.py --emit py,ir")
+    _add_file(p)
+    p.add_argument("-o", "--output", metavar="OUT", help="file to write")
+    p.add_argument("--emit", type=_emits, default=["py"], metavar="KINDS",
+                   help="comma-separated: py (the module), ir (text dump of the graph), "
+                        "dot (Graphviz), json (the graph); default py")
+    p.add_argument("--timings", action="store_true",
+                   help="print the time of each compiler stage and what the passes changed")
+    p.add_argument("--debug-nans", action="store_true",
+                   help="generate a NaN/Inf check after every op (raises NonFiniteError)")
+
+    p = command("graph", cmd_graph,
+                "Write the compiled graph (forward and backward nodes, loops as clusters).\n"
+                "SVG, PNG and PDF need Graphviz's `dot` program on PATH.")
+    _add_file(p)
+    p.add_argument("-o", "--output", metavar="OUT",
+                   help="OUT.dot, OUT.svg, OUT.png or OUT.pdf (default: DOT on stdout)")
+
+    p = command("fmt", cmd_fmt, "Format a .cell file; prints the result unless --write or "
+                                "--check.")
+    _add_file(p, with_model=False)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite FILE in place")
+    mode.add_argument("--check", action="store_true",
+                      help="exit 1 if FILE is not formatted (for CI)")
+
+    p = command("summary", cmd_summary,
+                "One row per cell instance and output: output shape per step, parameters,\n"
+                "convolution FLOPs, elementwise operations and the activation memory the\n"
+                "backward pass keeps, per sample and time step.")
+    _add_file(p)
+
+    p = command("train", cmd_train,
+                "Train a model on synthetic or file data. Settings not given here come\n"
+                "from the spec's train { ... } block, then from convc's defaults.\n"
+                "Writes model.py, log.csv, checkpoints, predictions.png and loss.png to\n"
+                "--out. Ctrl-C saves the last completed step; --resume continues it with\n"
+                "the same losses, bit for bit, as an uninterrupted run.",
+                "examples:\n"
+                "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
+                "  convc train examples/seed.cell --out runs/seed --resume --steps 300\n"
+                "  convc train examples/shi2015_small.cell --data mnist_test_seq.npy")
+    _add_train_arguments(p)
+
+    p = command("predict", cmd_predict,
+                "Run a trained model on clips and write predictions.npy (N, T, C, H, W,\n"
+                "full frames for models that read patches) and predictions.png.\n"
+                "Next-frame models predict the next frame at every input step; forecast\n"
+                "models predict --steps frames after the input.")
+    _add_file(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a checkpoint (ckpt-*.npz) or a run folder (its newest valid one)")
+    p.add_argument("--data", required=True,
+                   help="synthetic, synthetic:shapes, sklearn-digits or a .npy/.npz file")
+    p.add_argument("--out", default=".", metavar="DIR", help="output folder (default .)")
+    p.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="frames to predict, forecast models (default: as trained, or 10)")
+    p.add_argument("--clips", type=_positive_int, metavar="N",
+                   help="sequences to generate (default 8) or keep from a file")
+    p.add_argument("--seed", type=_nonneg_int, help="seed of generated data")
+    _add_backend(p)
+
+    p = command("eval", cmd_eval,
+                "Score a checkpoint's forecasts (MSE, MAE, SSIM, PSNR on full frames)\n"
+                "beside two baselines: the last input frame and the mean training frame.")
+    _add_eval_arguments(p)
+
+    p = command("gradcheck", cmd_gradcheck,
+                "Compare the generated BPTT gradients with float64 finite differences\n"
+                "(Richardson-extrapolated, along random directions) on a small random\n"
+                "batch, with poisoned buffers. Prints the worst relative error per\n"
+                f"parameter; exit 1 if any is above {GRADCHECK_THRESHOLD:g}.")
+    _add_file(p)
+    p.add_argument("--bptt", type=_positive_int, metavar="K",
+                   help="check the truncated gradient of windows of K steps")
+    p.add_argument("--dirs", type=_positive_int, default=2, metavar="N",
+                   help="random directions per parameter (default 2)")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="default 0")
+    p.add_argument("--batch", type=_positive_int, default=2, metavar="N",
+                   help="sequences in the batch (default 2)")
+    p.add_argument("--frames", type=_positive_int, default=4, metavar="T",
+                   help="input steps (default 4)")
+    p.add_argument("--frames-out", type=_positive_int, default=None, metavar="T",
+                   help="target steps of forecast models (default: --frames)")
+
+    p = command("bench", cmd_bench, "Time convc's convolution kernels and compiled models.")
+    _add_bench_arguments(p)
+
+    command("doctor", cmd_doctor, "Print versions, BLAS, threads and GPU: what to include "
+                                  "in a bug report.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C)."""
+    from convc.spec.diagnostics import CellError, format_diagnostics
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return int(args.func(args) or 0)
+    except CellError as exc:
+        print(format_diagnostics(exc.diagnostics), file=sys.stderr)
+        return 1
+    except ConvcError as exc:
+        print(f"convc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as exc:
+        print(f"convc: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # `convc compile x.cell | head`: the reader left; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except OSError as exc:
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"convc: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,368 @@
+"""A model at a glance: parameters, FLOPs and BPTT memory per cell and per output.
+
+    print(convc.runtime.summary.summary(convc.load("examples/seed.cell")))
+
+One row per cell instance and one per output head, like Keras' summary()
+or torchinfo, with the numbers that matter for a recurrent model:
+
+- Params: the parameters the row owns (`enc1.W_x` belongs to `enc1`).
+- FLOPs/step: convolutions only, per sample and time step, a multiply-add
+  counted as two: 2 * Cout * Cin * kh * kw * Ho * Wo.
+- Elementwise/step: element operations of everything else (adds, gates,
+  activations), per sample and time step, in their own column because they
+  cost memory bandwidth rather than arithmetic.
+- Activations/step: bytes (float32) per sample and time step of the values
+  the compiled code keeps in (T, N, ...) buffers for the backward pass: the
+  state buffers, the loop values the schedule stores, and the batched values
+  the backward pass reads. Training a sequence of T steps keeps T times this.
+
+The numbers come from the compiled graph (`mod.compiled.lowered`) and the
+schedule (`mod.compiled.schedule.stored`), so they describe the code that
+actually runs, after constant folding, fusion and dead-code elimination.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+from convc.errors import ConvcError
+
+BYTES_PER_VALUE = 4  # float32
+
+# Ops that move or reinterpret data without arithmetic.
+_FREE_OPS = {"input", "param", "const", "state", "reshape", "slice", "kernel_slice", "concat",
+             "carry", "carry_out"}
+_CONV_OPS = {"conv"}
+
+
+@dataclass
+class Row:
+    """One line of the table; numbers are per sample and per time step."""
+
+    name: str
+    kind: str
+    output_shape: tuple | None
+    params: int = 0
+    flops: int = 0
+    elementwise: int = 0
+    activation_bytes: int = 0
+    param_names: list[str] = field(default_factory=list)
+
+
+def _numel(shape) -> int:
+    return int(math.prod(int(d) for d in shape)) if shape else 1
+
+
+def _fmt_shape(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "-"
+
+
+def _fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# ---------------------------------------------------------------------------
+# Which cell instance a node belongs to
+# ---------------------------------------------------------------------------
+
+
+def _lines_of(tree) -> set[tuple[str, int]]:
+    """Every (file, line) a syntax tree touches (walks the dataclasses iteratively)."""
+    from convc.spec.diagnostics import Loc
+
+    found: set[tuple[str, int]] = set()
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Loc):
+            found.add((item.file, item.line))
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
+    return found
+
+
+class _Owners:
+    """Maps forward nodes to the cell instance that made them (None: model level).
+
+    The IR records locations, not instances, so this works backwards from
+    what it does record: a parameter is named `instance.weight`, a state
+    read carries `instance.state`, and a node bound to a name inside a cell
+    is called `<name>_<instance>`. A node whose source line lies in a cell
+    used by one instance only belongs to that instance; with several
+    instances of one cell, a node goes to the instance whose parameter or
+    state it reads directly, else to that of the nearest named node it
+    feeds, else to that of its inputs.
+    """
+
+    def __init__(self, low, program):
+        self.g = low.graph
+        self.instances = dict(low.cells)  # instance -> cell name
+        self.by_cell: dict[str, list[str]] = {}
+        for inst in sorted(self.instances):
+            self.by_cell.setdefault(self.instances[inst], []).append(inst)
+        self.cell_lines: dict[tuple[str, int], str] = {}
+        cells = getattr(program, "cells", {}) if program is not None else {}
+        for cell_name in sorted(self.by_cell):
+            cell = cells.get(cell_name)
+            if cell is None:
+                continue
+            for key in _lines_of(cell.body):
+                self.cell_lines[key] = cell_name
+        self.param_owner = {}
+        for name in sorted(low.params):
+            spec = low.params[name]
+            prefix = name.split(".", 1)[0] if "." in name else None
+            self.param_owner[spec.node] = prefix if prefix in self.instances else None
+        self.owner: dict[str, str | None] = {}
+        for n in self.g.order():
+            node = self.g.node(n)
+            if not node.grad:
+                self.owner[n] = self._decide(n)
+
+    def _named_owner(self, n: str, candidates: list[str]) -> str | None:
+        node = self.g.node(n)
+        if not node.attrs.get("_named"):
+            return None
+        for inst in sorted(candidates, key=len, reverse=True):
+            if re.fullmatch(rf".+_{re.escape(inst)}(_\d+)?", n):
+                return inst
+        return None
+
+    def _direct_owner(self, n: str, candidates: list[str]) -> str | None:
+        for i in self.g.node(n).inputs:
+            inode = self.g.node(i)
+            if inode.op in ("param", "state", "reshape") and self.owner.get(i) in candidates:
+                return self.owner[i]
+        return None
+
+    def _decide(self, n: str) -> str | None:
+        node = self.g.node(n)
+        explicit = node.attrs.get("_instance")
+        if explicit in self.instances:
+            return explicit
+        if n in self.param_owner:
+            return self.param_owner[n]
+        if node.op == "state":
+            prefix = str(node.attrs.get("state", "")).split(".", 1)[0]
+            return prefix if prefix in self.instances else None
+        if node.op == "reshape" and node.inputs and node.inputs[0] in self.param_owner:
+            return self.param_owner[node.inputs[0]]
+        cell = self.cell_lines.get((node.loc.file, node.loc.line))
+        if cell is None:
+            return None
+        candidates = self.by_cell[cell]
+        if len(candidates) == 1:
+            return candidates[0]
+        found = self._direct_owner(n, candidates) or self._named_owner(n, candidates)
+        if found:
+            return found
+        # the nearest named node this one feeds, within the same cell's lines
+        frontier, seen = [n], {n}
+        while frontier:
+            following = []
+            for m in frontier:
+                for c in self.g.consumers(m):
+                    cnode = self.g.node(c)
+                    if c in seen or cnode.grad:
+                        continue
+                    seen.add(c)
+                    if self.cell_lines.get((cnode.loc.file, cnode.loc.line)) != cell:
+                        continue
+                    named = self._named_owner(c, candidates) or self._direct_owner(c, candidates)
+                    if named:
+                        return named
+                    following.append(c)
+            frontier = following
+        owners = [self.owner.get(i) for i in node.inputs if self.owner.get(i) in candidates]
+        return owners[0] if owners else candidates[0]
+
+
+# ---------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------
+
+
+def _per_step(node) -> bool:
+    return node.seg is not None and node.op != "input"
+
+
+def summary_rows(mod) -> list[Row]:
+    """The table's rows: one per input, cell instance and output head, in model order."""
+    compiled = getattr(mod, "compiled", None)
+    if compiled is None:
+        raise ConvcError("summary needs a model compiled in this process (convc.load), "
+                         "not one imported from a generated file")
+    low = compiled.lowered
+    g = low.graph
+    stored = set(compiled.schedule.stored)
+    owners = _Owners(low, getattr(compiled, "program", None)).owner
+    order = g.order()
+
+    # Heads: model-level forward nodes, each given to the first output that needs it.
+    head_of: dict[str, str] = {}
+    for out_name, out_node in low.outputs.items():
+        for n in sorted(g.ancestors(out_node) | {out_node}, key=lambda m: g.node(m).order):
+            if owners.get(n) is None and n not in head_of and not g.node(n).grad:
+                head_of[n] = out_name
+
+    def row_key(n: str) -> str | None:
+        inst = owners.get(n)
+        if inst is not None:
+            return inst
+        return f"head:{head_of[n]}" if n in head_of else None
+
+    rows: dict[str, Row] = {}
+    for name, nid in low.inputs.items():
+        rows[f"input:{name}"] = Row(name, "input", g.node(nid).shape)
+    for inst, cell in low.cells.items():
+        rows[inst] = Row(inst, cell, _instance_output_shape(g, inst, compiled, owners))
+    for out_name, out_node in low.outputs.items():
+        rows[f"head:{out_name}"] = Row(out_name, "output", g.node(out_node).shape)
+    other = Row("(other)", "model", None)
+
+    for pname in sorted(low.params):
+        spec = low.params[pname]
+        key = row_key(spec.node)
+        row = rows.get(key, other) if key else other
+        row.params += _numel(g.node(spec.node).shape)
+        row.param_names.append(pname)
+
+    # Forward cost per step.
+    for n in order:
+        node = g.node(n)
+        if node.grad or not _per_step(node) or node.op in _FREE_OPS:
+            continue
+        key = row_key(n)
+        row = rows.get(key, other) if key else other
+        if node.op in _CONV_OPS:
+            w = g.node(node.inputs[1]).shape
+            cout, cin, kh, kw = (int(d) for d in w)
+            _, ho, wo = (int(d) for d in node.shape)
+            row.flops += 2 * cout * cin * kh * kw * ho * wo
+        else:
+            row.elementwise += _numel(node.shape)
+
+    # Activations kept for the backward pass, per step: one buffer per state
+    # (its read and its update share it), plus stored or backward-read values.
+    counted: set[str] = set()
+    state_of: dict[str, str] = {}
+    for n in order:
+        node = g.node(n)
+        if node.op == "state" and not node.grad:
+            state_of[n] = node.attrs["state"]
+            update = node.attrs.get("update")
+            if update is not None:
+                state_of[update] = node.attrs["state"]
+    for n in order:
+        node = g.node(n)
+        if node.grad or not _per_step(node):
+            continue
+        read_by_backward = any(g.node(c).grad for c in g.consumers(n))
+        if n in state_of:
+            key_id = "state:" + state_of[n]
+        elif n in stored or read_by_backward:
+            key_id = n
+        else:
+            continue
+        if key_id in counted:
+            continue
+        counted.add(key_id)
+        key = row_key(n)
+        row = rows.get(key, other) if key else other
+        row.activation_bytes += _numel(node.shape) * BYTES_PER_VALUE
+
+    result = list(rows.values())
+    if other.params or other.flops or other.elementwise or other.activation_bytes:
+        result.append(other)
+    return result
+
+
+def _instance_output_shape(g, inst: str, compiled, owners) -> tuple | None:
+    """The shape of the cell's declared output (`h` of ConvLSTM), else of its first state."""
+    from convc.spec import ast as A
+
+    cell = compiled.program.cells.get(compiled.lowered.cells[inst]) \
+        if getattr(compiled, "program", None) is not None else None
+    names: list[str] = []
+    if cell is not None:
+        stack = list(cell.body)
+        while stack:
+            st = stack.pop(0)
+            if isinstance(st, A.OutputDecl):
+                names.extend(st.names)
+            elif isinstance(st, A.If):
+                stack.extend(st.then + st.orelse)
+    for out in names:
+        for n in g.order():
+            if owners.get(n) == inst and re.fullmatch(
+                    rf"{re.escape(out)}_{re.escape(inst)}(_\d+)?", n):
+                return g.node(n).shape
+    for n in g.order():
+        node = g.node(n)
+        if node.op == "state" and owners.get(n) == inst:
+            return node.shape
+    return None
+
+
+# ---------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------
+
+
+def summary(mod) -> str:
+    """The summary table of a compiled model, with its docstring and its cells'."""
+    rows = summary_rows(mod)
+    compiled = mod.compiled
+    low = compiled.lowered
+    headers = ("Layer", "Type", "Output/step", "Params", "FLOPs/step", "Elementwise/step",
+               "Activations/step")
+    table = []
+    for r in rows:
+        table.append((r.name, r.kind, _fmt_shape(r.output_shape), _fmt_int(r.params),
+                      _fmt_int(r.flops), _fmt_int(r.elementwise),
+                      _fmt_bytes(r.activation_bytes) if r.activation_bytes else "0"))
+    total_params = sum(r.params for r in rows)
+    total_flops = sum(r.flops for r in rows)
+    total_elem = sum(r.elementwise for r in rows)
+    total_act = sum(r.activation_bytes for r in rows)
+    total = ("Total", "", "", _fmt_int(total_params), _fmt_int(total_flops),
+             _fmt_int(total_elem), _fmt_bytes(total_act))
+    widths = [max(len(h), *(len(t[i]) for t in table + [total])) for i, h in enumerate(headers)]
+    right = {3, 4, 5, 6}
+
+    def line(cells) -> str:
+        parts = [c.rjust(w) if i in right else c.ljust(w)
+                 for i, (c, w) in enumerate(zip(cells, widths))]
+        return "  ".join(parts).rstrip()
+
+    rule = "-" * len(line(headers))
+    out = [f"Model: {low.name}  ({low.file})"]
+    if low.doc:
+        out += [("  " + text).rstrip() for text in low.doc.strip().splitlines()]
+    out += ["", line(headers), rule]
+    out += [line(t) for t in table]
+    out += [rule, line(total), ""]
+    size_mib = total_params * BYTES_PER_VALUE / 2 ** 20
+    out.append(f"Parameters: {_fmt_int(total_params)} ({size_mib:.2f} MiB as float32)")
+    out.append("Per sample and time step. FLOPs count convolutions only (a multiply-add is 2);")
+    out.append("a training step over T steps costs about 3 x T x FLOPs/step (forward and")
+    out.append("backward) and keeps T x Activations/step (float32) for the backward pass.")
+    docs = [(cell, (doc or "").strip().splitlines()[0] if doc else "")
+            for cell, doc in sorted(low.cell_docs.items())]
+    if docs:
+        out += ["", "Cells:"]
+        width = max(len(c) for c, _ in docs)
+        out += [f"  {c.ljust(width)}  {d}".rstrip() for c, d in docs]
+    return "\n".join(out) + "\n"
