@@ -98,7 +98,9 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     with stage("lower"):
         low = lower(prog, model)
     g = low.graph
-    roots = set(low.losses) | set(low.outputs.values())
+    # unused inputs and targets stay: the data still has them, and MODEL lists them
+    roots = set(low.losses) | set(low.outputs.values()) | set(low.inputs.values()) | \
+        set(low.targets.values())
     with stage("passes"):
         counts["fold"] = passes.fold_constants(g, roots)
         counts["fuse_bce_logits"] = passes.fuse_bce_logits(g)

@@ -48,6 +48,20 @@ def _param_of(g: Graph, nid: str):
 
 
 def infer_shapes(g: Graph, rep: Reporter, max_rounds: int = 8) -> None:
+    from . import ops
+    try:
+        _infer(g, rep, max_rounds)
+        if not rep.has_errors and any(
+                g.node(n).shape is None or None in g.node(n).shape for n in g.order()):
+            # what is still unknown only ever met dimensions of 1: take them as 1
+            ops.UNKNOWN_MEETING_ONE_IS_ONE = True
+            _infer(g, rep, max_rounds)
+    finally:
+        ops.UNKNOWN_MEETING_ONE_IS_ONE = False
+    _report_unknown(g, rep)
+
+
+def _infer(g: Graph, rep: Reporter, max_rounds: int) -> None:
     order = g.order()
     for _ in range(max_rounds):
         changed = False
@@ -105,10 +119,17 @@ def infer_shapes(g: Graph, rep: Reporter, max_rounds: int = 8) -> None:
                 return
         if not changed:
             break
-    for nid in order:
+
+
+def _report_unknown(g: Graph, rep: Reporter) -> None:
+    if rep.has_errors:
+        return
+    for nid in g.order():
         node = g.node(nid)
         if node.shape is None or any(d is None for d in node.shape):
             label = node.attrs.get("name") or node.attrs.get("state") or nid
-            rep.error("E303", f"cannot infer the shape of {label} (got {fmt_shape(node.shape)})",
-                      node.loc)
+            hint = "; a state takes its height and width from the cell's input or from init=" \
+                if node.op == "state" else ""
+            rep.error("E303", f"cannot infer the shape of {label} (got {fmt_shape(node.shape)})"
+                      f"{hint}", node.loc)
             return

@@ -5,9 +5,14 @@ here knows about arrays or shapes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 
 from .diagnostics import Loc
+
+# Where a block's closing brace is. Only the formatter needs it (to keep a
+# comment inside or after the block it was written in), so it takes no part
+# in equality.
+_END = dict(default=None, compare=False, repr=False)
 
 
 # ---------------------------------------------------------------- expressions
@@ -38,11 +43,16 @@ class Name:
 
 @dataclass(frozen=True)
 class Delayed:
-    """`c[t-1]`: a state's value at an earlier time step."""
+    """`c[t-1]`: a state's value at an earlier time step.
+
+    `delay` counts steps back: `c[t-1]` is 1, `c[t]` is 0 and `c[t+1]` is -1.
+    Only 1 is allowed (the checker says so); the others parse so that the
+    error can say what is wrong.
+    """
 
     name: str
     var: str
-    delay: int
+    delay: int | float
     loc: Loc
 
 
@@ -133,6 +143,8 @@ class If:
     then: tuple["Stmt", ...]
     orelse: tuple["Stmt", ...]
     loc: Loc
+    then_end: Loc | None = field(**_END)  # the `}` that closes the `then` block
+    end: Loc | None = field(**_END)  # the last `}`
 
 
 @dataclass(frozen=True)
@@ -162,6 +174,7 @@ class Setting:
 class Train:
     settings: tuple[Setting, ...]
     loc: Loc
+    end: Loc | None = field(**_END)
 
 
 Stmt = InputDecl | StateDecl | WeightDecl | OutputDecl | Equation | If | SeqDecl | Loss | Train
@@ -183,6 +196,7 @@ class CellDef:
     doc: str | None
     body: tuple[Stmt, ...]
     loc: Loc
+    end: Loc | None = field(**_END)
 
 
 @dataclass(frozen=True)
@@ -191,6 +205,7 @@ class ModelDef:
     doc: str | None
     body: tuple[Stmt, ...]
     loc: Loc
+    end: Loc | None = field(**_END)
 
 
 @dataclass(frozen=True)
@@ -216,3 +231,22 @@ class Module:
     @property
     def imports(self) -> list[Import]:
         return [i for i in self.items if isinstance(i, Import)]
+
+
+def without_locs(node):
+    """`node` as nested tuples with every source position left out.
+
+    Two parses of one program laid out differently give equal results, so
+    this is how tests say "the formatter changed no meaning". Numbers keep
+    their type (1 and 1.0 are different programs).
+    """
+    if isinstance(node, Loc):
+        return None
+    if is_dataclass(node):
+        return (type(node).__name__,) + tuple(without_locs(getattr(node, f.name))
+                                              for f in fields(node))
+    if isinstance(node, (tuple, list)):
+        return tuple(without_locs(x) for x in node)
+    if isinstance(node, (bool, int, float)):
+        return (type(node).__name__, node)
+    return node

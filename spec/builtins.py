@@ -65,7 +65,8 @@ TRAIN_SETTINGS: dict[str, type | tuple] = {
     "optimizer": str, "lr": float, "momentum": float, "decay": float, "eps": float,
     "weight_decay": float, "clip": float, "clip_mode": str, "bptt": int,
     "batch_size": int, "epochs": int, "steps": int, "frames_in": int, "frames_out": int,
-    "schedule": str, "seed": int, "dtype": str, "val_fraction": float, "patience": int,
+    "schedule": str, "seed": int, "dtype": str, "val_fraction": float, "val_every": int,
+    "patience": int,
     "data": str, "clips": int, "size": int, "stateful": bool,
 }
 

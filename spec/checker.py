@@ -2,10 +2,13 @@
 
 Run after parsing and before lowering: unknown and duplicate names, calls to
 unknown functions, wrong arguments, bad delays, states without an equation,
-outputs that are never defined, models without a loss, unknown training
-settings, unused weights (a warning). Every problem is collected, so one run
-reports them all. Shape and time checks need the graph and live in the
-compiler (compiler/lower.py, compiler/shapes.py), with the same diagnostics.
+cells without an output, outputs that are never defined, models without a
+loss, unknown training settings and values of the wrong kind, unused
+weights, inputs and targets (warnings). Every problem is collected, so one
+run reports them all, and a name whose definition failed is not reported
+again where it is used. Shape and time checks need the graph and live in
+the compiler (compiler/lower.py, compiler/shapes.py), with the same
+diagnostics.
 """
 from __future__ import annotations
 
@@ -22,6 +25,13 @@ WORDS = {"same", "valid", "zeros", "ones", "glorot", "all", "last", "none", "uni
          "normal", "learned"}
 
 
+# names other tools use for convc's training settings
+_SETTING_ALIASES = {"learning_rate": "lr", "optim": "optimizer", "batch": "batch_size",
+                    "grad_clip": "clip", "clip_norm": "clip", "iterations": "steps",
+                    "max_steps": "steps", "n_epochs": "epochs", "l2": "weight_decay",
+                    "rho": "decay", "epsilon": "eps", "random_seed": "seed"}
+
+
 def _suggest(name: str, candidates) -> str:
     close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.7)
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -36,6 +46,17 @@ def check_program(prog: Program) -> Reporter:
             elif isinstance(item, A.ModelDef):
                 _ModelChecker(item, prog, rep).run()
     return rep
+
+
+def _all_statements(body):
+    """The statements of a body and of the branches of its `if`s."""
+    stack = list(body)
+    while stack:
+        st = stack.pop()
+        yield st
+        if isinstance(st, A.If):
+            stack.extend(st.then)
+            stack.extend(st.orelse)
 
 
 def walk_expr(e):
@@ -57,6 +78,7 @@ def walk_expr(e):
 
 
 def check_call_args(call: A.Call, sig: Sig, name: str, rep: Reporter) -> None:
+    """Arguments of a built-in: positional ones by position, keywords by name."""
     n = len(call.args)
     if sig.variadic:
         if n == 0:
@@ -66,9 +88,8 @@ def check_call_args(call: A.Call, sig: Sig, name: str, rep: Reporter) -> None:
                   f"{'s' if len(sig.positional) != 1 else ''} but {n} were given "
                   f"({sig.describe(name)})", call.args[len(sig.positional)].loc)
     elif n < len(sig.positional):
-        given = {k.name for k in call.kwargs}
-        missing = [p for p in sig.positional[n:] if p not in given]
-        if missing:
+        missing = sig.positional[n:]
+        if not any(k.name in missing for k in call.kwargs):  # reported below instead
             rep.error("E203", f"{name}() is missing argument{'s' if len(missing) > 1 else ''} "
                       f"{', '.join(missing)} ({sig.describe(name)})", call.loc)
     seen = set()
@@ -76,7 +97,10 @@ def check_call_args(call: A.Call, sig: Sig, name: str, rep: Reporter) -> None:
         if kw.name in seen:
             rep.error("E201", f"argument {kw.name!r} given twice", kw.loc)
         seen.add(kw.name)
-        if kw.name not in sig.keywords and kw.name not in sig.positional:
+        if kw.name in sig.positional:
+            rep.error("E204", f"{name}() takes {kw.name} by position, not by name "
+                      f"({sig.describe(name)})", kw.loc)
+        elif kw.name not in sig.keywords:
             valid = list(sig.keywords) + list(sig.positional)
             rep.error("E204", f"{name}() has no argument {kw.name!r}"
                       f"{_suggest(kw.name, valid)} ({sig.describe(name)})", kw.loc)
@@ -137,6 +161,9 @@ class _CellChecker:
         # declarations first (any order inside a body), then the expressions
         self._declare(self.cell.body, top)
         self._exprs(self.cell.body, top)
+        if not any(isinstance(st, A.OutputDecl) for st in _all_statements(self.cell.body)):
+            self.rep.error("E241", f"cell {self.cell.name!r} has no output (add e.g. "
+                           "`output h`)", self.cell.loc)
         for name, loc in self.states.items():
             if name not in self.updated:
                 self.rep.error("E210", f"state {name!r} has no equation (write `{name} = ...`)",
@@ -202,8 +229,12 @@ class _CellChecker:
         v = st.value
         if not (isinstance(v, A.Call) and v.func_name in WEIGHTS):
             name = v.func_name if isinstance(v, A.Call) else None
-            self.rep.error("E202", f"unknown weight kind {name or '?'!r}; use one of "
-                           f"{', '.join(WEIGHTS)}{_suggest(name or '', WEIGHTS)}", v.loc)
+            if name is None:
+                self.rep.error("E202", "a weight is declared as kernel(...), bias(...) or "
+                               "hadamard(...)", v.loc)
+            else:
+                self.rep.error("E202", f"unknown weight kind {name!r}; use one of "
+                               f"{', '.join(WEIGHTS)}{_suggest(name, WEIGHTS)}", v.loc)
             return
         check_call_args(v, WEIGHTS[v.func_name], v.func_name, self.rep)
         for a in v.args:
@@ -211,11 +242,16 @@ class _CellChecker:
         for kw in v.kwargs:
             if kw.name == "init":
                 _check_init(kw.value, self.rep)
+            elif kw.name == "per_pixel" and not isinstance(kw.value, (A.Bool, A.Name)):
+                self.rep.error("E205", "per_pixel is true or false", kw.value.loc)
             else:
                 self._expr(kw.value, scope, params_only=True)
 
     def _expr(self, e, scope: _Scope, params_only: bool = False) -> None:
+        judged: set[int] = set()  # names a call's own check already reported
         for x in walk_expr(e):
+            if id(x) in judged:
+                continue
             if isinstance(x, A.Name):
                 if x.id in WORDS or x.id in ("true", "false"):
                     continue
@@ -230,7 +266,7 @@ class _CellChecker:
                     continue
                 self.used.add(x.id)
                 if params_only and found[0] != "param":
-                    self.rep.error("E205", f"{x.id!r} is a {found[0]}, but only parameters "
+                    self.rep.error("E205", f"{x.id!r} is {_a(found[0])}, but only parameters "
                                    "can be used here", x.loc)
             elif isinstance(x, A.Delayed):
                 found = scope.lookup(x.name)
@@ -240,18 +276,14 @@ class _CellChecker:
                 elif found[0] != "state":
                     self.rep.error("E222", f"{x.name!r} is not a state, so it has no value at "
                                    f"an earlier step (declare `state {x.name}`)", x.loc)
-                if x.var != "t":
-                    self.rep.error("E221", f"time index must be `t`, as in {x.name}[t-1]", x.loc)
-                elif x.delay != 1:
-                    self.rep.error("E221", f"delay t-{x.delay} is not supported: a state is read "
-                                   f"one step back, {x.name}[t-1]", x.loc)
+                _check_delay(x, self.rep)
             elif isinstance(x, A.Call):
                 fname = x.func_name
                 if fname is None:
                     self.rep.error("E202", "only named functions can be called here", x.loc)
                 elif fname in FUNCTIONS:
                     check_call_args(x, FUNCTIONS[fname], fname, self.rep)
-                    _check_conv_kwargs(x, self.rep)
+                    judged |= _check_conv_kwargs(x, self.rep, scope)
                 elif fname in WEIGHTS:
                     self.rep.error("E202", f"{fname}(...) declares a weight: write "
                                    f"`weight W = {fname}(...)`", x.loc)
@@ -265,6 +297,29 @@ class _CellChecker:
                     self.rep.error("E205", "division only by a constant", x.right.loc)
 
 
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def _check_delay(x: A.Delayed, rep: Reporter) -> None:
+    """Only `name[t-1]` is a delayed read; say what is wrong with any other index."""
+    if x.var != "t":
+        rep.error("E221", f"the time index is `t`, as in {x.name}[t-1], not {x.var!r}", x.loc)
+    elif x.delay == 0:
+        rep.error("E221", f"{x.name}[t] is the value at this step: write {x.name}, or "
+                  f"{x.name}[t-1] for the previous step", x.loc)
+    elif x.delay < 0:
+        rep.error("E221", f"{x.name}[t+{_num(-x.delay)}] would read a later step; a state is "
+                  f"read one step back, {x.name}[t-1]", x.loc)
+    elif x.delay != 1 or not isinstance(x.delay, int):
+        rep.error("E221", f"delay t-{_num(x.delay)} is not supported: a state is read one "
+                  f"step back, {x.name}[t-1]", x.loc)
+
+
+def _num(v) -> str:
+    return str(v) if isinstance(v, int) else repr(float(v))
+
+
 def _check_init(v, rep: Reporter) -> None:
     if isinstance(v, A.Num) or (isinstance(v, A.Neg) and isinstance(v.operand, A.Num)):
         return
@@ -275,14 +330,27 @@ def _check_init(v, rep: Reporter) -> None:
     rep.error("E205", "init is a number, glorot, zeros, ones, uniform(a) or normal(std)", v.loc)
 
 
-def _check_conv_kwargs(call: A.Call, rep: Reporter) -> None:
+def _check_conv_kwargs(call: A.Call, rep: Reporter, scope: "_Scope") -> set[int]:
+    """Check conv's padding; returns the ids of the Names it judged (no E200 for them)."""
+    judged = set()
     for kw in call.kwargs:
         if kw.name == "padding":
             v = kw.value
-            if isinstance(v, A.Name) and v.id not in ("same", "valid") and v.id in WORDS:
-                rep.error("E205", f"padding is same, valid or a number, not {v.id!r}", v.loc)
-            elif isinstance(v, A.Str):
-                rep.error("E205", f"padding is same, valid or a number, not {v.value!r}", v.loc)
+            if isinstance(v, A.Name) and v.id not in ("same", "valid") and (
+                    v.id in WORDS or scope.lookup(v.id) is None):
+                rep.error("E205", f"padding is same, valid, a number or a pair (h, w), not "
+                          f"{v.id!r}", v.loc)
+                judged.add(id(v))
+            elif isinstance(v, (A.Str, A.Bool)):
+                rep.error("E205", f"padding is same, valid, a number or a pair (h, w), not "
+                          f"{_source_word(v)}", v.loc)
+    return judged
+
+
+def _source_word(v) -> str:
+    if isinstance(v, A.Bool):
+        return "true" if v.value else "false"
+    return repr(v.value)
 
 
 class _ModelChecker:
@@ -295,11 +363,13 @@ class _ModelChecker:
         scope = _Scope(self.rep)
         instances: set[str] = set()
         weights: dict[str, Loc] = {}
+        sequences: dict[str, A.SeqDecl] = {}
         used: set[str] = set()
         losses = []
         for st in self.model.body:
             if isinstance(st, A.SeqDecl):
                 scope.declare(st.name, st.kind, st.loc)
+                sequences.setdefault(st.name, st)
                 for d in st.shape:
                     if not (isinstance(d, A.Num) and isinstance(d.value, int) and d.value > 0):
                         self.rep.error("E205", "a shape is made of positive integers", d.loc)
@@ -333,17 +403,26 @@ class _ModelChecker:
         for name, loc in weights.items():
             if name not in used:
                 self.rep.warning("W001", f"weight {name!r} is never used", loc)
+        for name, st in sequences.items():
+            if name not in used:
+                self.rep.warning("W002", f"{st.kind} {name!r} is never used", st.loc)
 
-    def _names(self, e, scope, used, allow_instances=False):
+    def _names(self, e, scope, used, judged=frozenset()):
         for x in walk_expr(e):
+            if id(x) in judged:
+                continue
             if isinstance(x, A.Name) and x.id not in WORDS and x.id not in ("true", "false"):
-                if scope.lookup(x.id) is None:
+                if scope.lookup(x.id) is None and x.id in FUNCTIONS:
+                    self.rep.error("E200", f"{x.id!r} is a function; call it: {x.id}(...)",
+                                   x.loc)
+                elif scope.lookup(x.id) is None:
                     self.rep.error("E200", f"unknown name {x.id!r}"
                                    f"{_suggest(x.id, scope.all_names())}", x.loc)
                 used.add(x.id)
             elif isinstance(x, A.Delayed):
                 self.rep.error("E222", "a model has no states of its own; [t-1] is for cells",
                                x.loc)
+                used.add(x.name)
 
     def _equation(self, st: A.Equation, scope, instances, used) -> None:
         v = st.value
@@ -351,8 +430,20 @@ class _ModelChecker:
             # instantiation: enc = ConvLSTM(hidden=64)
             cell = self.prog.cells[v.func_name]
             self._instantiate(v, cell, scope, used)
+            if len(st.targets) > 1:
+                self.rep.error("E203", f"an instance of {cell.name} takes one name, not "
+                               f"{len(st.targets)}", st.target_locs[1] if st.target_locs
+                               else st.loc)
             for n in st.targets:
                 scope.declare(n, "instance", st.loc)
+                instances.add(n)
+            return
+        if isinstance(v, A.Call) and v.func_name is not None and v.func_name not in FUNCTIONS \
+                and scope.lookup(v.func_name) is None:
+            # an unknown cell or function: report it once, not again where its result is used
+            self._tensor_expr(v, scope, used)
+            for n, loc in zip(st.targets, st.target_locs or (st.loc,) * len(st.targets)):
+                scope.declare(n, "broken", loc)
                 instances.add(n)
             return
         if isinstance(v, A.Call) and isinstance(v.func, A.Call) and \
@@ -388,6 +479,13 @@ class _ModelChecker:
                 self.rep.error("E206", f"{cell.name} needs a value for parameter {p.name!r}",
                                call.loc)
         for a in list(call.args) + [k.value for k in call.kwargs]:
+            found = scope.lookup(a.id) if isinstance(a, A.Name) else None
+            if found is not None and found[0] in ("input", "target", "value"):
+                self.rep.error("E205", f"{cell.name}(...) takes the cell's parameters, not "
+                               f"{_a(found[0])}; make an instance, then apply it: "
+                               f"`l = {cell.name}(...)` and `h = l({a.id})`", a.loc)
+                used.add(a.id)
+                continue
             self._names(a, scope, used)
 
     def _apply(self, call: A.Call, scope, used) -> None:
@@ -399,12 +497,17 @@ class _ModelChecker:
             self._names(a, scope, used)
 
     def _tensor_expr(self, e, scope, used) -> None:
+        judged: set[int] = set()
         for x in walk_expr(e):
             if isinstance(x, A.Call):
                 fname = x.func_name
-                if fname in FUNCTIONS:
+                if fname is None:
+                    self.rep.error("E202", "only named functions can be called here", x.loc)
+                elif fname in FUNCTIONS:
                     check_call_args(x, FUNCTIONS[fname], fname, self.rep)
-                    _check_conv_kwargs(x, self.rep)
+                    judged |= _check_conv_kwargs(x, self.rep, scope)
+                elif (scope.lookup(fname) or ("",))[0] == "broken":
+                    pass  # its definition was already reported
                 elif fname in self.prog.cells or (fname and scope.lookup(fname) and
                                                    scope.lookup(fname)[0] == "instance"):
                     self.rep.error("E202", f"apply a cell on its own line: `h = {fname}(...)`",
@@ -413,14 +516,20 @@ class _ModelChecker:
                     self.rep.error("E202", f"unknown function or cell {fname!r}"
                                    f"{_suggest(fname, list(FUNCTIONS) + list(self.prog.cells))}",
                                    x.func.loc)
-        self._names(e, scope, used)
+        self._names(e, scope, used, judged)
 
     def _loss(self, st: A.Loss, scope, used) -> None:
         v = st.value
         if not (isinstance(v, A.Call) and v.func_name in LOSSES):
             name = v.func_name if isinstance(v, A.Call) else None
-            self.rep.error("E202", f"unknown loss {name or '?'!r}; use one of "
-                           f"{', '.join(LOSSES)}{_suggest(name or '', LOSSES)}", v.loc)
+            if name is None:
+                self.rep.error("E202", f"a loss is one of {', '.join(LOSSES)} applied to the "
+                               "prediction and the target: `loss bce(pred, y)`", v.loc)
+            else:
+                self.rep.error("E202", f"unknown loss {name!r}; use one of "
+                               f"{', '.join(LOSSES)}{_suggest(name, LOSSES)}", v.loc)
+            for a in list(v.args) if isinstance(v, A.Call) else [v]:
+                self._names(a, scope, used)
             return
         check_call_args(v, LOSSES[v.func_name], v.func_name, self.rep)
         for kw in v.kwargs:
@@ -437,13 +546,18 @@ class _ModelChecker:
                 self.rep.error("E201", f"setting {s.name!r} given twice", s.loc)
             seen[s.name] = s
             if s.name not in TRAIN_SETTINGS:
-                self.rep.error("E204", f"unknown training setting {s.name!r}"
-                               f"{_suggest(s.name, TRAIN_SETTINGS)} (known: "
+                hint = f"; did you mean {_SETTING_ALIASES[s.name]!r}?" \
+                    if s.name in _SETTING_ALIASES else _suggest(s.name, TRAIN_SETTINGS)
+                self.rep.error("E204", f"unknown training setting {s.name!r}{hint} (known: "
                                f"{', '.join(sorted(TRAIN_SETTINGS))})", s.loc)
                 continue
             want = TRAIN_SETTINGS[s.name]
             v = s.value
-            ok = (want is str and isinstance(v, (A.Str, A.Name))) or \
+            if want is str and isinstance(v, A.Name):
+                self.rep.error("E205", f"setting {s.name!r} takes a string: write "
+                               f"{s.name} = \"{v.id}\"", v.loc)
+                continue
+            ok = (want is str and isinstance(v, A.Str)) or \
                  (want is bool and isinstance(v, A.Bool)) or \
                  (want is int and isinstance(v, A.Num) and isinstance(v.value, int)) or \
                  (want is float and (isinstance(v, A.Num) or

@@ -23,6 +23,8 @@ class Loc:
     end_col: int | None = None
 
     def __str__(self) -> str:
+        if self.line < 1:  # a whole file (one that cannot be read, say)
+            return self.file
         return f"{self.file}:{self.line}:{self.col}"
 
 
@@ -37,6 +39,9 @@ class SourceCache:
 
     def add(self, name: str, text: str) -> None:
         self._text[name] = text
+
+    def text(self, name: str) -> str | None:
+        return self._text.get(name)
 
     def line(self, name: str, lineno: int) -> str | None:
         text = self._text.get(name)
@@ -76,8 +81,11 @@ class Diagnostic:
         return "\n".join(out)
 
     def to_json(self) -> dict:
+        """Everything the text form shows: the place, the message, the quoted source line."""
         return dict(severity=self.severity, code=self.code, message=self.message,
                     file=self.loc.file, line=self.loc.line, column=self.loc.col,
+                    end_column=self.loc.end_col,
+                    source=SOURCES.line(self.loc.file, self.loc.line),
                     notes=list(self.notes))
 
 
@@ -112,7 +120,8 @@ def format_diagnostics(diags: list[Diagnostic], fmt: str = "text") -> str:
     if fmt == "json":
         return json.dumps(dict(diagnostics=[d.to_json() for d in diags],
                                errors=sum(d.severity == "error" for d in diags),
-                               warnings=sum(d.severity == "warning" for d in diags)),
+                               warnings=sum(d.severity == "warning" for d in diags),
+                               summary=summary_line(diags)),
                           indent=1)
     body = "\n".join(d.format() for d in diags)
     return (body + "\n" if body else "") + summary_line(diags)

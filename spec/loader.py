@@ -6,7 +6,9 @@ file. Imports are loaded once each; a cycle is an error naming the chain.
 """
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -68,11 +70,33 @@ def load_program(path: str | Path | None = None, text: str | None = None,
 
 
 def _resolve(imp: A.Import, importer: Path) -> Path | None:
+    """The file an import names, or None when there is no such (readable) file."""
+    try:
+        if imp.is_path:
+            p = importer.parent / imp.target
+        else:
+            p = stdlib_dir() / f"{imp.target}.cell"
+        return p.resolve() if p.is_file() else None
+    except (OSError, ValueError):  # a name the OS refuses: too long, a NUL byte, ...
+        return None
+
+
+def _not_found(imp: A.Import, importer: Path) -> str:
     if imp.is_path:
-        p = (importer.parent / imp.target)
-        return p.resolve() if p.exists() else None
-    p = stdlib_dir() / f"{imp.target}.cell"
-    return p.resolve() if p.exists() else None
+        try:
+            where = _display(importer.parent / imp.target)
+        except (OSError, ValueError):
+            where = imp.target
+        return f"cannot import {imp.target!r}: no such file {where}"
+    known = stdlib_modules()
+    msg = (f"cannot import {imp.target!r}: the standard library has "
+           f"{', '.join(known)}")
+    close = difflib.get_close_matches(imp.target, known, n=1, cutoff=0.5)
+    if close:
+        msg += f"; did you mean {close[0]!r}?"
+    if imp.target.endswith(".cell") or "/" in imp.target:
+        msg += f' (a file is imported with quotes: import "{imp.target}")'
+    return msg
 
 
 def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[str]) -> None:
@@ -80,9 +104,7 @@ def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[s
     for imp in mod.imports:
         target = _resolve(imp, path)
         if target is None:
-            where = "the standard library (" + ", ".join(stdlib_modules()) + ")" \
-                if not imp.is_path else str(path.parent)
-            rep.error("E230", f"cannot import {imp.target!r}: not found in {where}", imp.loc)
+            rep.error("E230", _not_found(imp, path), imp.loc)
             continue
         key = str(target)
         if key in stack:
@@ -92,12 +114,28 @@ def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[s
         if key in prog.modules:
             continue
         try:
-            child = parse(target.read_text(encoding="utf-8"), _display(target))
+            text = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            rep.error("E230", f"cannot import {imp.target!r}: cannot read {_display(target)} "
+                      f"({e.__class__.__name__})", imp.loc)
+            continue
+        try:
+            child = _parse_import(text, _display(target))
         except CellError as e:
             rep.diagnostics.extend(e.diagnostics)
             continue
-        object.__setattr__(imp, "_resolved", key)
         _load(child, target, prog, rep, stack + [key])
+
+
+@lru_cache(maxsize=64)
+def _parse_cached(text: str, name: str) -> A.Module:
+    return parse(text, name)
+
+
+def _parse_import(text: str, name: str) -> A.Module:
+    """Parse an imported file, once per content: `import std` in every check is cheap."""
+    SOURCES.add(name, text)  # diagnostics quote it, also when the tree comes from the cache
+    return _parse_cached(text, name)
 
 
 def _display(p: Path) -> str:
@@ -108,14 +146,17 @@ def _display(p: Path) -> str:
 
 
 def _collect(mod: A.Module, prog: Program, rep: Reporter, seen: set[str]) -> None:
-    """Register definitions: imported ones first, so a local one can be reported as a clash."""
-    for path, m in prog.modules.items():
+    """Register definitions: imported ones first, so a clash is reported at the local one."""
+    modules = [m for m in prog.modules.values() if m is not mod] + [mod]
+    for m in modules:
         for item in m.items:
             if isinstance(item, (A.CellDef, A.ModelDef)):
                 table = prog.cells if isinstance(item, A.CellDef) else prog.models
                 other = prog.cells.get(item.name) or prog.models.get(item.name)
                 if other is not None and other is not item:
-                    rep.error("E201", f"duplicate definition of {item.name!r}", item.loc,
+                    where = "" if other.loc.file == item.loc.file else \
+                        f" (imported from {Path(other.loc.file).name})"
+                    rep.error("E201", f"duplicate definition of {item.name!r}{where}", item.loc,
                               f"first defined at {other.loc}")
                     continue
                 table[item.name] = item

@@ -1,24 +1,40 @@
 """Parse `.cell` text into `spec.ast` nodes.
 
 The grammar lives in `cell.lark` beside this file and is loaded once, with
-the LALR parser and `propagate_positions=True`. A Transformer turns Lark's
-tree into frozen dataclasses. Syntax errors are labelled with
-`UnexpectedInput.match_examples` (each label has a test in
+the LALR parser, its basic lexer (so keywords are reserved everywhere, not
+only where the parser expects them) and `propagate_positions=True`. A
+Transformer turns Lark's tree into frozen dataclasses.
+
+Syntax errors are labelled the way `UnexpectedInput.match_examples` does it,
+by comparing the parser state of the user's error with the states of small
+bad examples (SYNTAX_LABELS; each label has a test in
 tests/test_syntax_errors.py). When the whole file does not parse, it is cut
 at its top-level `cell` / `model` / `import` lines and each piece is parsed
 on its own, so one run reports one syntax error per broken definition.
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import lark
 from lark import Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
 from .diagnostics import SOURCES, CellError, Diagnostic, Loc
+
+# Deeper expressions are refused with E112: the Transformer and the compiler
+# walk expressions recursively, and this keeps them far from Python's limit.
+MAX_DEPTH = 120
+
+KEYWORDS = ("cell", "model", "import", "input", "target", "state", "weight", "output",
+            "loss", "train", "if", "else", "true", "false")
 
 
 @lru_cache(maxsize=1)
@@ -28,54 +44,72 @@ def grammar_text() -> str:
 
 @lru_cache(maxsize=1)
 def _parser() -> lark.Lark:
-    return lark.Lark(grammar_text(), parser="lalr", propagate_positions=True,
+    return lark.Lark(grammar_text(), parser="lalr", lexer="basic", propagate_positions=True,
                      maybe_placeholders=True)
 
 
+def lark_parser() -> lark.Lark:
+    """The Lark object convc parses with (the fuzz tests generate text from its grammar)."""
+    return _parser()
+
+
+def tokens(text: str) -> list[lark.Token]:
+    """Every token of `text`, comments and whitespace included (raises on a bad character)."""
+    return list(_parser().lex(text, dont_ignore=True))
+
+
 # -------------------------------------------------------------- syntax error labels
-# Each label maps to bad snippets that end in that error; match_examples
-# compares the parser state of the user's error with the states of these.
+# Each label maps to bad snippets that end in that error; an error is given the
+# label of the snippet whose parser state it matches (see _match_label).
 
 SYNTAX_LABELS: dict[tuple[str, str], list[str]] = {
     ("E101", "missing '}' to close the block"): [
         "cell A() { input x output x",
-        "cell A() { input x\n",
         "model M { input x: [1, 2, 2]\n",
         "cell A() { if p { a = b }",
         "cell A() { a = b\n",
         "model M { loss bce(a, b)\n",
+        "model M { train { lr = 1 }",
+        "cell A() { a = b cell",
+        "cell A() { a = b model",
+        "cell A() { a = b import",
     ],
-    ("E102", "missing '=' in an equation"): [
+    ("E102", "missing '='"): [
         "cell A() { a, b split(z, 2) }",
         "cell A() { weight W kernel(1, 3) }",
+        "model M { train { lr 1 } }",
+        "cell A() { state h zeros }",
     ],
     ("E103", "unknown keyword or statement"): [
         "celll A() { }",
-        "cel A() { }",
         "modle M { }",
+        "cell A() { 1 }",
+        "cell A() { (a) }",
+        "model M { train { 1 } }",
     ],
     ("E104", "unbalanced parentheses"): [
         "cell A() { a = f(b }",
         "cell A() { a = (b + c }",
         "cell A() { a = f(g(b) }",
-        "cell A() { a = b) }",
-        "cell A() { a = f(b)) }",
         "cell A( { }",
         "model M { a = f(b }",
-        "cell A() { a = f(b\n c = d }",
-        "cell A() { a = f(b, }",
+        "cell A() { a = (b, c }",
+        "cell A() { a = f(b, c = d }",
     ],
     ("E107", "missing '{' to open the body"): [
         "cell A() input x }",
         "model M input x",
         "cell A() a = b",
-        "cell A(x) input",
+        "model M { train lr = 1 }",
+        "cell A() { if p a = b }",
+        "cell A() { if p { a = b } else a = b }",
     ],
     ("E109", "missing shape: write `[C, H, W]`"): [
         "model M { input x }",
         "model M { input x: }",
         "model M { target y }",
         "model M { input x: 1 }",
+        "model M { input x: [1, 2, 3 }",
     ],
     ("E110", "missing expression"): [
         "cell A() { a = }",
@@ -84,20 +118,46 @@ SYNTAX_LABELS: dict[tuple[str, str], list[str]] = {
         "model M { loss }",
         "cell A() { weight W = }",
         "cell A() { a = - }",
+        "cell A() { a = f(, b) }",
+        "cell A() { a = f(b = ) }",
+        "model M { train { lr = } }",
+        "cell A() { if { } }",
+        "cell A() { a = () }",
+    ],
+    ("E111", "a time index is written t-1, as in h[t-1]"): [
+        "cell A() { a = h[1] }",
+        "cell A() { a = h[t - x] }",
+        "cell A() { a = h[t * 2] }",
+        "cell A() { a = h[t-1 }",
+        "cell A() { a = h[] }",
+    ],
+    ("E113", "missing ',' between arguments"): [
+        "cell A() { a = f(b c) }",
+        "cell A() { a = f(b 1) }",
+        "cell A() { a = f(b, c d) }",
+        "cell A() { a = f(b = 1 c) }",
+        "cell A(x y) { }",
+    ],
+    ("E114", "missing name"): [
+        "cell A() { input }",
+        "cell A() { output }",
+        "cell A() { state h = }",
+        "cell { }",
+        "model { }",
     ],
 }
 
 _LABEL_OF = {label: code for (code, label) in SYNTAX_LABELS}
+_LABEL = {code: label for (code, label) in SYNTAX_LABELS}
+# labels that say something is missing: they point just after the last good token
+_MISSING = {"E101", "E102", "E104", "E107", "E109", "E110", "E111", "E113", "E114"}
+_EXPR_START = {"NAME", "NUMBER", "STRING", "LPAR", "MINUS", "TRUE", "FALSE"}
+_STMT_START = {"INPUT", "STATE", "WEIGHT", "OUTPUT", "IF", "TARGET", "LOSS", "TRAIN", "RBRACE"}
+_CLOSERS = {"RPAR": "LPAR", "RBRACE": "LBRACE", "RSQB": "LSQB"}
 
 
-def _signature(err: lark.exceptions.UnexpectedInput):
-    """The LALR state an error happened in, and the token types it would have accepted.
-
-    `UnexpectedInput.match_examples` compares whole parser stacks, so an example
-    only matches errors at the same nesting depth; comparing the state at the
-    top of the stack (plus the accepted tokens) lets one example cover a
-    mistake wherever it is in a file.
-    """
+def _signature(err: UnexpectedInput):
+    """The LALR state an error happened in, the token types it accepts, the token found."""
     state = getattr(err, "state", None)
     position = getattr(state, "position", None)
     accepts = frozenset(getattr(err, "accepts", None) or getattr(err, "expected", None) or ())
@@ -112,105 +172,306 @@ def _example_signatures() -> list[tuple[tuple, str]]:
         for ex in examples:
             try:
                 _parser().parse(ex)
-            except lark.exceptions.UnexpectedInput as e:
+            except UnexpectedToken as e:
                 sigs.append((_signature(e), label))
             else:  # pragma: no cover - a label example that parses is a bug in this table
                 raise AssertionError(f"syntax label example parses: {ex!r}")
     return sigs
 
 
-def _match_label(err: lark.exceptions.UnexpectedInput) -> str | None:
-    """Label of the example whose error state matches best (same state and token first)."""
-    pos, accepts, token = _signature(err)
-    best, best_score = None, 0
-    for (epos, eacc, etok), label in _example_signatures():
-        score = 0
-        if pos is not None and epos == pos:
-            score = 2 + (etok == token)
-        elif accepts and eacc == accepts:
-            score = 1 + (etok == token) * 0.5
-        if score > best_score:
-            best, best_score = label, score
-    return best
+def _match_label(err: UnexpectedInput) -> str | None:
+    """Label of an example that failed in the same parser state on the same kind of token.
+
+    This is `UnexpectedInput.match_examples` with the comparison cut down to
+    the state on top of the parser stack, so that an example matches the same
+    mistake at any nesting depth. Errors no example matches are labelled by
+    `_classify`, from the tokens the parser would have accepted.
+    """
+    pos, _, token = _signature(err)
+    for (epos, _, etok), label in _example_signatures():
+        if pos is not None and (epos, etok) == (pos, token):
+            return label
+    return None
 
 
-def _loc_of(meta_or_tok, file: str) -> Loc:
-    line = getattr(meta_or_tok, "line", None) or 0
-    col = getattr(meta_or_tok, "column", None) or 0
-    end_col = getattr(meta_or_tok, "end_column", None)
-    end_line = getattr(meta_or_tok, "end_line", None)
-    if end_line != line:
-        end_col = None
-    return Loc(file, line, col, end_col)
+def _classify(err: UnexpectedToken, text: str) -> str:
+    """The error code for a parser state no example covers, from what it would accept."""
+    _, accepts, tok = _signature(err)
+    if tok in ("CELL", "MODEL", "IMPORT") and any(
+            t.type == "LBRACE" for t in _open_brackets(text, err.token.start_pos)):
+        return "E101"  # the next definition starts inside this one
+    if "RPAR" in accepts and "COMMA" in accepts:
+        prev = _code_tokens(text, err.token.start_pos)
+        same_line = bool(prev) and prev[-1].end_line == err.token.line
+        return "E113" if same_line and tok in _EXPR_START else "E104"
+    if "RSQB" in accepts:
+        open_ = [t for t in _open_brackets(text, err.token.start_pos) if t.type == "LSQB"]
+        return _bracket_code(text, open_[-1]) if open_ else "E100"
+    if accepts and accepts <= {"NAME", "STRING"}:
+        return "E114"
+    if {"NAME", "NUMBER", "LPAR", "MINUS"} <= accepts and not accepts & _STMT_START:
+        return "E110"
+    if "EQUAL" in accepts:
+        return "E102"
+    if "LBRACE" in accepts:
+        return "E107"
+    if "COLON" in accepts:
+        return "E109"
+    if accepts & (_STMT_START | {"CELL", "MODEL", "IMPORT"}):
+        return "E103"
+    return "E100"
 
 
-def _syntax_diagnostic(err: lark.exceptions.UnexpectedInput, text: str, file: str) -> Diagnostic:
-    line, col = max(err.line, 1), max(err.column, 1)
-    if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        ch = text[err.pos_in_stream] if err.pos_in_stream < len(text) else ""
-        if ch == '"':
-            return Diagnostic("error", "E105", "unterminated string", Loc(file, line, col))
-        return Diagnostic("error", "E106", f"invalid character {ch!r}", Loc(file, line, col))
+# -------------------------------------------------------------- syntax diagnostics
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _loc_at(text: str, pos: int, file: str, width: int = 1) -> Loc:
+    line, col = _line_col(text, pos)
+    return Loc(file, line, col, col + width if width > 1 else None)
+
+
+def _code_tokens(text: str, end: int | None = None) -> list[lark.Token]:
+    """The tokens of text[:end] that are code (no whitespace, no comments)."""
+    try:
+        toks = tokens(text if end is None else text[:end])
+    except UnexpectedInput:
+        return []
+    return [t for t in toks if t.type not in ("WS", "COMMENT")]
+
+
+def _after_last_token(text: str, end: int, file: str) -> Loc | None:
+    """The position just after the last code token before `end` (where a missing token goes)."""
+    toks = _code_tokens(text, end)
+    if not toks:
+        return None
+    return _loc_at(text, toks[-1].end_pos, file)
+
+
+def _open_brackets(text: str, end: int) -> list[lark.Token]:
+    """The '(', '{' and '[' still open at `end`, outermost first."""
+    stack: list[lark.Token] = []
+    for t in _code_tokens(text, end):
+        if t.type in _CLOSERS.values():
+            stack.append(t)
+        elif t.type in _CLOSERS and stack and stack[-1].type == _CLOSERS[t.type]:
+            stack.pop()
+    return stack
+
+
+def _next_definition(text: str, pos: int) -> str | None:
+    m = _TOP.search(text, pos)
+    return m.group(1) if m else None
+
+
+def _not_closed(text: str, opener: lark.Token) -> str:
+    line, col = _line_col(text, opener.start_pos)
+    return f"the {opener.value!r} at line {line}, column {col} is not closed"
+
+
+def _bracket_code(text: str, opener: lark.Token) -> str:
+    """E101 for '{', E104 for '(', and for '[' E109 (a shape) or E111 (a time index)."""
+    if opener.type == "LBRACE":
+        return "E101"
+    if opener.type == "LPAR":
+        return "E104"
+    before = _code_tokens(text, opener.start_pos)
+    return "E109" if before and before[-1].type == "COLON" else "E111"
+
+
+def _syntax_diagnostic(err: UnexpectedInput, text: str, file: str,
+                       piece_end: int | None = None) -> Diagnostic:
+    """One labelled diagnostic for a Lark error.
+
+    `piece_end` is where the parsed text stops when error recovery parses one
+    definition of a longer file: an "end of file" there is really the start of
+    the next definition.
+    """
+    if isinstance(err, UnexpectedCharacters):
+        return _bad_character(err, text, file)
+    token = getattr(err, "token", None)
+    if token is None or token.type == "$END":
+        return _end_of_file(text, file, piece_end)
+    if token.type == "STRING" and token.value == '""' and \
+            text[token.end_pos:token.end_pos + 1] == '"':
+        # `"""...` with no closing quotes lexes as "" and then fails at the third quote
+        return Diagnostic("error", "E105", 'unterminated docstring: no closing """',
+                          _loc_at(text, token.start_pos, file, 3))
+    open_ = _open_brackets(text, token.start_pos)
+    if token.type in _CLOSERS and not (open_ and open_[-1].type == _CLOSERS[token.type]):
+        return _closer(token, open_, text, file)
+    words = _two_words(err, text)
+    if words is not None:
+        return _two_word_diagnostic(words, text, file)
     label = _match_label(err)
-    word = _two_words(err, text)
-    if word is not None:
-        return _two_word_diagnostic(word, err, text, file)
-    if isinstance(err, lark.exceptions.UnexpectedEOF) or (
-            isinstance(err, lark.exceptions.UnexpectedToken) and err.token.type == "$END"):
-        loc = _end_loc(text, file)
-        if label in ("missing '}' to close the block", "unbalanced parentheses",
-                     "missing expression"):
-            return Diagnostic("error", _LABEL_OF[label], f"{label} before the end of the file",
-                              loc)
-        return Diagnostic("error", "E108", "unexpected end of file", loc)
-    found = ""
-    if isinstance(err, lark.exceptions.UnexpectedToken):
-        found = f" (found {err.token.value!r})" if err.token.value else ""
-    if label is None:
-        expected = ", ".join(sorted(_pretty(t) for t in getattr(err, "expected", ())))[:120]
-        msg = "syntax error" + found + (f"; expected one of: {expected}" if expected else "")
-        return Diagnostic("error", "E100", msg, Loc(file, line, col))
-    return Diagnostic("error", _LABEL_OF[label], label + found, Loc(file, line, col))
+    code = _LABEL_OF[label] if label else _classify(err, text)
+    if code == "E113":
+        prev = _code_tokens(text, token.start_pos)
+        if token.type not in _EXPR_START or (prev and prev[-1].end_line < token.line):
+            code = "E104"  # `f(a {`, or `f(a` at the end of a line and the next statement below
+    label = _LABEL.get(code, "syntax error")
+    if code == "E109" and token.type == "LSQB":
+        label = "missing ':' between the name and its shape"
+    notes = []
+    if code in ("E101", "E104") and open_:
+        want = "LBRACE" if code == "E101" else "LPAR"
+        openers = [t for t in open_ if t.type == want]
+        if openers:
+            notes.append(_not_closed(text, openers[-1]))
+    loc = _token_loc(token, file)
+    found = f" (found {_describe(token)})"
+    if code == "E100":
+        expected = ", ".join(sorted({_pretty(t) for t in err.accepts or err.expected or ()}))
+        msg = "syntax error: unexpected " + _describe(token)
+        if expected and len(expected) < 100:
+            msg += f"; expected {expected}"
+        return Diagnostic("error", "E100", msg, loc)
+    if code == "E103":
+        if token.type == "NAME":
+            close = difflib.get_close_matches(str(token.value), KEYWORDS, n=1, cutoff=0.6)
+            if close:
+                return Diagnostic("error", "E103", f"unknown keyword {token.value!r}; did you "
+                                  f"mean {close[0]!r}?", loc)
+        if {"CELL", "MODEL"} <= set(err.accepts or ()):
+            label = "expected `cell`, `model` or `import`"
+        else:
+            label = "expected a statement"
+    if code in _MISSING:
+        after = _after_last_token(text, token.start_pos, file)
+        if after is not None and after.line < token.line:
+            loc = after
+    return Diagnostic("error", code, label + found, loc, tuple(notes))
 
 
-KEYWORDS = ("cell", "model", "import", "input", "target", "state", "weight", "output",
-            "loss", "train", "if", "else")
+def _closer(token, open_: list, text: str, file: str) -> Diagnostic:
+    """A ')', '}' or ']' the parser did not expect: unmatched, or closing too early."""
+    want = _CLOSERS[token.type]
+    if not any(t.type == want for t in open_):
+        what = {"RPAR": "parentheses", "RBRACE": "braces", "RSQB": "brackets"}[token.type]
+        return Diagnostic("error", "E104", f"unbalanced {what}: this {token.value!r} closes "
+                          "nothing", _token_loc(token, file))
+    inner = open_[-1]
+    code = _bracket_code(text, inner)
+    closer = {"LPAR": "')'", "LBRACE": "'}'", "LSQB": "']'"}[inner.type]
+    label = _LABEL[code] if code != "E101" else "missing '}' to close the block"
+    msg = f"{label}: missing {closer} before {token.value!r}" if code in ("E109", "E111") \
+        else f"{label} (found {token.value!r})"
+    return Diagnostic("error", code, msg, _missing_loc(text, token, file),
+                      (_not_closed(text, inner),))
+
+
+def _missing_loc(text: str, token, file: str) -> Loc:
+    """Where a missing token goes: after the last good token if that is on an earlier line."""
+    after = _after_last_token(text, token.start_pos, file)
+    if after is not None and after.line < token.line:
+        return after
+    return _token_loc(token, file)
+
+
+def _end_of_file(text: str, file: str, piece_end: int | None) -> Diagnostic:
+    """The text ends too early: at the end of the file, or where the next definition starts."""
+    where = "before the end of the file"
+    whole = SOURCES.text(file) or ""
+    nxt = _next_definition(whole, piece_end) if piece_end is not None else None
+    if nxt is not None:
+        where = f"before `{nxt}` on line {_line_col(whole, piece_end)[0]}"
+    loc = _after_last_token(text, len(text), file) or _end_loc(text, file)
+    open_ = _open_brackets(text, len(text))
+    if not open_:
+        msg = "unexpected end of file" if nxt is None else f"unfinished definition {where}"
+        return Diagnostic("error", "E108", msg, loc)
+    inner = open_[-1]
+    code = _bracket_code(text, inner)
+    label = "missing '}' to close the block" if code == "E101" else _LABEL[code]
+    return Diagnostic("error", code, f"{label} {where}", loc, (_not_closed(text, inner),))
+
+
+def _describe(token) -> str:
+    if token.type == "$END":
+        return "the end of the file"
+    value = str(token.value)
+    if token.type == "STRING" and len(value) > 20:
+        value = value[:17] + "..."
+    if token.type.isupper() and token.type not in ("NAME", "NUMBER", "STRING") and \
+            value in KEYWORDS:
+        return f"keyword {value!r}"
+    return repr(value)
+
+
+def _token_loc(token, file: str) -> Loc:
+    line, col = max(token.line or 1, 1), max(token.column or 1, 1)
+    end = token.end_column if token.end_line == token.line else None
+    return Loc(file, line, col, end)
+
+
+def _bad_character(err: UnexpectedCharacters, text: str, file: str) -> Diagnostic:
+    pos = err.pos_in_stream
+    ch = text[pos] if pos < len(text) else ""
+    if ch == '"':
+        if text[max(pos - 2, 0):pos] == '""':
+            # `"""...` with no closing quotes lexes as "" followed by a lone quote
+            return Diagnostic("error", "E105", 'unterminated docstring: no closing """',
+                              _loc_at(text, pos - 2, file, 3))
+        return Diagnostic("error", "E105", "unterminated string: a string ends with '\"' "
+                          "on the same line", _loc_at(text, pos, file))
+    notes = ("strings are written in double quotes",) if ch == "'" else ()
+    return Diagnostic("error", "E106", f"invalid character {ch!r}", _loc_at(text, pos, file),
+                      notes)
+
+
+# words people bring from other languages, and what to write instead
+_HINTS = {
+    "elif": "write `} else { if ... }`",
+    "let": "an equation needs no keyword: write `x = ...`",
+    "var": "an equation needs no keyword: write `x = ...`",
+    "def": "define a cell with `cell Name(params) { ... }`",
+    "return": "name a cell's results with `output`",
+    "inputs": "did you mean 'input'?",
+    "outputs": "did you mean 'output'?",
+    "states": "did you mean 'state'?",
+    "weights": "did you mean 'weight'?",
+}
 
 
 def _two_words(err, text: str):
-    """(first, second) when a statement starts with two names, as in `a b` or `inputs x`."""
-    if not isinstance(err, lark.exceptions.UnexpectedToken) or err.token.type != "NAME":
+    """(first, position, token) when a statement is a lone name followed by something
+    other than '=' or ',': `inptu x`, `a b`, `elif {`."""
+    if not isinstance(err, UnexpectedToken) or err.token.type == "$END":
         return None
-    if set(err.accepts or err.expected or ()) != {"EQUAL", "COMMA"}:
+    if set(err.accepts or ()) != {"EQUAL", "COMMA"}:
         return None
-    before = text[:err.token.start_pos].rstrip()
-    m = re.search(r"([A-Za-z_][A-Za-z0-9_]*)$", before)
-    if not m:
+    toks = _code_tokens(text, err.token.start_pos)
+    if len(toks) < 2 or toks[-1].type != "NAME" or toks[-2].type == "COMMA":
         return None
-    return m.group(1), m.start(1), err.token
+    first = toks[-1]
+    return str(first), first.start_pos, err.token
 
 
-def _two_word_diagnostic(words, err, text: str, file: str) -> Diagnostic:
-    import difflib
+def _two_word_diagnostic(words, text: str, file: str) -> Diagnostic:
     first, first_pos, second = words
-    line = text.count("\n", 0, first_pos) + 1
-    col = first_pos - (text.rfind("\n", 0, first_pos) + 1) + 1
-    if first in ("cell", "model", "import"):
-        return Diagnostic("error", "E101", f"missing '}}' to close the block before {first!r}",
-                          Loc(file, line, col, col + len(first)))
+    loc = _loc_at(text, first_pos, file, len(first))
+    if first in _HINTS:
+        return Diagnostic("error", "E103", f"unknown keyword {first!r}; {_HINTS[first]}", loc)
     close = difflib.get_close_matches(first, KEYWORDS, n=1, cutoff=0.6)
     if close:
         return Diagnostic("error", "E103", f"unknown keyword {first!r}; did you mean "
-                          f"{close[0]!r}?", Loc(file, line, col, col + len(first)))
+                          f"{close[0]!r}?", loc)
+    if second.line > loc.line:
+        # `a` alone on a line, then the next statement: the `= ...` is missing
+        return Diagnostic("error", "E102", f"missing '=' after {first!r}",
+                          _loc_at(text, first_pos + len(first), file))
     return Diagnostic("error", "E102", f"missing '=' after {first!r} (found "
-                      f"{second.value!r})", Loc(file, second.line, second.column))
+                      f"{_describe(second)})", _token_loc(second, file))
 
 
 _TERMINAL_NAMES = {"RBRACE": "'}'", "LBRACE": "'{'", "RPAR": "')'", "LPAR": "'('",
                    "EQUAL": "'='", "COMMA": "','", "COLON": "':'", "NAME": "a name",
                    "NUMBER": "a number", "STRING": "a string", "LSQB": "'['", "RSQB": "']'",
                    "SEMICOLON": "';'", "PLUS": "'+'", "MINUS": "'-'", "STAR": "'*'",
-                   "SLASH": "'/'", "INT": "an integer"}
+                   "SLASH": "'/'", "$END": "the end of the file"}
 
 
 def _pretty(term: str) -> str:
@@ -226,15 +487,47 @@ def _end_loc(text: str, file: str) -> Loc:
     return Loc(file, len(lines), len(lines[-1]) + 1)
 
 
+_EXPR_RULES = {"add", "sub", "mul", "div", "neg", "call", "args", "kwarg", "tuple",
+               "delayed", "delayed_ahead", "delayed_now", "number", "string", "true", "false",
+               "name"}
+
+
+def _check_depth(tree: lark.Tree, file: str) -> Diagnostic | None:
+    """E112 for an expression nested deeper than MAX_DEPTH (checked without recursion)."""
+    stack = [(tree, 0, None)]
+    while stack:
+        node, depth, root = stack.pop()
+        if node.data in _EXPR_RULES and root is None:
+            root, depth = node, 0
+        if depth > MAX_DEPTH:
+            meta = root.meta
+            loc = Loc(file, getattr(meta, "line", 1) or 1, getattr(meta, "column", 1) or 1)
+            return Diagnostic("error", "E112", f"expression nested too deeply (more than "
+                              f"{MAX_DEPTH} levels); split it into several equations", loc)
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                stack.append((child, depth + 1, root))
+    return None
+
+
 # -------------------------------------------------------------- tree -> AST
 
 def _unquote(s: str) -> str:
-    if s.startswith('"""'):
-        body = s[3:-3]
+    if s.startswith('"""') and len(s) >= 6:
         # dedent docstrings the way Python's inspect.cleandoc does
-        import inspect
-        return inspect.cleandoc(body)
+        return inspect.cleandoc(s[3:-3])
     return s[1:-1]
+
+
+@dataclass(frozen=True)
+class _Doc:
+    text: str
+
+
+@dataclass(frozen=True)
+class _Block:
+    body: tuple
+    end: Loc
 
 
 @v_args(meta=True)
@@ -244,16 +537,24 @@ class _ToAST(Transformer):
         self.file = file
 
     def _loc(self, meta) -> Loc:
-        return _loc_of(meta, self.file)
+        line = getattr(meta, "line", None) or 0
+        col = getattr(meta, "column", None) or 0
+        end = getattr(meta, "end_column", None) if getattr(meta, "end_line", None) == line \
+            else None
+        return Loc(self.file, line, col, end)
 
     def _tloc(self, tok) -> Loc:
-        return _loc_of(tok, self.file)
+        return _token_loc(tok, self.file)
+
+    def _end(self, meta) -> Loc:
+        """The position of the last character of a rule (its closing brace)."""
+        line = getattr(meta, "end_line", None) or 0
+        col = (getattr(meta, "end_column", None) or 1) - 1
+        return Loc(self.file, line, max(col, 1))
 
     # expressions
     def number(self, meta, c):
-        text = str(c[0])
-        value = int(text) if re.fullmatch(r"[0-9]+", text) else float(text)
-        return A.Num(value, self._loc(meta))
+        return A.Num(_number(str(c[0])), self._loc(meta))
 
     def string(self, meta, c):
         return A.Str(_unquote(str(c[0])), self._loc(meta))
@@ -268,7 +569,13 @@ class _ToAST(Transformer):
         return A.Name(str(c[0]), self._tloc(c[0]))
 
     def delayed(self, meta, c):
-        return A.Delayed(str(c[0]), str(c[1]), int(c[2]), self._loc(meta))
+        return A.Delayed(str(c[0]), str(c[1]), _number(str(c[2])), self._loc(meta))
+
+    def delayed_ahead(self, meta, c):
+        return A.Delayed(str(c[0]), str(c[1]), -_number(str(c[2])), self._loc(meta))
+
+    def delayed_now(self, meta, c):
+        return A.Delayed(str(c[0]), str(c[1]), 0, self._loc(meta))
 
     def tuple(self, meta, c):
         return A.TupleExpr(tuple(c), self._loc(meta))
@@ -302,7 +609,7 @@ class _ToAST(Transformer):
 
     # statements
     def docstring(self, meta, c):
-        return ("doc", _unquote(str(c[0])))
+        return _Doc(_unquote(str(c[0])))
 
     def input_decl(self, meta, c):
         return A.InputDecl(tuple(str(t) for t in c), tuple(self._tloc(t) for t in c),
@@ -329,10 +636,12 @@ class _ToAST(Transformer):
                           tuple(self._tloc(t) for t in toks))
 
     def block(self, meta, c):
-        return tuple(c)
+        return _Block(tuple(c), self._end(meta))
 
     def if_stmt(self, meta, c):
-        return A.If(c[0], c[1], c[2] or (), self._loc(meta))
+        then, orelse = c[1], c[2]
+        return A.If(c[0], then.body, orelse.body if orelse is not None else (), self._loc(meta),
+                    then_end=then.end, end=(orelse or then).end)
 
     def shape(self, meta, c):
         return tuple(c)
@@ -350,7 +659,7 @@ class _ToAST(Transformer):
         return A.Setting(str(c[0]), c[1], self._tloc(c[0]))
 
     def train_block(self, meta, c):
-        return A.Train(tuple(c), self._loc(meta))
+        return A.Train(tuple(c), self._loc(meta), end=self._end(meta))
 
     # definitions
     def param(self, meta, c):
@@ -359,24 +668,21 @@ class _ToAST(Transformer):
     def params(self, meta, c):
         return tuple(c)
 
-    def _split_doc(self, items):
-        doc = None
-        body = []
-        for it in items:
-            if isinstance(it, tuple) and len(it) == 2 and it[0] == "doc":
-                doc = it[1]
-            else:
-                body.append(it)
-        return doc, tuple(body)
+    @staticmethod
+    def _split_doc(items):
+        items = list(items)
+        if items and isinstance(items[0], _Doc):
+            return items[0].text, tuple(items[1:])
+        return None, tuple(items)
 
     def cell_def(self, meta, c):
         name, params = c[0], c[1] or ()
         doc, body = self._split_doc(c[2:])
-        return A.CellDef(str(name), params, doc, body, self._tloc(name))
+        return A.CellDef(str(name), params, doc, body, self._tloc(name), end=self._end(meta))
 
     def model_def(self, meta, c):
         doc, body = self._split_doc(c[1:])
-        return A.ModelDef(str(c[0]), doc, body, self._tloc(c[0]))
+        return A.ModelDef(str(c[0]), doc, body, self._tloc(c[0]), end=self._end(meta))
 
     def import_stmt(self, meta, c):
         tok = c[0]
@@ -388,25 +694,36 @@ class _ToAST(Transformer):
         return list(c)
 
 
+def _number(text: str) -> int | float:
+    return int(text) if re.fullmatch(r"[0-9]+", text) else float(text)
+
+
 _TOP = re.compile(r"^(cell|model|import)\b", re.M)
 
 
 def _parse_items(text: str, file: str) -> list:
     tree = _parser().parse(text)
-    return _ToAST(file).transform(tree)
+    deep = _check_depth(tree, file)
+    if deep is not None:
+        raise CellError([deep])
+    try:
+        return _ToAST(file).transform(tree)
+    except VisitError as e:  # pragma: no cover - a Transformer bug, not the user's
+        raise e.orig_exc from None
 
 
 def parse(text: str, file: str = "<string>") -> A.Module:
     """Parse one file's text; raises CellError listing every syntax error found."""
+    text = text.replace("\r\n", "\n")  # Windows line ends: no stray \r in docstrings
     SOURCES.add(file, text)
     try:
         return A.Module(file, tuple(_parse_items(text, file)))
-    except lark.exceptions.UnexpectedInput as first:
+    except UnexpectedInput as first:
         diags = _recover(text, file, first)
         raise CellError(diags) from None
 
 
-def _recover(text: str, file: str, first: lark.exceptions.UnexpectedInput) -> list[Diagnostic]:
+def _recover(text: str, file: str, first: UnexpectedInput) -> list[Diagnostic]:
     """Parse each top-level definition on its own to report one error per broken one."""
     starts = [m.start() for m in _TOP.finditer(text)]
     if len(starts) <= 1:
@@ -420,13 +737,14 @@ def _recover(text: str, file: str, first: lark.exceptions.UnexpectedInput) -> li
         piece = re.sub(r"[^\n]", " ", text[:a]) + text[a:b]
         try:
             _parse_items(piece, file)
-        except lark.exceptions.UnexpectedInput as err:
-            diags.append(_syntax_diagnostic(err, piece, file))
+        except UnexpectedInput as err:
+            diags.append(_syntax_diagnostic(err, piece, file, piece_end=b))
+        except CellError as err:
+            diags.extend(err.diagnostics)
     return diags or [_syntax_diagnostic(first, text, file)]
 
 
 def parse_file(path) -> A.Module:
-    from pathlib import Path
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
