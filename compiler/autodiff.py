@@ -119,7 +119,11 @@ def differentiate(low: Lowered) -> Backward:
             bw.carries[nid] = cid
 
     forward = [n for n in g.order() if not g.node(n).grad]
-    for nid in reversed(forward):
+    # parameters last: a learned initial state's gradient arrives from its state read
+    # (after the loop), which no data edge orders before the parameter
+    walk = [n for n in reversed(forward) if g.node(n).op != "param"] + \
+        [n for n in reversed(forward) if g.node(n).op == "param"]
+    for nid in walk:
         if nid not in ng:
             continue
         node = g.node(nid)

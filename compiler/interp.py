@@ -1,0 +1,231 @@
+"""A reference interpreter: evaluate graph IR with the op table's `ref` functions.
+
+The generated module is the product; this is the yardstick. It shares only
+the op table's reference evaluations with the generated code (no schedule, no
+buffers, no code templates, no backend), so a test that compares the two
+catches mistakes in scheduling, buffering and code generation, and a per-op
+finite-difference test run through it checks each VJP rule on its own.
+
+Two entry points:
+
+- `evaluate(graph, env)`: every node of a small graph without time, in
+  topological order. Source nodes (input, param, state, carry, ...) take
+  their values from `env`; a value with a time context (`seg` set) carries a
+  leading batch axis, a static value (parameter, constant) does not. This is
+  what the per-op tests use: build `x -> op -> y`, apply a VJP rule through
+  `compiler.autodiff.Builder`, evaluate.
+- `run_forward(lowered, params, inputs, ...)`: a whole model's forward pass
+  (and loss), step by step, straight from the lowered graph: data sequences
+  first, then each time loop in order (a loop may start from an earlier
+  loop's final states), then the losses over all steps. Slow and obvious.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+
+from .ir import Graph, Node
+from .ops import OPS
+
+# Source ops have no reference evaluation: their values come from outside.
+SOURCES = frozenset(("input", "param", "state", "init", "seqref", "carry"))
+
+_LOSSES = frozenset(("bce", "bce_logits", "mse", "xent_logits"))
+
+_REF_KEYWORDS: dict[str, frozenset | None] = {}
+
+
+def ref_attrs(op: str, attrs: dict) -> dict:
+    """The node attributes the op's `ref` function takes as keywords.
+
+    Nodes carry bookkeeping attributes too (`keep`, `_named`, `update`, ...);
+    the reference evaluation's signature says which ones it takes: the
+    parameters after its array operands (all public attributes for `**attrs`).
+    """
+    if op not in _REF_KEYWORDS:
+        params = list(inspect.signature(OPS[op].ref).parameters.values())
+        if any(p.kind == p.VAR_KEYWORD for p in params):
+            _REF_KEYWORDS[op] = None
+        else:
+            n_operands = 0 if OPS[op].variadic else OPS[op].arity
+            _REF_KEYWORDS[op] = frozenset(
+                p.name for p in params[n_operands:]
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+    names = _REF_KEYWORDS[op]
+    return {k: v for k, v in attrs.items()
+            if (k in names if names is not None else not k.startswith("_"))}
+
+
+def apply_op(node: Node, args: list) -> np.ndarray:
+    """One node's value from its operands' values, by the op's reference evaluation."""
+    op = OPS[node.op]
+    if op.ref is None:
+        raise ValueError(f"{node.id}: op {node.op!r} has no reference evaluation")
+    return np.asarray(op.ref(*args, **ref_attrs(node.op, node.attrs)))
+
+
+def evaluate(graph: Graph, env: dict, wanted=None) -> dict:
+    """Values of every node (or of `wanted` and what they need), by id.
+
+    `env` gives the sources' values (and may pin any other node's value).
+    A `carry_out` node passes its operand through, as the generated code does.
+    """
+    order = graph.order()
+    if wanted is not None:
+        need = set(wanted)
+        for w in wanted:
+            need |= graph.ancestors(w)
+        order = [n for n in order if n in need]
+    values = dict(env)
+    for nid in order:
+        if nid in values:
+            continue
+        node = graph.node(nid)
+        if node.op in SOURCES:
+            raise KeyError(f"no value given for source node {nid!r} ({node.op})")
+        args = [values[i] for i in node.inputs]
+        if node.op == "carry_out":
+            values[nid] = args[0]
+        else:
+            values[nid] = apply_op(node, args)
+    return values
+
+
+# ---------------------------------------------------------------- whole models
+
+def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None,
+                steps: dict | int | None = None, state: dict | None = None):
+    """A model's forward pass from its lowered graph, one step at a time.
+
+    params: {name: array} in the layout the generated module uses;
+    inputs / targets: {name: array (N, T, C, H, W)}; steps: the length of
+    each axis no given sequence has (forecasting), an int or {axis: int};
+    state: {state name: array (N, C, H, W)} to start from.
+
+    Returns (outputs, finals, loss): outputs {name: (N, T, ...)}, finals
+    {state name: (N, ...)} and the summed loss (None without targets).
+    Backward nodes (`grad=True`) are ignored.
+    """
+    g = lowered.graph
+    targets = targets or {}
+    order = [n for n in g.order() if not g.node(n).grad]
+    data = dict(inputs, **targets)
+
+    # the length of every time axis
+    T: dict[str, int] = {}
+    for name, arr in data.items():
+        T.setdefault(lowered.axis_of[name], np.asarray(arr).shape[1])
+    for seg in lowered.segments:
+        if seg.axis not in T:
+            if steps is None:
+                raise ValueError(f"axis {seg.axis!r} has no sequence: give steps=")
+            T[seg.axis] = int(steps[seg.axis] if isinstance(steps, dict) else steps)
+    n_batch = np.asarray(next(iter(data.values()))).shape[0]
+    seg_axis = {s.id: s.axis for s in lowered.segments}
+    seg_index = {s.id: s.index for s in lowered.segments}
+
+    def axis_of_seg(seg: str) -> str:
+        return lowered.axis_of[seg[1:]] if seg.startswith("@") else seg_axis[seg]
+
+    static: dict[str, np.ndarray] = {}  # values without time
+    seq: dict[str, list] = {}  # per-step values, one array (N, ...) per step
+    param_nodes = {p.node: name for name, p in lowered.params.items()}
+    data_nodes = {nid: name for name, nid in list(lowered.inputs.items())
+                  + list(lowered.targets.items())}
+
+    # values with no time context nor time-dependent operands are computed once
+    timed: dict[str, bool] = {}
+    for nid in order:
+        node = g.node(nid)
+        timed[nid] = node.seg is not None or any(timed[i] for i in node.inputs)
+
+    # 1. static values: parameters, constants, reshaped biases
+    for nid in order:
+        node = g.node(nid)
+        if timed[nid]:
+            continue
+        if node.op == "param":
+            static[nid] = np.asarray(params[param_nodes[nid]])
+        else:
+            static[nid] = apply_op(node, [static[i] for i in node.inputs])
+
+    def value_at(nid: str, t: int):
+        return static[nid] if nid in static else seq[nid][t]
+
+    # 2. data sequences, then 3. each loop, step by step. A loop left without states
+    # (its recurrence was dead code) is no longer a segment: it runs as long as what
+    # it reads.
+    def group_key(seg: str):
+        if seg.startswith("@"):
+            return (0, seg)
+        return (1, seg_index.get(seg, int(seg.removeprefix("loop"))))
+
+    groups = sorted({g.node(n).seg for n in order if g.node(n).seg is not None}, key=group_key)
+    for seg in groups:
+        if seg.startswith("@") and seg[1:] not in data:
+            continue  # a target that was not given: nothing reads it but the losses
+        members = [n for n in order if g.node(n).seg == seg]
+        if seg.startswith("@") or seg in seg_axis:
+            n_steps = T[axis_of_seg(seg)]
+        else:
+            n_steps = next(len(seq[i]) for n in members for i in g.node(n).inputs if i in seq)
+        for nid in members:
+            seq[nid] = []
+        for t in range(n_steps):
+            for nid in members:
+                node = g.node(nid)
+                if node.op == "input":
+                    v = np.asarray(data[data_nodes[nid]])[:, t]
+                elif node.op == "state":
+                    v = _state_value(g, node, t, seq, static, state, n_batch)
+                else:
+                    v = apply_op(node, [value_at(i, t) for i in node.inputs])
+                seq[nid].append(v)
+
+    # 4. what reads whole sequences: the losses
+    whole: dict[str, np.ndarray] = {}
+
+    def stacked(nid: str):
+        if nid in static:
+            return static[nid]
+        if nid not in whole:
+            whole[nid] = np.stack(seq[nid])  # (T, N, ...), as the generated code has it
+        return whole[nid]
+
+    loss = None
+    for nid in order:
+        node = g.node(nid)
+        if node.seg is None and nid not in static and all(
+                i in static or i in seq for i in node.inputs):
+            static[nid] = apply_op(node, [stacked(i) for i in node.inputs])
+    if targets and lowered.losses:
+        loss = float(sum(float(static[n]) for n in lowered.losses))
+    outputs = {name: np.swapaxes(stacked(nid), 0, 1) for name, nid in lowered.outputs.items()}
+    finals = {}
+    for s in lowered.segments:
+        for r in s.states:
+            node = g.node(r)
+            finals[node.attrs["state"]] = seq[node.attrs["update"]][-1]
+    return outputs, finals, loss
+
+
+def _state_value(g: Graph, node: Node, t: int, seq: dict, static: dict, state: dict | None,
+                 n_batch: int):
+    """A state read at step t: the update's value at t-1, or the initial value at t = 0.
+
+    A given `state` replaces zeros and learned initial values, not a final
+    state handed over from an earlier loop (as in the generated code).
+    """
+    if t > 0:
+        return seq[node.attrs["update"]][t - 1]
+    kind = node.attrs["init"]
+    if kind == "final":
+        return seq[node.attrs["init_from"]][-1]
+    if state is not None and node.attrs["state"] in state:
+        value = np.asarray(state[node.attrs["state"]])
+    elif kind == "learned":
+        value = static[node.attrs["init_from"]]
+    else:
+        value = np.zeros(())
+    return np.broadcast_to(value, (n_batch,) + tuple(node.shape)).copy()

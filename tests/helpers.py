@@ -1,0 +1,157 @@
+"""Shared test utilities: compile small models, make float64 parameters and batches.
+
+The gradient tests need models small enough to run a finite-difference check
+of every parameter in seconds, and data that keeps directional derivatives
+well above round-off: parameters are their seeded initial values plus
+N(0, 0.3) noise (so zero biases and peepholes are not exactly zero), inputs
+and targets are uniform in [0, 1].
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import convc.api as api
+from convc.runtime.gradcheck import directional_check
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((ROOT / "examples").glob("*.cell"))
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+# The threshold of the end-to-end gradient checks (float64, Richardson-extrapolated
+# central differences).
+GRAD_RTOL = 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_blas_thread():
+    """Run a module's tests with one BLAS thread (import this name to use it).
+
+    The models here are tiny: with several threads each small GEMM pays for
+    waking them, and on a busy machine a float64 check ran 5-7x slower.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an optional dev dependency: only slower without it
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def example_ids() -> list[str]:
+    return [p.stem for p in EXAMPLES]
+
+
+def shrink(text: str, size: int = 8, hidden: int = 3) -> str:
+    """A `.cell` text with smaller frames and layers, for fast float64 checks.
+
+    Every sequence declaration `[C, H, W]` gets H = W = size and every
+    `hidden = n` becomes at most `hidden`; nothing else changes, so the
+    model's structure (cells, loops, losses, truncation) is the one the
+    example declares.
+    """
+    text = re.sub(r"(\b(?:input|target)\s+\w+\s*:\s*\[\s*\d+\s*),\s*\d+\s*,\s*\d+\s*\]",
+                  rf"\1, {size}, {size}]", text)
+    return re.sub(r"\bhidden\s*=\s*(\d+)",
+                  lambda m: f"hidden = {min(int(m.group(1)), hidden)}", text)
+
+
+def load_text(text: str, name: str = "test_model.cell"):
+    """Compile `.cell` text (it may `import std`) and import the generated module.
+
+    `name` is the file name diagnostics and source comments show; give each
+    distinct text its own name.
+    """
+    return api.load(ROOT / "tests" / name, text=text)
+
+
+def load_example(path: Path, small: bool = True, **shrink_kw):
+    """An example model, shrunk for float64 checks unless small=False."""
+    text = path.read_text(encoding="utf-8")
+    if small:
+        text = shrink(text, **shrink_kw)
+    return api.load(path, text=text)
+
+
+def random_params(mod, seed: int = 0, noise: float = 0.3, dtype: str = "float64") -> dict:
+    """The module's seeded initial parameters plus N(0, noise) noise, as `dtype`."""
+    params = mod.init_params(seed=seed, dtype="float64")
+    rng = np.random.default_rng(seed + 1000)
+    return {k: (v + rng.normal(0.0, noise, v.shape)).astype(dtype)
+            for k, v in sorted(params.items())}
+
+
+def axis_lengths(mod, T: int, T_out: int | None = None) -> dict[str, int]:
+    """Steps per time axis: T for the inputs' axis, T_out (default T) for any other."""
+    meta = mod.MODEL
+    in_axes = {meta["axes"][n] for n in meta["inputs"]}
+    return {ax: (T if ax in in_axes else (T_out or T)) for ax in set(meta["axes"].values())}
+
+
+def random_batch(mod, N: int = 2, T: int = 4, T_out: int | None = None, seed: int = 0,
+                 dtype: str = "float64") -> tuple[dict, dict]:
+    """Inputs and targets, (N, T, C, H, W), uniform in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    meta = mod.MODEL
+    lengths = axis_lengths(mod, T, T_out)
+
+    def seqs(table):
+        return {n: rng.uniform(0.0, 1.0, (N, lengths[meta["axes"][n]]) + tuple(s)).astype(dtype)
+                for n, s in sorted(table.items())}
+
+    return seqs(meta["inputs"]), seqs(meta["targets"])
+
+
+def random_state(mod, N: int = 2, seed: int = 0, scale: float = 0.5) -> dict:
+    """A starting state for every state of the model, (N, C, H, W), N(0, scale)."""
+    rng = np.random.default_rng(seed + 2000)
+    return {n: rng.normal(0.0, scale, (N,) + tuple(s["shape"]))
+            for n, s in sorted(mod.MODEL["states"].items())}
+
+
+def check_gradients(mod, params, inputs, targets, rtol: float = GRAD_RTOL, n_dirs: int = 2,
+                    retries: int = 3, eps: float = 1e-2, **kw) -> dict:
+    """Run the directional gradient check; fail listing every parameter above rtol.
+
+    The finite difference has two limits. Along a direction almost orthogonal
+    to the gradient the directional derivative is tiny and the difference is
+    round-off (seen: 1.5e-9 for a gradient of norm 8e-5 where the loss is
+    0.7); where the loss curves strongly along the direction (a bias shifts
+    every pixel at once; products of states compound over the steps) eps =
+    1e-2 leaves a truncation error (seen: 1e-5 and 8e-4 after extrapolation,
+    with the plain central difference converging as eps^2 to the analytic
+    value). So a parameter above rtol is checked again along `retries` fresh
+    directions, each at eps, eps/4 and eps/16 keeping the best, and passes
+    when most directions agree to rtol. Neither choice can rescue a wrong
+    gradient: every difference approximates the true derivative, and a
+    wrong gradient misses it along almost every direction.
+    """
+    errors = directional_check(mod, params, inputs, targets, n_dirs=n_dirs, eps=eps, **kw)
+    assert set(errors) == set(params)
+    bad = {}
+    for name in sorted(k for k, v in errors.items() if not v <= rtol):
+        again = [min(directional_check(mod, params, inputs, targets, n_dirs=1, seed=100 + i,
+                                       eps=e, names=[name], **kw)[name]
+                     for e in (eps, eps / 4, eps / 16))
+                 for i in range(retries)]
+        if sum(e <= rtol for e in again) * 2 <= retries:
+            bad[name] = [errors[name]] + again
+        else:
+            errors[name] = sorted(again)[retries // 2]
+    assert not bad, (f"relative gradient error above {rtol:g} "
+                     + "; ".join(f"{k}: " + ", ".join(f"{e:.2e}" for e in v)
+                                 for k, v in sorted(bad.items())))
+    return errors
+
+
+def tree_bytes(arrays: dict) -> bytes:
+    """Every array's name, dtype, shape and bytes, in name order: for bitwise comparisons."""
+    out = []
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        out.append(f"{name}:{a.dtype.str}:{a.shape}".encode() + a.tobytes())
+    return b"\0".join(out)
