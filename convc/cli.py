@@ -4,9 +4,10 @@ Every subcommand is one small function `cmd_<name>(args) -> int`; `main`
 builds the parser, runs the command and turns the errors a user can fix
 into one line on stderr and exit status 1 (spec errors print gcc-style
 diagnostics instead). Bad arguments exit 2, as argparse does; Ctrl-C
-exits 130. The compiler and the runtime are imported inside the commands
-that need them; only `eval` and `bench`, whose options runtime/evaluate.py
-and runtime/bench.py define, are imported to build the parser.
+exits 130 (SIGTERM during training: 143). The compiler and the runtime
+are imported inside the commands that need them; only `eval` and `bench`,
+whose options runtime/evaluate.py and runtime/bench.py define, are
+imported to build the parser.
 """
 from __future__ import annotations
 
@@ -252,6 +253,7 @@ def cmd_train(args) -> int:
     options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
     result = train(mod, out=out, device=args.device, conv=args.conv, resume=args.resume,
                    overwrite=args.overwrite, progress=False if args.quiet else None,
+                   poison=True if args.poison else None, deterministic=args.deterministic,
                    **options)
     losses = result.losses
     if losses:
@@ -499,6 +501,12 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="BLAS threads (needs threadpoolctl)")
     g.add_argument("--debug-nans", action="store_true",
                    help="compile with NaN checks after every op (slow; names the first one)")
+    g.add_argument("--poison", action="store_true",
+                   help="fill every buffer with NaN before its first write; the results "
+                        "must not change (a check that no memory is read unwritten)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="GPU: no TF32, no CUB/cuTENSOR reductions, for bitwise-repeatable "
+                        "runs (the CPU is deterministic already)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     _add_backend(g)
 
@@ -667,7 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C)."""
+    """Run one command; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C,
+    143 SIGTERM during training)."""
     from convc.spec.diagnostics import CellError, format_diagnostics
 
     parser = build_parser()
@@ -684,8 +693,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"convc: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
+        # 128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
+        # (convc.runtime.train.TrainingInterrupted carries which one it was).
         print(f"convc: {str(exc) or 'interrupted'}", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)
     except BrokenPipeError:
         # `convc compile x.cell | head`: the reader left; not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -28,12 +28,14 @@ Two promises shape the code:
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import linecache
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -88,6 +90,7 @@ GENERATED_DATA = ("synthetic", "synthetic:digits", "synthetic:shapes", "sklearn-
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "seconds")
 OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
+_STALE_TEMP = re.compile(r"^\.(log\.csv|model\.py)\.[0-9a-f]{8}\.tmp$")
 
 
 # ---------------------------------------------------------------------------
@@ -133,12 +136,18 @@ class TrainResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped training; `checkpoint` is where the last completed step was saved."""
+    """Ctrl-C (or SIGTERM) stopped training; `checkpoint` holds the last completed step.
 
-    def __init__(self, message: str, result: TrainResult, checkpoint: Path | None):
+    `signum` is the signal that asked for the stop; the command line exits
+    with 128 + signum (130 for Ctrl-C, 143 for SIGTERM), as a shell would.
+    """
+
+    def __init__(self, message: str, result: TrainResult, checkpoint: Path | None,
+                 signum: int = signal.SIGINT):
         super().__init__(message)
         self.result = result
         self.checkpoint = checkpoint
+        self.signum = int(signum)
 
 
 class _Stop(Exception):
@@ -506,16 +515,31 @@ def _format_row(row: dict) -> list[str]:
             "" if val is None else repr(float(val)), f"{row['seconds']:.3f}"]
 
 
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The rows of a log.csv as dicts with numbers (val_loss None where blank)."""
+def read_log(path: str | os.PathLike, tolerant: bool = False) -> list[dict]:
+    """The rows of a log.csv as dicts with numbers (val_loss None where blank).
+
+    A malformed row raises ValueError, or with `tolerant=True` ends the log
+    there: a run killed while appending a row leaves half a line at the end,
+    and resuming must not fail on it (the rows before it are intact, because
+    rows are only ever appended and the file is rewritten atomically).
+    """
     rows = []
     with open(path, newline="", encoding="utf-8") as stream:
-        for rec in csv.DictReader(stream):
-            rows.append({"step": int(rec["step"]), "epoch": int(rec["epoch"]),
-                         "loss": float(rec["loss"]), "lr": float(rec["lr"]),
-                         "grad_norm": float(rec["grad_norm"]),
-                         "val_loss": float(rec["val_loss"]) if rec["val_loss"] else None,
-                         "seconds": float(rec["seconds"])})
+        reader = csv.DictReader(stream)
+        for rec in reader:
+            try:
+                rows.append({"step": int(rec["step"]), "epoch": int(rec["epoch"]),
+                             "loss": float(rec["loss"]), "lr": float(rec["lr"]),
+                             "grad_norm": float(rec["grad_norm"]),
+                             "val_loss": float(rec["val_loss"]) if rec["val_loss"] else None,
+                             "seconds": float(rec["seconds"])})
+            except (TypeError, ValueError, KeyError) as exc:
+                if tolerant:
+                    _note(f"{path}: ignoring line {reader.line_num} and after (an unfinished "
+                          f"row, as a killed run leaves)")
+                    break
+                raise ValueError(f"{path}: line {reader.line_num}: malformed row "
+                                 f"({type(exc).__name__}: {exc})") from None
     return rows
 
 
@@ -547,6 +571,11 @@ def _prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
         raise ConvcError(f"output folder {folder} is not a folder")
     if not os.access(folder, os.W_OK):
         raise ConvcError(f"output folder {folder} is not writable")
+    for entry in folder.iterdir():
+        # Temporary files of _write_atomic that a killed run left behind (checkpoint
+        # temporaries are swept by the next save_checkpoint).
+        if _STALE_TEMP.match(entry.name):
+            entry.unlink(missing_ok=True)
     old = list_checkpoints(folder)
     if old and not resume:
         if not overwrite:
@@ -567,6 +596,29 @@ def _prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
 # ---------------------------------------------------------------------------
 
 
+def _make_backend(device: str, conv: str, deterministic: bool):
+    """The backend of a run; deterministic GPU runs get CuPy's deterministic settings.
+
+    The environment part of those settings must be in place before CuPy is
+    imported (get_backend imports it), the rest is applied to the module.
+    """
+    from convc.runtime.backend import get_backend
+
+    if not (deterministic and device == "gpu"):
+        return get_backend(device, conv)
+    if conv != "numpy":
+        raise ConvcError(f"deterministic GPU training needs convc's own convolution "
+                         f"(--conv numpy); --conv {conv} uses cuDNN, whose algorithms may "
+                         f"accumulate with atomics")
+    from convc.runtime import ops_cupy
+
+    ops_cupy.set_deterministic_environment()
+    backend = get_backend(device, conv)
+    for warning in backend.make_deterministic():
+        _note(f"--deterministic: {warning}")
+    return backend
+
+
 def _all_finite(arrays: dict) -> bool:
     from convc.runtime.optim import array_module
 
@@ -579,16 +631,14 @@ class _Trainer:
 
     def __init__(self, mod, params, cfg: dict, *, explicit: dict, device: str, conv: str,
                  out, checkpoint_every, keep, resume: bool, overwrite: bool, progress,
-                 on_step, clips_array):
-        from convc.runtime.backend import get_backend
-
+                 on_step, clips_array, deterministic: bool = False):
         self.mod = mod
         self.model = mod.MODEL
         self.cfg = cfg
         self.explicit = explicit
-        self.B = get_backend(device, conv)
+        self.B = _make_backend(device, conv, deterministic)
         self.xp = self.B.xp
-        self.device, self.conv = device, conv
+        self.device, self.conv, self.deterministic = device, conv, bool(deterministic)
         self.checkpoint_every = checkpoint_every
         self.keep = keep
         self.on_step = on_step
@@ -599,9 +649,11 @@ class _Trainer:
             if self.out is None:
                 raise ConvcError("resume=True needs out= (the folder of the run to continue)")
             self.resume_from = self._find_checkpoint()
-            saved_cfg = self.resume_from[2]["user"].get("config", {})
-            self.cfg = cfg = resolve_config(self.model.get("train", {}), explicit, saved_cfg)
-            _check_config(cfg)
+            if self.resume_from is not None:
+                saved_cfg = self.resume_from[2]["user"].get("config", {})
+                self.cfg = cfg = resolve_config(self.model.get("train", {}), explicit,
+                                                saved_cfg)
+                _check_config(cfg)
         self.data = prepare_data(self.model, cfg, clips_array)
         self._fit_batch_size()
         self.bpe = len(self.data.train_x) // cfg["batch_size"]
@@ -673,12 +725,25 @@ class _Trainer:
                 for name in sorted(params)}
 
     def _find_checkpoint(self):
-        from convc.runtime.checkpoint import latest_valid_checkpoint
+        """The newest valid checkpoint in `out`, or None when the folder has none at all.
+
+        Nothing to resume is not an error: a run killed before its first
+        checkpoint is resumed by starting it again, so `--resume` can be used
+        blindly in a retry loop. Checkpoints that are all damaged are an
+        error, though: starting afresh over them would hide the loss.
+        """
+        from convc.runtime.checkpoint import latest_valid_checkpoint, list_checkpoints
 
         found = latest_valid_checkpoint(self.out, report=_note)
         if found is None:
-            raise CheckpointError(f"{self.out}: no valid checkpoint to resume from; "
-                                  f"start without --resume")
+            existing = list_checkpoints(self.out)
+            if existing:
+                raise CheckpointError(
+                    f"{self.out}: none of its {len(existing)} checkpoint"
+                    f"{'s is' if len(existing) != 1 else ' is'} valid (see above), so there "
+                    f"is nothing to resume from; move them away, or start again with "
+                    f"--overwrite")
+            _note(f"{self.out} holds no checkpoint yet: starting the run from step 0")
         return found
 
     def _restore(self, saved_cfg: dict) -> None:
@@ -716,6 +781,9 @@ class _Trainer:
         self.bad_validations = int(user.get("bad_validations", 0))
         self.seconds_before = float(user.get("seconds", 0.0))
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
+        if user.get("deterministic") and not self.deterministic and self.device == "gpu":
+            _note("the run was started with --deterministic; without it the GPU may use "
+                  "TF32 and accelerated reductions from here on")
         if user.get("data") != self.data.fingerprint:
             _note(f"resuming with different data from the run in {self.out}; "
                   f"the losses will not match an uninterrupted run")
@@ -727,8 +795,8 @@ class _Trainer:
         log = self.out / LOG_NAME
         if log.exists():
             try:
-                rows = [r for r in read_log(log) if r["step"] <= self.step]
-            except (ValueError, KeyError, OSError) as exc:
+                rows = [r for r in read_log(log, tolerant=True) if r["step"] <= self.step]
+            except (ValueError, OSError) as exc:
                 _note(f"{log}: unreadable ({exc}); starting a new log")
                 rows = []
             self.history = rows
@@ -751,8 +819,13 @@ class _Trainer:
     def _append_log(self, row: dict) -> None:
         if self.out is None:
             return
-        with open(self.out / LOG_NAME, "a", newline="", encoding="utf-8") as stream:
-            csv.writer(stream, lineterminator="\n").writerow(_format_row(row))
+        path = self.out / LOG_NAME
+        try:
+            with open(path, "a", newline="", encoding="utf-8") as stream:
+                csv.writer(stream, lineterminator="\n").writerow(_format_row(row))
+        except OSError as exc:
+            raise ConvcError(f"training stopped at step {row['step']}: cannot write {path}: "
+                             f"{exc.strerror or exc}. {self._newest_valid()}") from exc
 
     # ------------------------------------------------------------ checkpoints
     def _checkpoint_arrays(self) -> dict:
@@ -790,12 +863,34 @@ class _Trainer:
             "patch": self.data.patch,
             "device": self.device,
             "conv": self.conv,
+            "deterministic": self.deterministic,
             "convc_version": _convc_version(),
         }
-        path = save_checkpoint(self.out, self.step, self._checkpoint_arrays(), meta,
-                               keep=self.keep)
+        try:
+            path = save_checkpoint(self.out, self.step, self._checkpoint_arrays(), meta,
+                                   keep=self.keep)
+        except CheckpointError as exc:
+            raise CheckpointError(f"training stopped at step {self.step}: {exc}. "
+                                  f"{self._newest_valid()}") from exc
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
         return path
+
+    def _newest_valid(self) -> str:
+        """Where the run can continue from, for messages about a failed write."""
+        if self.last_checkpoint is None:
+            return "No checkpoint of this run was written yet."
+        return (f"The newest valid checkpoint is {self.last_checkpoint} (step "
+                f"{self.last_checkpoint_step}); fix the cause (free disk space, permissions) "
+                f"and continue with --resume")
+
+    def _save_reporting(self, elapsed: float) -> tuple[Path | None, str | None]:
+        """save() on the way out of a run that is stopping anyway: (path, None) or
+        (None, why it failed), so that the reason the run stopped is not lost."""
+        try:
+            return self.save(elapsed), None
+        except CheckpointError as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            return None, str(cause)
 
     # ------------------------------------------------------------ one step
     def _batch(self, x: np.ndarray):
@@ -922,15 +1017,15 @@ class _Trainer:
                         raise KeyboardInterrupt
         except _Stop as stop:
             self.progress.close()
-            saved = self.save(elapsed()) if _all_finite(self.params) else None
+            saved, failed = self._save_reporting(elapsed())
             cause = stop.cause
-            raise NonFiniteError(self._nonfinite_message(stop, saved),
+            raise NonFiniteError(self._nonfinite_message(stop, saved, failed),
                                  node=cause.node if cause else None,
                                  where=cause.where if cause else None, step=stop.step,
                                  direction=cause.direction if cause else "training") from None
         except KeyboardInterrupt:
             self.progress.close()
-            self._interrupted(pending, elapsed())
+            self._interrupted(pending, elapsed(), flag.signum or signal.SIGINT)
         self.progress.close()
         checkpoint = self.save(elapsed())
         result = self._result(elapsed())
@@ -945,7 +1040,7 @@ class _Trainer:
         self._append_log(row)
         return row
 
-    def _interrupted(self, pending: dict | None, seconds: float) -> None:
+    def _interrupted(self, pending: dict | None, seconds: float, signum: int) -> None:
         """Save the last completed step after Ctrl-C, then raise TrainingInterrupted.
 
         With the signal handler installed the interrupt only arrives between
@@ -964,23 +1059,30 @@ class _Trainer:
         else:
             if self._phase == "post" and pending is not None:
                 self._log(pending, seconds)
-            saved = self.save(seconds)
+            saved, failed = self._save_reporting(seconds)
         self.stopped = "interrupted"
+        what = "interrupted" if signum == signal.SIGINT else \
+            f"stopped by {signal.Signals(signum).name}"
         if saved is not None:
-            message = (f"interrupted: saved step {self.step} to {saved}; "
-                       f"continue with --resume")
+            message = f"{what}: saved step {self.step} to {saved}; continue with --resume"
         elif self.last_checkpoint is not None:
-            message = (f"interrupted during an update: the last checkpoint is "
-                       f"{self.last_checkpoint} (step {self.last_checkpoint_step})")
+            why = f"saving step {self.step} failed ({failed})" if failed else \
+                "interrupted during an update"
+            message = (f"{what}: {why}; the last checkpoint is {self.last_checkpoint} "
+                       f"(step {self.last_checkpoint_step}); continue with --resume")
         else:
-            message = f"interrupted at step {self.step}; no checkpoint was written"
+            message = f"{what} at step {self.step}; no checkpoint was written" + (
+                f" ({failed})" if failed else "")
         raise TrainingInterrupted(message, self._result(seconds),
-                                  saved or self.last_checkpoint) from None
+                                  saved or self.last_checkpoint, signum) from None
 
-    def _nonfinite_message(self, stop: _Stop, saved: Path | None) -> str:
+    def _nonfinite_message(self, stop: _Stop, saved: Path | None, failed: str | None) -> str:
         cfg = self.cfg
         if saved is not None:
             kept = f"The last good state (step {self.last_checkpoint_step}) is saved in {saved}."
+        elif failed is not None:
+            kept = (f"Saving the last good state failed ({failed}); the newest checkpoint is "
+                    f"{self.last_checkpoint or 'none'}.")
         elif self.out is not None:
             kept = "No checkpoint was written: the parameters were not finite either."
         else:
@@ -1101,36 +1203,46 @@ def predict_frames(mod, params: dict, x: np.ndarray, y: np.ndarray | None = None
 
 
 class _InterruptFlag:
-    """Turn the first Ctrl-C into a flag checked between steps; the second one aborts.
+    """Turn the first Ctrl-C or SIGTERM into a flag checked between steps.
 
     A KeyboardInterrupt in the middle of an optimizer update would leave some
-    parameters updated and some not, a state no checkpoint may hold. Outside
-    the main thread no handler can be installed, and the loop falls back to
-    catching KeyboardInterrupt where it happens.
+    parameters updated and some not, a state no checkpoint may hold. So the
+    first signal only sets `raised` (and `signum`); the loop finishes the step,
+    saves it and stops. A second one stops at once. SIGTERM is handled like
+    Ctrl-C because it is what batch schedulers (SLURM, Kubernetes) send before
+    they kill a job. Outside the main thread no handler can be installed, and
+    the loop falls back to catching KeyboardInterrupt where it happens.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict = {}
 
     def _handler(self, signum, frame):
         if self.raised:
             raise KeyboardInterrupt
-        self.raised = True
-        print("\nstopping after this step (Ctrl-C again to stop at once)", file=sys.stderr,
-              flush=True)
+        self.raised, self.signum = True, signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        print(f"\n{signal.Signals(signum).name}: stopping after this step ({again} again to "
+              f"stop at once)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            try:
-                self._old = signal.signal(signal.SIGINT, self._handler)
-            except (ValueError, OSError):
-                self._old = None
+            for signum in self.SIGNALS:
+                try:
+                    self._old[signum] = signal.signal(signum, self._handler)
+                except (ValueError, OSError):
+                    pass
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for signum, old in self._old.items():
+            # None: the old handler was not installed from Python; the default is closest.
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
+        self._old = {}
         return False
 
 
@@ -1164,7 +1276,8 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
           progress: bool | None = None, on_step: Callable[[dict], Any] | None = None,
           eps: float | None = None, frames_in: int | None = None,
           frames_out: int | None = None, val_every: int | None = None,
-          overwrite: bool = False, threads: int | None = None) -> TrainResult:
+          overwrite: bool = False, threads: int | None = None, poison: bool | None = None,
+          deterministic: bool = False) -> TrainResult:
     """Train a compiled model (from `convc.load` or `convc.api.import_generated`).
 
     Settings left as None come from the spec's `train { ... }` block, then
@@ -1193,6 +1306,15 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     progress: None or True shows progress on stderr, False is silent.
     on_step: called with each log row (a dict); returning False stops.
     threads: limit the BLAS threads (needs threadpoolctl).
+    poison: True fills every buffer the generated code allocates with NaN
+        before its first write (`kernels.set_poison`), False turns that off,
+        None leaves it as it is. Results must not change: a NaN that shows
+        up only with poison on is a read of memory nobody wrote.
+    deterministic: on the GPU, turn off what can make two runs differ in
+        the last bits: TF32 GEMMs and CuPy's CUB/cuTENSOR accelerated
+        reductions (see runtime/ops_cupy.py and docs/reliability.md). On the
+        CPU training is already bitwise reproducible for a given thread
+        count, and the flag changes nothing.
 
     Raises NonFiniteError when the loss or gradient stops being finite
     (after saving the last good step), DataError for data that does not
@@ -1220,17 +1342,30 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     if clips_array is not None:
         cfg["data"] = "<array>"
     limits = _thread_limits(threads)
-    with limits:
+    with limits, _poison_mode(poison):
         trainer = _Trainer(mod, params, cfg, explicit=explicit, device=device, conv=conv,
                            out=out, checkpoint_every=checkpoint_every, keep=keep,
                            resume=resume, overwrite=overwrite, progress=progress,
-                           on_step=on_step, clips_array=clips_array)
+                           on_step=on_step, clips_array=clips_array,
+                           deterministic=deterministic)
         return trainer.run()
 
 
-def _thread_limits(threads: int | None):
-    import contextlib
+@contextlib.contextmanager
+def _poison_mode(poison: bool | None):
+    """Poison mode on or off for one run, and back to what it was afterwards."""
+    from convc.runtime import kernels
 
+    was = kernels.poison_enabled()
+    if poison is not None:
+        kernels.set_poison(bool(poison))
+    try:
+        yield
+    finally:
+        kernels.set_poison(was)
+
+
+def _thread_limits(threads: int | None):
     if threads is None:
         return contextlib.nullcontext()
     if not isinstance(threads, int) or threads < 1:
