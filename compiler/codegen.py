@@ -6,14 +6,35 @@ module imports only NumPy and `convc.runtime`; the array module and the
 convolution come from the backend passed in, so the same code runs on NumPy
 and CuPy.
 
-Buffers: every (T, N, ...) buffer is written whole, one step at a time,
-before anything reads it; gradients are never accumulated into a buffer
-that was not first assigned (tests/test_codegen.py walks the generated code
-to check).
+Memory plan. Nothing is allocated inside a time loop:
+
+- a state has one (T+1, N, ...) buffer, its update writes step t+1 of it;
+- a loop value read outside its step (by a batched stage or the backward
+  pass) is written straight into its (T, N, ...) buffer (`h_seq[t]`); one
+  that feeds a weight gradient is kept channel-major, (C, T, N, H, W), so
+  the gradient's GEMM reads it without a transpose;
+- every other loop value lives in a work buffer of one step, allocated
+  before the loop and reused, across steps and between values whose lives do
+  not overlap (a linear scan over the loop body; an elementwise op may write
+  over an operand that dies there);
+- the parts of a concat (the gates' gradients that make up dz) are written
+  into their channels of the concat's buffer;
+- a cotangent carried to the previous step has a buffer of its own.
+Ops write into their buffer with `out=` (`xp.add(a, b, out=buf)`,
+`rt.conv2d(..., out=buf)`). Batched stages allocate their results.
+
+Peeling. The first forward step (states start at zero: `f * c[t-1]` and
+the recurrent convolution vanish), the last backward step (no cotangent
+arrives from after it) and the backward step t = 0 (nothing goes on to
+t = -1 except the initial states' gradients) are emitted as their own copies
+of the loop body with those zeros folded away and dead work dropped.
+
+Every buffer comes from `rt.empty`, whose poison mode fills it with NaN, and
+is written whole before it is read; gradients are never accumulated into a
+buffer that was not first assigned (tests/test_codegen.py walks the
+generated code to check).
 """
 from __future__ import annotations
-
-import json
 
 from convc import __version__
 from convc.spec.diagnostics import SOURCES
@@ -22,8 +43,7 @@ from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
 from .ops import OPS
-from .schedule import Schedule
-
+from .schedule import LOOP_KINDS, Schedule
 
 class _Out:
     def __init__(self):
@@ -63,6 +83,72 @@ def _shape_tuple(shape) -> str:
     return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+
+def _step_shape(shape) -> str:
+    """`(N, C, H, W)` for a per-step value of per-sample shape (C, H, W)."""
+    return "(" + ", ".join(["N"] + [str(d) for d in shape]) + ")"
+
+
+def _seq_shape(T: str, shape) -> str:
+    return "(" + ", ".join([T, "N"] + [str(d) for d in shape]) + ")"
+
+
+# ---------------------------------------------------------------- writing into a buffer
+# How an op writes its result into a given buffer `out`. The ops' own code
+# templates (ops.py) give the value as an expression; these are the same
+# computations in their `out=` form, for the ops that run inside time loops.
+
+_UFUNCS = {"add": "xp.add", "sub": "xp.subtract", "mul": "xp.multiply", "neg": "xp.negative",
+           "tanh": "rt.tanh"}  # rt.tanh: from exp, faster than NumPy's float32 tanh
+# rt kernels that take `out=` after the arguments of the op's code template
+_RT_OUT = ("sigmoid", "hard_sigmoid", "sigmoid_grad", "tanh_grad", "relu_grad",
+           "hard_sigmoid_grad", "conv", "conv_grad_input", "concat")
+# operands `out` may be (an elementwise pass that reads each element before writing it)
+_OUT_MAY_ALIAS = {"add": (0, 1), "sub": (0, 1), "mul": (0, 1), "neg": (0,), "scale": (0,),
+                  "tanh": (0,), "relu": (0,), "sigmoid": (0,), "hard_sigmoid": (0,),
+                  "addn": (0,)}
+_VIEWS = ("slice", "reshape", "kernel_slice")
+# values the function does not own (or keeps for its caller)
+_NOT_OURS = ("input", "param", "state", "carry", "carry_out", "init", "seqref", "const")
+
+
+def _writes_into(op: str) -> bool:
+    return op in _UFUNCS or op in _RT_OUT or op in ("scale", "relu", "addn")
+
+
+def _into(op: str, args: list[str], attrs: dict, out: str) -> str:
+    """The statement's right-hand side that computes `op(args)` into `out`."""
+    if op in _UFUNCS:
+        return f"{_UFUNCS[op]}({', '.join(args)}, out={out})"
+    if op == "scale":
+        return f"xp.multiply({args[0]}, {float(attrs['factor'])!r}, out={out})"
+    if op == "relu":
+        return f"xp.maximum({args[0]}, 0, out={out})"
+    if op == "addn":
+        if len(args) == 2:
+            return f"xp.add({args[0]}, {args[1]}, out={out})"
+        return f"rt.addn({', '.join(args)}, out={out})"
+    code = OPS[op].code(args, attrs)
+    assert code.endswith(")"), code
+    return code[:-1] + f", out={out})"
+
+
+def _sub(dest: str, a: int, b: int) -> str:
+    """Channels [a, b) of a per-step buffer expression."""
+    if dest.endswith("]"):
+        return f"{dest[:-1]}, :, {a}:{b}]"
+    return f"{dest}[:, {a}:{b}]"
+
+
+# Folding a step where some sources are zero: ops that are zero when any (or
+# all) of the listed operands are.
+_ZERO_IF_ANY = {"mul": (0, 1), "conv": (0,), "conv_grad_input": (0,),
+                "conv_grad_weight": (0, 1), "sigmoid_grad": (1,), "tanh_grad": (1,),
+                "relu_grad": (1,), "hard_sigmoid_grad": (1,)}
+_ZERO_IF_ALL = ("neg", "scale", "slice", "reshape", "tanh", "relu", "concat", "pad_channels",
+                "sum_to")
+
+
 class Generator:
     def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule,
                  debug_nans: bool = False):
@@ -77,11 +163,19 @@ class Generator:
             if node.op == "state":
                 self.state_of_update[node.attrs["update"]] = n
         self.seg_T = {seg.id: f"T_{seg.axis}" for seg in low.segments}
+        self.stored: set[str] = set(sched.stored)  # of the function being emitted
+        self.channel_major: set[str] = set()
 
     # ------------------------------------------------------------ names
     def buf(self, read: str) -> str:
         """The (T+1, N, ...) buffer of a state, named after its update."""
         return self.g.node(read).attrs["update"] + "_buf"
+
+    def is_view_of_step(self, nid: str) -> bool:
+        """A slice of a loop value, read outside its step through its operand's buffer."""
+        node = self.g.node(nid)
+        return (node.op == "slice" and self.s.block_of[nid][0] in LOOP_KINDS
+                and nid not in self.stored and nid not in self.state_of_update)
 
     def batched(self, nid: str) -> str:
         """Expression for a value over all its steps, (T, N, ...) (or static)."""
@@ -91,8 +185,10 @@ class Generator:
             return f"{self.buf(nid)}[:-1]"
         if b[0] == "loop" and nid in self.state_of_update:
             return f"{self.buf(self.state_of_update[nid])}[1:]"
-        if b[0] in ("loop", "bloop"):
-            if nid not in self.s.stored:
+        if b[0] in LOOP_KINDS:
+            if self.is_view_of_step(nid):
+                return OPS["slice"].code([self.batched(node.inputs[0])], node.attrs)
+            if nid not in self.stored:
                 raise AssertionError(f"{nid} is read outside its loop but not stored")
             return f"{nid}_seq"
         return nid
@@ -101,26 +197,34 @@ class Generator:
         """Expression for a value at step t, seen from inside loop block `ctx`."""
         node = self.g.node(nid)
         b = self.s.block_of[nid]
-        if node.seg is None:
-            return nid
-        if b == ctx:
-            if node.op == "carry":
-                return nid
+        if node.seg is None or b == ctx:
             return nid
         if node.op == "state":
             return f"{self.buf(nid)}[t]"
         if b[0] == "loop" and nid in self.state_of_update:
             return f"{self.buf(self.state_of_update[nid])}[t + 1]"
+        if b[0] in LOOP_KINDS and self.is_view_of_step(nid):
+            return OPS["slice"].code([self.at_step(node.inputs[0], ctx)], node.attrs)
         return f"{self.batched(nid)}[t]"
 
-    def check(self, o: _Out, nid: str, step: bool, backward: bool) -> None:
+    def check(self, o: _Out, nid: str, expr: str, step: bool, backward: bool) -> None:
         """With debug_nans: stop at the first non-finite value, saying where it came from."""
         if not self.debug_nans:
             return
         node = self.g.node(nid)
         where = f"{node.loc.file}:{node.loc.line}"
-        o(f"rt.check_finite({nid}, {nid!r}, {where!r}, {'t' if step else 'None'}, "
+        o(f"rt.check_finite({expr}, {nid!r}, {where!r}, {'t' if step else 'None'}, "
           f"{'backward' if backward else 'forward'!r})")
+
+    def seq_alloc(self, o: _Out, n: str, T: str) -> None:
+        """The (T, N, ...) buffer of a stored loop value."""
+        shape = tuple(self.g.node(n).shape)
+        if n in self.channel_major and len(shape) == 3:
+            o(f"{n}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype)")
+            o(f"{n}_seq = {n}_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a "
+              "weight gradient")
+        else:
+            o(f"{n}_seq = rt.empty(xp, {_seq_shape(T, shape)}, dtype)")
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
@@ -232,24 +336,22 @@ class Generator:
                 seen[ax] = (name, nid)
 
     # ------------------------------------------------------------ blocks
-    def emit_block(self, o: _Out, block: tuple, *, stored: set[str], state_arg: bool) -> None:
-        kind, seg = block
-        nodes = self.s.members.get(block, [])
-        if kind in ("loop",):
-            self.emit_loop(o, seg, nodes, stored, state_arg)
+    def emit_block(self, o: _Out, block: tuple, members: dict, state_arg: bool = True) -> None:
+        kind, seg, k = block
+        nodes = members.get(block, [])
+        if kind == "loop":
+            if nodes:
+                self.emit_loop(o, block, nodes, state_arg)
             return
         if kind == "bloop":
-            self.emit_bloop(o, seg, nodes)
-            return
-        if not nodes:
+            if nodes:
+                self.emit_bloop(o, block, nodes)
             return
         emitted = False
         for n in nodes:
             node = self.g.node(n)
-            if node.op in ("input", "param", "state", "carry"):
+            if node.op in ("input", "param", "state", "carry", "carry_out"):
                 continue
-            if node.op == "carry_out":
-                continue  # emitted right after its loop
             if not emitted:
                 o()
                 o(f"# {_BLOCK_TITLES[kind]}" + (f" ({seg})" if seg else ""))
@@ -257,8 +359,81 @@ class Generator:
                 emitted = True
             o.loc_comment(node)
             args = [self.batched(i) for i in node.inputs]
-            o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
-            self.check(o, n, step=False, backward=node.grad)
+            over = self.overwritable(n)
+            if over is not None:
+                o(f"{n} = {_into(node.op, args, node.attrs, args[over])}  # in place: "
+                  f"{node.inputs[over]} is not read again")
+            else:
+                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, n, step=False, backward=node.grad)
+
+    def overwritable(self, n: str) -> int | None:
+        """An operand of a batched elementwise op that its result may overwrite, if any.
+
+        One made by this function in a batched stage, read by nothing else, of
+        the result's shape (a conv's output before the bias add).
+        """
+        g = self.g
+        node = g.node(n)
+        if node.seg is None or not _writes_into(node.op):
+            return None
+        for k in _OUT_MAY_ALIAS.get(node.op, ()):
+            if k >= len(node.inputs):
+                continue
+            i = node.inputs[k]
+            src = g.node(i)
+            if src.seg is None or src.op in _VIEWS or src.op in _NOT_OURS or \
+                    self.s.block_of[i][0] in LOOP_KINDS + ("data", "static") or \
+                    i in self.keep or g.consumers(i) != [n] or \
+                    tuple(src.shape) != tuple(node.shape):
+                continue
+            return k
+        return None
+
+    def begin_blocks(self, blocks: list[tuple], members: dict) -> None:
+        """Where each value is last read, so its memory can be let go after that block."""
+        g = self.g
+        index = {b: k for k, b in enumerate(blocks)}
+        self.blocks_emitted = blocks
+        self.last_read: dict[str, int] = {}
+        present = {n for b in blocks for n in members.get(b, [])}
+        for b in blocks:
+            for n in members.get(b, []):
+                for i in g.node(n).inputs:
+                    while i in present:
+                        self.last_read[i] = max(self.last_read.get(i, -1), index[b])
+                        if not self.is_view_of_step(i):
+                            break
+                        i = g.node(i).inputs[0]  # read through the slice: its operand is read
+        low = self.low
+        keep = set(low.losses) | set(low.outputs.values())
+        if self.bw is not None:
+            keep |= set(self.bw.grads.values()) | set(self.bw.carry_outs.values())
+        for n in g.g.nodes:
+            keep.update(g.node(n).attrs.get("terminal", ()))
+        self.keep = keep
+        self.present = present
+
+    def release(self, o: _Out, k: int) -> None:
+        """`del` the big arrays nothing reads after block k (their memory goes back)."""
+        g = self.g
+        names = []
+        for n, last in sorted(self.last_read.items()):
+            if last != k or n in self.keep:
+                continue
+            node = g.node(n)
+            b = self.s.block_of[n]
+            if node.op in _NOT_OURS or node.op in _VIEWS or node.seg is None:
+                continue
+            if b[0] in LOOP_KINDS:
+                if n in self.stored:
+                    names.append(f"{n}_seq")
+                    if n in self.channel_major:
+                        names.append(f"{n}_buf")
+            else:
+                names.append(n)
+        if names:
+            o(f"del {', '.join(names)}  # not read again: let its memory go")
 
     def init_expr(self, read: str) -> str:
         node = self.g.node(read)
@@ -270,112 +445,110 @@ class Generator:
         src = node.attrs["init_from"]  # an update node of an earlier loop
         return f"{self.buf(self.state_of_update[src])}[-1]"
 
-    def emit_loop(self, o: _Out, seg: str, nodes: list[str], stored: set[str],
-                  state_arg: bool) -> None:
-        g = self.g
-        T = self.seg_T[seg]
+    def loop_title(self, block: tuple, sources: list[str]) -> str:
+        kind, seg, k = block
+        several = sum(1 for b in self.s.blocks if b[0] == kind and b[1] == seg) > 1
+        name = f"{seg}.{k}" if several else seg
+        states = sorted({self.g.node(r).attrs.get("state") or
+                         self.g.node(self.g.node(r).attrs["read"]).attrs.get("state", r)
+                         for r in sources})
         cells = next(s.cells for s in self.low.segments if s.id == seg)
+        what = ", ".join(states) if several else ", ".join(cells)
+        return f"{name}: {what}"
+
+    def emit_loop(self, o: _Out, block: tuple, nodes: list[str], state_arg: bool) -> None:
+        g = self.g
+        _, seg, _ = block
+        T = self.seg_T[seg]
         reads = [n for n in nodes if g.node(n).op == "state"]
+        plan = _LoopPlan(self, block, nodes, backward=False)
         o()
-        o(f"# loop {seg}: {', '.join(cells)}, step by step over {T} steps")
+        o(f"# loop {self.loop_title(block, reads)}, step by step over {T} steps")
         o.last_loc = None
         for r in reads:
             node = g.node(r)
-            shape = _shape_tuple(node.shape)
-            o(f"{self.buf(r)} = rt.empty(xp, ({T} + 1, N) + {shape}, dtype)")
+            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(T + ' + 1', node.shape)}, dtype)")
             init = self.init_expr(r)
             if state_arg and node.attrs["init"] != "final":
                 o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
             else:
                 o(f"{self.buf(r)}[0] = {init}")
-        for n in nodes:
-            if n in stored:
-                o(f"{n}_seq = rt.empty(xp, ({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype)")
-        o(f"for t in range({T}):")
+        for n in plan.body:
+            if n in self.stored:
+                self.seq_alloc(o, n, T)
+        roots = {n for n in plan.body if n in self.stored or n in self.state_of_update}
+        zero = {r for r in reads if g.node(r).attrs["init"] == "zeros"}
+        general = plan.variant(set(), roots)
+        first = plan.variant(zero, roots) if zero else None
+        plan.emit_buffers(o)
+        if first is not None:
+            o("t0 = 0")
+            o("if state is None:" if state_arg else "if True:")
+            o.indent()
+            o("# t = 0: the states start at zero; what they multiply or convolve vanishes")
+            o("t = 0")
+            for r in reads:
+                if r not in zero:
+                    o(f"{r} = {self.buf(r)}[t]")
+            plan.emit(o, first)
+            o("t0 = 1")
+            o.dedent()
+            o(f"for t in range(t0, {T}):")
+        else:
+            o(f"for t in range({T}):")
         o.indent()
         o.last_loc = None
         for r in reads:
             o(f"{r} = {self.buf(r)}[t]")
-        ctx = ("loop", seg)
-        for n in nodes:
-            node = g.node(n)
-            if node.op == "state":
-                continue
-            o.loc_comment(node)
-            args = [self.at_step(i, ctx) for i in node.inputs]
-            o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
-            self.check(o, n, step=True, backward=False)
-            if n in stored:
-                o(f"{n}_seq[t] = {n}")
-        for r in reads:
-            o(f"{self.buf(r)}[t + 1] = {g.node(r).attrs['update']}")
+        plan.emit(o, general)
         o.dedent()
+        plan.drop_step_names(o)
 
-    def emit_bloop(self, o: _Out, seg: str, nodes: list[str]) -> None:
+    def emit_bloop(self, o: _Out, block: tuple, nodes: list[str]) -> None:
         g = self.g
         bw = self.bw
+        _, seg, _ = block
         T = self.seg_T[seg]
         carries = [n for n in nodes if g.node(n).op == "carry"]
-        if not nodes:
-            return
+        plan = _LoopPlan(self, block, nodes, backward=True)
         o()
-        o(f"# loop {seg}, backward through time: t = {T}-1 ... 0")
+        o(f"# loop {self.loop_title(block, carries)}, backward through time: t = {T}-1 ... 0")
         o.last_loc = None
-        zero_carry = {}
+        zero = set()
         for c in carries:
-            node = g.node(c)
-            term = node.attrs.get("terminal")
-            users = g.consumers(c)
-            # a carry that only feeds sums can be None ("no contribution yet")
-            zero_carry[c] = any(g.node(u).op != "addn" for u in users)
+            term = g.node(c).attrs.get("terminal")
             if term:
                 o(f"{c} = {' + '.join(term)}")
-            elif zero_carry[c]:
-                o(f"{c} = xp.zeros((N,) + {_shape_tuple(node.shape)}, dtype)")
             else:
-                o(f"{c} = None  # nothing flows back from after the last step")
-        for n in nodes:
-            if n in self.s.stored:
-                o(f"{n}_seq = rt.empty(xp, ({T}, N) + {_shape_tuple(g.node(n).shape)}, dtype)")
-        o(f"for t in range({T} - 1, -1, -1):")
+                zero.add(c)
+        never = {c for c in carries if c not in plan.read_ct_of_carry}
+        for n in plan.body:
+            if n in self.stored:
+                self.seq_alloc(o, n, T)
+        stored = {n for n in plan.body if n in self.stored}
+        cts = set(plan.read_ct_of_carry.values())
+        with_out = {ct for c, ct in plan.read_ct_of_carry.items()
+                    if bw.carry_outs.get(g.node(c).attrs["read"]) in g}
+        last = plan.variant(zero, stored | cts)
+        middle = plan.variant(never, stored | cts)
+        first = plan.variant(never, stored | with_out)
+        plan.emit_buffers(o)
+        o(f"t = {T} - 1")
+        o("# the last step: nothing flows back from after it")
+        plan.emit(o, last)
+        self.carry_step(o, plan, carries)
+        o(f"for t in range({T} - 2, 0, -1):")
         o.indent()
         o.last_loc = None
-        ctx = ("bloop", seg)
-        for n in nodes:
-            node = g.node(n)
-            if node.op == "carry":
-                continue
-            o.loc_comment(node)
-            if node.op == "addn":
-                plain = [self.at_step(i, ctx) for i in node.inputs
-                         if not (g.node(i).op == "carry" and not zero_carry[i])]
-                maybe = [i for i in node.inputs if g.node(i).op == "carry" and not zero_carry[i]]
-                if plain:
-                    o(f"{n} = {' + '.join(plain)}")
-                    for c in maybe:
-                        o(f"if {c} is not None:")
-                        o(f"    {n} = {n} + {c}")
-                else:
-                    o(f"{n} = {maybe[0]}")
-            else:
-                args = [self.at_step(i, ctx) for i in node.inputs]
-                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
-            self.check(o, n, step=True, backward=True)
-            if n in self.s.stored:
-                o(f"{n}_seq[t] = {n}")
-        # hand each state's cotangent to the previous step; cut at truncation windows
-        for c in carries:
-            read = g.node(c).attrs["read"]
-            ct = bw.read_cts.get(read)
-            if ct is None:
-                o(f"{c} = {'xp.zeros_like(' + c + ')' if zero_carry[c] else 'None'}")
-            else:
-                o(f"{c} = {self.at_step(ct, ctx)}")
-        if carries:
-            o("if bptt and t % bptt == 0:")
-            o("    # truncated BPTT: no gradient crosses into the previous window")
-            for c in carries:
-                o(f"    {c} = {'xp.zeros_like(' + c + ')' if zero_carry[c] else 'None'}")
+        plan.emit(o, middle)
+        self.carry_step(o, plan, carries)
+        o.dedent()
+        o(f"if {T} > 1:")
+        o.indent()
+        o("t = 0")
+        o("# the first step: nothing goes on to t = -1 but the initial states' gradients")
+        o.last_loc = None
+        plan.emit(o, first)
         o.dedent()
         # cotangents of the initial states (t = 0)
         for c in carries:
@@ -383,11 +556,22 @@ class Generator:
             co = bw.carry_outs.get(read)
             if co is None or co not in g:
                 continue
-            ct = bw.read_cts[read]
-            o(f"{co} = {self.at_step(ct, ctx)}")
+            o(f"{co} = {plan.read_ct_of_carry[c]}")
             if g.node(read).attrs["init"] == "learned":
-                o(f"if state is not None:  # started from a given state: no gradient to it")
+                o("if state is not None:  # started from a given state: no gradient to it")
                 o(f"    {co} = xp.zeros_like({co})")
+        plan.drop_step_names(o)
+
+    def carry_step(self, o: _Out, plan: "_LoopPlan", carries: list[str]) -> None:
+        """Hand each state's cotangent to the previous step; cut at truncation windows."""
+        moved = [c for c in carries if c in plan.read_ct_of_carry]
+        for c in moved:
+            o(f"{c} = {plan.read_ct_of_carry[c]}")
+        if moved:
+            o("if bptt and t % bptt == 0:")
+            o("    # truncated BPTT: no gradient crosses into the previous window")
+            for c in moved:
+                o(f"    {c} = xp.zeros_like({c})")
 
     # ------------------------------------------------------------ functions
     def forward_fn(self, o: _Out) -> None:
@@ -401,23 +585,19 @@ class Generator:
         o('    initial states (stateful inference)."""')
         o.indent()
         self.prologue(o, with_targets=False)
-        needed = set()
         from .passes import live_nodes
         needed = live_nodes(self.g, list(low.outputs.values()) +
                             [self.g.node(r).attrs["update"] for s in low.segments
                              for r in s.states])
-        stored = {n for n in self.s.stored if n in needed and not self.g.node(n).grad}
-        # outputs and later loops may read loop values: keep those buffers
-        for n in needed:
-            pass
-        saved = self.s.members
-        self.s.members = {b: [n for n in ns if n in needed and not self.g.node(n).grad]
-                          for b, ns in saved.items()}
-        for block in self.s.forward_blocks:
-            if block[0] == "tail":
-                continue
-            self.emit_block(o, block, stored=self._stored_fwd(needed), state_arg=True)
-        self.s.members = saved
+        needed = {n for n in needed if not self.g.node(n).grad}
+        self.begin_function(self._stored_fwd(needed))
+        members = {b: [n for n in ns if n in needed] for b, ns in self.s.members.items()}
+        blocks = [b for b in self.s.forward_blocks if b[0] != "tail"]
+        self.begin_blocks(blocks, members)
+        self.keep |= set(low.outputs.values())
+        for k, block in enumerate(blocks):
+            self.emit_block(o, block, members, state_arg=True)
+            self.release(o, k)
         o()
         outs = ", ".join(f"{n!r}: rt.batch_major({self.batched(i)})"
                          for n, i in low.outputs.items())
@@ -425,6 +605,32 @@ class Generator:
         o(f"final = {{{self.finals()}}}")
         o("return outputs, final")
         o.dedent()
+
+    def step_flops(self) -> int:
+        """Convolution FLOPs of one step of one sample, forward: how big a step is."""
+        total = 0
+        for n in self.g.order():
+            node = self.g.node(n)
+            if node.op != "conv" or node.grad or node.seg is None:
+                continue
+            w = self.g.node(node.inputs[1]).shape
+            cout, ho, wo = node.shape
+            total += 2 * cout * w[1] * w[2] * w[3] * ho * wo
+        return total
+
+    def begin_function(self, stored: set[str]) -> None:
+        """Start emitting one function: its stored values and their layouts."""
+        g = self.g
+        self.stored = set(stored)
+        self.work_count = 0
+        self.channel_major = set()
+        for n in self.stored:
+            users = g.consumers(n)
+            if any(g.node(u).op == "conv_grad_weight" and g.node(u).inputs[1] == n
+                   for u in users) and all(
+                    g.node(u).op in ("conv_grad_weight", "sum_to", "conv_grad_input")
+                    or self.s.block_of[u] == self.s.block_of[n] for u in users):
+                self.channel_major.add(n)
 
     def _stored_fwd(self, needed: set[str]) -> set[str]:
         """Forward loop values read outside their step, counting forward readers only."""
@@ -434,9 +640,10 @@ class Generator:
             b = self.s.block_of[n]
             if b[0] != "loop" or g.node(n).op == "state" or n in self.state_of_update:
                 continue
-            if any(u in needed and not g.node(u).grad and self.s.block_of[u] != b
-                   for u in g.consumers(n)):
+            if any(u in needed and self.s.block_of[u] != b for u in g.consumers(n)):
                 out.add(n)
+        from .schedule import through_views
+        out = through_views(g, out, self.s.block_of)
         return out
 
     def finals(self) -> str:
@@ -453,13 +660,23 @@ class Generator:
         o("")
         o("    Returns (loss, grads, final_states). bptt=k truncates the backward pass to")
         o("    windows of k steps; state={name: array} starts from given states (the")
-        o('    gradient stops there: stateful training)."""')
+        o("    gradient stops there: stateful training). On the CPU with several BLAS")
+        o("    threads allowed, the batch is cut into that many shards that run")
+        o('    side by side (rt.in_shards), each through loss_and_grad_shard."""')
+        o("    return rt.in_shards(loss_and_grad_shard, params, inputs, targets, state=state,")
+        o(f"                        bptt=bptt, backend=backend, work={self.step_flops()})")
+        o()
+        o()
+        o("def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=None):")
+        o('    """loss_and_grad for one batch (or one shard of it), in this thread."""')
         o.indent()
         self.prologue(o, with_targets=True)
-        for block in self.s.forward_blocks:
-            self.emit_block(o, block, stored=self.s.stored, state_arg=True)
-        for block in self.s.backward_blocks:
-            self.emit_block(o, block, stored=self.s.stored, state_arg=True)
+        self.begin_function(self.s.stored)
+        blocks = self.s.forward_blocks + self.s.backward_blocks
+        self.begin_blocks(blocks, self.s.members)
+        for k, block in enumerate(blocks):
+            self.emit_block(o, block, self.s.members, state_arg=True)
+            self.release(o, k)
         o()
         losses = " + ".join(low.losses)
         o(f"loss = float({losses})")
@@ -485,12 +702,350 @@ _BLOCK_TITLES = {
     "static": "parameters and constants",
     "data": "inputs",
     "pre": "before the loop, all steps at once",
+    "mid": "between two loops, all steps at once",
     "post": "after the loop, all steps at once",
     "tail": "loss",
     "bpre": "backward, before the loop, all steps at once",
+    "bmid": "backward, between two loops, all steps at once",
     "bpost": "backward, after the loop: gradients summed over all steps",
     "btail": "gradients",
 }
+
+
+class _Variant:
+    """One specialised copy of a loop body: what each node is, given some zero sources."""
+
+    def __init__(self, status: dict, alias: dict, args: dict, live: set, zero_sources: set):
+        self.status = status  # node -> "compute" | "zero" | "alias"
+        self.alias = alias  # alias node -> the node whose value it has
+        self.args = args  # compute node -> the operands it is computed from
+        self.live = live
+        self.zero_sources = zero_sources
+
+
+class _LoopPlan:
+    """The memory plan of one loop block, and the emission of its body's variants.
+
+    Destinations are fixed for state updates (`h_buf[t + 1]`), stored values
+    (`h_seq[t]`), cotangents carried to the previous step (a buffer of their
+    own) and the parts of a concat written in place; everything else that
+    can be written with `out=` gets a work buffer by a linear scan over the
+    body (per variant, over buffers shared by all variants of the loop).
+    """
+
+    def __init__(self, gen: Generator, block: tuple, nodes: list[str], backward: bool):
+        g = gen.g
+        self.gen, self.g, self.block, self.backward = gen, g, block, backward
+        self.body = [n for n in nodes if g.node(n).op not in ("state", "carry")]
+        self.sources = [n for n in nodes if g.node(n).op in ("state", "carry")]
+        self.source_set = set(self.sources)
+        self.pos = {n: i for i, n in enumerate(self.body)}
+        self.buffers: list[tuple[str, tuple]] = []
+        self.fixed: dict[str, tuple[str, str]] = {}  # node -> (kind, destination)
+        self.fresh: set[str] = set()  # allocated anew every step
+        self.read_ct_of_carry: dict[str, str] = {}
+        bw = gen.bw
+        if backward:
+            for c in self.sources:
+                ct = bw.read_cts.get(g.node(c).attrs["read"]) if bw is not None else None
+                if ct is not None and ct in self.pos:
+                    self.read_ct_of_carry[c] = ct
+        for n in self.body:
+            if not backward and n in gen.state_of_update:
+                self.fixed[n] = ("update", f"{gen.buf(gen.state_of_update[n])}[t + 1]")
+            elif n in gen.stored:
+                self.fixed[n] = ("stored", f"{n}_seq[t]")
+        for c, ct in self.read_ct_of_carry.items():
+            if ct in self.fixed:
+                continue  # a (T, ...) slot is not overwritten by the next step
+            uses = [self.pos[u] for u in g.consumers(c) if u in self.pos]
+            if _writes_into(g.node(ct).op) and g.node(ct).op not in _VIEWS and \
+                    (not uses or max(uses) < self.pos[ct]):
+                self.fixed[ct] = ("carried", f"{ct}_buf")
+            else:
+                # the carry is read after its new value is made, or it is a view: a
+                # fresh array every step keeps the previous step's value intact
+                x = ct
+                while x in self.pos and g.node(x).op in _VIEWS:
+                    x = g.node(x).inputs[0]
+                if x in self.pos and x not in self.fixed:
+                    self.fresh.add(x)
+                if ct not in self.fixed:
+                    self.fresh.add(ct)
+        # parts of a concat written straight into its channels
+        self.part_of: dict[str, tuple[str, int, int]] = {}
+        for n in self.body:
+            node = g.node(n)
+            if node.op != "concat" or n in self.fresh or len(set(node.inputs)) != len(node.inputs):
+                continue
+            parts, start = {}, 0
+            for p in node.inputs:
+                pn = g.node(p)
+                if p not in self.pos or not _writes_into(pn.op) or p in self.fixed or \
+                        p in self.fresh or g.consumers(p) != [n]:
+                    parts = None
+                    break
+                parts[p] = (n, start, start + pn.shape[0])
+                start += pn.shape[0]
+            if parts:
+                self.part_of.update(parts)
+        self.parents = {v[0] for v in self.part_of.values()}
+
+    # ------------------------------------------------------------ folding
+    def variant(self, zero_sources: set[str], roots: set[str]) -> _Variant:
+        """Fold the body for sources known to be zero; keep what `roots` need."""
+        g = self.g
+        status, alias, args = {}, {}, {}
+        zero = set(zero_sources)
+        for n in self.body:
+            node = g.node(n)
+            ins = list(node.inputs)
+            zs = [i in zero for i in ins]
+            st, use = "compute", ins
+            if any(zs):
+                rule = _ZERO_IF_ANY.get(node.op)
+                if rule is not None and any(zs[k] for k in rule if k < len(zs)):
+                    st = "zero"
+                elif node.op in ("add", "addn"):
+                    rest = [i for i, z in zip(ins, zs) if not z]
+                    if not rest:
+                        st = "zero"
+                    elif len(rest) == 1:
+                        st, alias[n] = "alias", rest[0]
+                    else:
+                        use = rest
+                elif node.op == "sub" and zs[1] and not zs[0]:
+                    st, alias[n] = "alias", ins[0]
+                elif node.op in _ZERO_IF_ALL and all(zs):
+                    st = "zero"
+            status[n] = st
+            args[n] = use
+            if st == "zero":
+                zero.add(n)
+        live = {r for r in roots if r in self.pos}
+        for n in reversed(self.body):
+            if n not in live:
+                continue
+            if status[n] == "alias":
+                live.add(alias[n])
+            elif status[n] == "compute":
+                live.update(args[n])
+        live = {n for n in live if n in self.pos or n in zero_sources}
+        v = _Variant(status, alias, args, live, set(zero_sources))
+        v.dest, v.retargeted = self._assign(v)
+        return v
+
+    def resolve(self, v: _Variant, x: str) -> str:
+        while v.status.get(x) == "alias":
+            x = v.alias[x]
+        return x
+
+    # ------------------------------------------------------------ buffers
+    def _temp(self, v: _Variant, n: str) -> bool:
+        """Does n need a work buffer (computed here, written with out=, no fixed place)?"""
+        op = self.g.node(n).op
+        return (n in v.live and v.status[n] == "compute" and op not in _VIEWS
+                and _writes_into(op) and n not in self.fixed and n not in self.part_of
+                and n not in self.fresh)
+
+    def _assign(self, v: _Variant) -> tuple[dict[str, str], set[str]]:
+        """Destinations of one variant: fixed ones, then work buffers by linear scan."""
+        g = self.g
+        live = [n for n in self.body if n in v.live]
+        temps = [n for n in live if self._temp(v, n)]
+        dest: dict[str, str] = {}
+        retarget: dict[str, str] = {}
+        direct: dict[str, set] = {}  # users naming a value itself, not an alias of it
+        for u in live:
+            used = [v.alias[u]] if v.status[u] == "alias" else \
+                v.args[u] if v.status[u] == "compute" else []
+            for i in used:
+                direct.setdefault(i, set()).add(u)
+        for n in live:  # a value only seen through a fixed place it equals is made there
+            if v.status[n] == "alias" and (n in self.fixed or n in self.part_of):
+                m = v.alias[n]
+                if m in temps and direct.get(m) == {n} and m not in retarget:
+                    retarget[m] = n
+        temps = [n for n in temps if n not in retarget]
+
+        def root(x):
+            x = self.resolve(v, x)
+            while x in self.pos:
+                if x in self.part_of:
+                    x = self.part_of[x][0]
+                elif g.node(x).op in _VIEWS and v.status.get(x) == "compute":
+                    x = self.resolve(v, g.node(x).inputs[0])
+                else:
+                    break
+            return x
+
+        # a cotangent carried to the previous step must not sit in a work buffer (the next
+        # step reuses those before it reads the carry): what it is a view of is allocated
+        v.fresh = set(self.fresh)
+        for ct in self.read_ct_of_carry.values():
+            if ct in v.live and ct not in self.fixed:
+                r = root(ct)
+                if r in temps and r != ct:
+                    temps.remove(r)
+                    v.fresh.add(r)
+
+        last: dict[str, int] = {}
+        for u in live:
+            used = [v.alias[u]] if v.status[u] == "alias" else \
+                v.args[u] if v.status[u] == "compute" else []
+            for i in used:
+                r = root(i)
+                last[r] = max(last.get(r, -1), self.pos[u])
+        start = {n: self.pos[n] for n in temps}
+        for p, (parent, _, _) in self.part_of.items():
+            if parent in start and p in v.live:
+                start[parent] = min(start[parent], self.pos[p])
+        owner: dict[str, str] = {}  # buffer -> the value in it now
+        where: dict[str, str] = {}  # value -> its buffer
+        by_start: dict[int, list[str]] = {}
+        for n in temps:
+            by_start.setdefault(start[n], []).append(n)
+        for p, n0 in enumerate(self.body):
+            for n in by_start.get(p, []):
+                node = g.node(n)
+                shape = tuple(node.shape)
+                chosen = None
+                if n == n0:  # in place: over an operand that dies here
+                    for k in _OUT_MAY_ALIAS.get(node.op, ()):
+                        if k >= len(v.args[n]):
+                            continue
+                        i = self.resolve(v, v.args[n][k])
+                        if i in where and root(i) == i and last.get(i) == p and \
+                                tuple(g.node(i).shape) == shape and owner.get(where[i]) == i:
+                            chosen = where[i]
+                            break
+                if chosen is None:
+                    free = [b for b, s in self.buffers if s == shape and b not in owner]
+                    if free:
+                        chosen = free[0]
+                    else:
+                        chosen = f"w{self.gen.work_count}"
+                        self.gen.work_count += 1
+                        self.buffers.append((chosen, shape))
+                owner[chosen] = n
+                where[n] = chosen
+            for b, val in list(owner.items()):
+                if last.get(val, start.get(val, p)) <= p:
+                    del owner[b]
+        for n in temps:
+            dest[n] = where[n]
+        for n, (kind, d) in self.fixed.items():
+            dest[n] = d
+        for m, n in retarget.items():  # parents first: a part's place is in its parent's
+            if n not in self.part_of:
+                dest[m] = dest[n]
+        for p, (parent, a, b) in self.part_of.items():
+            if parent in dest and parent not in v.fresh:
+                dest[p] = _sub(dest[parent], a, b)
+        for m, n in retarget.items():
+            if n in self.part_of and n in dest:
+                dest[m] = dest[n]
+        return dest, set(retarget.values())
+
+    def drop_step_names(self, o: _Out) -> None:
+        """After the loop: let go of the last step's names, or the views they hold would
+        keep the (T, ...) buffers alive after the code that frees them."""
+        names = sorted(set(self.body) | set(self.sources))
+        line: list[str] = []
+        for n in names + [None]:
+            if n is not None and len(" = ".join(line + [n])) < 80:
+                line.append(n)
+                continue
+            if line:
+                o(" = ".join(line) + " = None")
+            line = [n]
+
+    def emit_buffers(self, o: _Out) -> None:
+        """Allocate the work buffers every variant planned, once, before the loop."""
+        for ct in sorted(n for n, (k, _) in self.fixed.items() if k == "carried"):
+            o(f"{ct}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype)"
+              "  # carried to the previous step")
+        for name, shape in self.buffers:
+            o(f"{name} = rt.empty(xp, {_step_shape(shape)}, dtype)  # work buffer of one step")
+
+    # ------------------------------------------------------------ emission
+    def emit(self, o: _Out, v: _Variant) -> None:
+        g, gen = self.g, self.gen
+        dest = v.dest
+        expr: dict[str, str] = {}
+        needed_zero = set()  # zero values some computation reads
+        for n in self.body:
+            if n in v.live and v.status[n] == "compute":
+                needed_zero.update(i for i in v.args[n]
+                                   if v.status.get(i) == "zero" or i in v.zero_sources)
+        for z in sorted(needed_zero & v.zero_sources):
+            node = g.node(z)
+            if node.op == "state":
+                o(f"{z} = {gen.buf(z)}[t]")
+            else:
+                o(f"{z} = xp.zeros({_step_shape(node.shape)}, dtype)")
+
+        def ex(x):
+            x = self.resolve(v, x)
+            if x in expr:
+                return expr[x]
+            if x in self.pos or x in self.source_set:
+                return x
+            return gen.at_step(x, self.block)
+
+        for n in self.body:
+            if n not in v.live:
+                continue
+            node = g.node(n)
+            st = v.status[n]
+            o.loc_comment(node)
+            d = dest.get(n) if (n in self.fixed or n in self.part_of) else None
+            if st == "zero":
+                carried = n in self.read_ct_of_carry.values()
+                if d is not None:
+                    o(f"{d} = 0.0" if d.endswith("]") else f"{d}[...] = 0.0")
+                    expr[n] = d
+                    if carried:
+                        o(f"{n} = {d}")
+                        expr[n] = n
+                elif n in needed_zero or carried:
+                    o(f"{n} = xp.zeros({_step_shape(node.shape)}, dtype)")
+                    expr[n] = n
+                continue
+            if st == "alias":
+                e = ex(v.alias[n])
+                carried = n in self.read_ct_of_carry.values()
+                inside = self.resolve(v, n) in self.pos
+                if carried and d is None and inside:
+                    e = f"{e}.copy()"  # its buffer is reused before the next step reads it
+                elif n in v.retargeted or d is None:
+                    pass
+                elif carried and not inside:
+                    pass  # a value from outside the loop: read-only, nothing to copy
+                elif d.endswith("]"):
+                    o(f"{d} = {e}")
+                    e = d if carried else e
+                else:
+                    o(f"xp.copyto({d}, {e})")
+                    e = d
+                if carried:
+                    o(f"{n} = {e}")
+                    e = n
+                expr[n] = e
+                continue
+            args = [ex(i) for i in v.args[n]]
+            if n in self.parents and n in dest and n not in v.fresh and \
+                    all(p in self.part_of for p in node.inputs):
+                o(f"{n} = {dest[n]}  # its parts were written into it above")
+            elif n in dest and n not in v.fresh and node.op not in _VIEWS and \
+                    _writes_into(node.op):
+                o(f"{n} = {_into(node.op, args, node.attrs, dest[n])}")
+            else:
+                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+                if n in self.fixed and self.fixed[n][0] in ("update", "stored"):
+                    o(f"{self.fixed[n][1]} = {n}")
+            expr[n] = n
+            gen.check(o, n, n, step=True, backward=self.backward)
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False) -> str:

@@ -71,6 +71,11 @@ def fmt_shape(s) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in s) + "]"
 
 
+# Shape inference sets this for its last round: a dimension that is 1 wherever it
+# is known (a one-channel state meeting one-channel values) is then taken to be 1.
+UNKNOWN_MEETING_ONE_IS_ONE = False
+
+
 def broadcast(shapes) -> tuple:
     """NumPy broadcasting of per-sample shapes (scalars are shape ())."""
     rank = max(len(s) for s in shapes)
@@ -83,7 +88,7 @@ def broadcast(shapes) -> tuple:
                              + " do not match")
         if known:
             out.append(known[0])
-        elif any(d is None for d in dims):
+        elif any(d is None for d in dims) and not (UNKNOWN_MEETING_ONE_IS_ONE and 1 in dims):
             out.append(None)
         else:
             out.append(1)
@@ -333,6 +338,32 @@ defop(name="pad_channels", arity=1,
       code=lambda a, at: f"rt.pad_channels({a[0]}, {at['start']}, {at['total']})",
       ref=lambda g, start, total: K.pad_channels(g, start, total),
       doc="zeros except channels [start, start+C): the gradient of slice")
+
+def _kernel_part_shape(shapes, attrs):
+    (w,) = shapes
+    if len(w) != 4:
+        raise ShapeError(f"kernel_slice expects an [O, C, kh, kw] kernel, got {fmt_shape(w)}")
+    if not 0 <= attrs["start"] < attrs["stop"] <= (w[1] if w[1] is not None else attrs["stop"]):
+        raise ShapeError(f"input channels [{attrs['start']}, {attrs['stop']}) are not in "
+                         f"the kernel {fmt_shape(w)}")
+    return (w[0], attrs["stop"] - attrs["start"], w[2], w[3])
+
+
+defop(name="kernel_slice", arity=1, shape=_kernel_part_shape,
+      code=lambda a, at: f"xp.ascontiguousarray({a[0]}[:, {at['start']}:{at['stop']}])",
+      ref=lambda w, start, stop: w[:, start:stop],
+      vjp=(lambda b, n, g, i: b.op("kernel_pad", g, start=n.attrs["start"],
+                                   total=b.shape_of(n.inputs[0])[1]),),
+      doc="input channels [start, stop) of a kernel: conv(concat(a, b), W) is "
+          "conv(a, W[:, :Ca]) + conv(b, W[:, Ca:]) (the hoisting pass)")
+
+defop(name="kernel_pad", arity=1,
+      shape=lambda s, at: (s[0][0], at["total"]) + tuple(s[0][2:]),
+      code=lambda a, at: f"rt.kernel_pad({a[0]}, {at['start']}, {at['total']})",
+      ref=lambda g, start, total: K.kernel_pad(g, start, total),
+      vjp=(lambda b, n, g, i: b.op("kernel_slice", g, start=n.attrs["start"],
+                                   stop=n.attrs["start"] + b.shape_of(n.inputs[0])[1]),),
+      doc="zeros except input channels [start, start+C) of a kernel: kernel_slice's gradient")
 
 defop(name="reshape", arity=1, shape=lambda s, at: tuple(at["shape"]),
       code=lambda a, at: f"{a[0]}.reshape({tuple(at['shape'])})",

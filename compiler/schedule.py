@@ -1,6 +1,6 @@
 """Schedule: which nodes run inside a time loop, which run batched over all steps.
 
-For every loop (segment) the nodes that lie on the recurrence, those that
+For every loop (segment) the nodes that lie on a recurrence, those that
 depend on a state read *and* feed a state update, must run step by step.
 Everything else in that loop's time context runs once over the whole
 sequence, as one batched op on a (T, N, C, H, W) array: before the loop
@@ -10,6 +10,22 @@ losses). The backward pass is scheduled the same way, with carries as its
 recurrence, which puts the weight gradients after the loop as one reduction
 over all steps.
 
+One segment may hold several recurrences: stacked layers step together
+over one sequence, but layer 2 never feeds back into layer 1. The nodes of
+a loop are split into the strongly connected components of their graph
+with the time edges added (a state's update at t feeds its read at t+1; a
+read's cotangent at t feeds the carry at t-1); each recurrence becomes a
+loop of its own (*loop fission*), in dependency order, and what lies between
+two of them (layer 2's input-to-hidden convolution of layer 1's output, or
+its gradient) runs batched in a `mid` stage. Blocks are (kind, segment, k)
+with k numbering the loops of one segment.
+
+Before placing anything, the loop-aware rewrites of passes.py run on the
+differentiated graph (they need the recurrences this module computes): a
+convolution over concat(input, state) is split so that its input half can
+be hoisted, a cotangent built of slice gradients becomes a concat, gates
+of one kind share one activation call.
+
 The memory plan follows: a value computed in a loop gets a (T, N, ...)
 buffer only when something outside its step reads it (a batched stage, or
 the backward pass); everything else stays a temporary of one step.
@@ -18,22 +34,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import networkx as nx
+
+from . import passes
 from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
 
+LOOP_KINDS = ("loop", "bloop")
+
 
 @dataclass
 class Schedule:
-    blocks: list[tuple[str, str | None]]  # (kind, segment)
+    blocks: list[tuple]  # (kind, segment, k)
     members: dict[tuple, list[str]]  # block -> node ids in order
     block_of: dict[str, tuple]
     stored: set[str] = field(default_factory=set)  # loop values that need a (T, ...) buffer
     forward_blocks: list[tuple] = field(default_factory=list)
     backward_blocks: list[tuple] = field(default_factory=list)
+    rewrites: dict[str, int] = field(default_factory=dict)  # what the loop-aware passes did
 
     def loop_nodes(self, seg: str, backward: bool = False) -> list[str]:
-        return self.members.get(("bloop" if backward else "loop", seg), [])
+        """Every node of a segment's loops (all of its recurrences), in order."""
+        kind = "bloop" if backward else "loop"
+        return [n for b in self.blocks if b[0] == kind and b[1] == seg
+                for n in self.members.get(b, [])]
 
 
 def _stages(g: Graph, nodes: set[str], sources: set[str], sinks: set[str]):
@@ -41,10 +66,10 @@ def _stages(g: Graph, nodes: set[str], sources: set[str], sinks: set[str]):
     view = g.data_view()
     dep = set(sources)
     for s in sources:
-        dep |= {d for d in _desc(view, s) if d in nodes}
+        dep |= {d for d in nx.descendants(view, s) if d in nodes}
     anc = set(sinks)
     for s in sinks:
-        anc |= {a for a in _anc(view, s) if a in nodes}
+        anc |= {a for a in nx.ancestors(view, s) if a in nodes}
     loop = (dep & anc) | sources | sinks
     loop = {n for n in loop if n in nodes}
     post = {n for n in nodes if n in dep and n not in loop}
@@ -52,54 +77,99 @@ def _stages(g: Graph, nodes: set[str], sources: set[str], sinks: set[str]):
     return pre, loop, post
 
 
-def _desc(view, n):
-    import networkx as nx
-    return nx.descendants(view, n)
+def recurrences(g: Graph, nodes: set[str], links) -> list[tuple[str, set[str]]]:
+    """Split a loop's nodes into recurrences and the batched stages between them.
 
-
-def _anc(view, n):
-    import networkx as nx
-    return nx.ancestors(view, n)
+    `links` are the time edges (a, b): b at the next step reads a (state update
+    -> state read, read cotangent -> carry). With them added, both ways so a
+    read always stays with its update, every strongly connected component that
+    holds a link is one recurrence; the other components depend on one
+    recurrence and feed a later one, so they can run over all steps at once in
+    between. Returns [("loop", nodes), ("mid", nodes), ("loop", nodes), ...]
+    in dependency order (creation order breaks ties, so the result is stable).
+    """
+    h = nx.DiGraph()
+    h.add_nodes_from(nodes)
+    for u in nodes:
+        for v in g.data.successors(u):
+            if v in nodes:
+                h.add_edge(u, v)
+    ends = set()
+    for a, b in links:
+        if a in nodes and b in nodes:
+            h.add_edge(a, b)
+            h.add_edge(b, a)
+            ends |= {a, b}
+    cond = nx.condensation(h)
+    first = {c: min(g.node(n).order for n in cond.nodes[c]["members"]) for c in cond.nodes}
+    groups: list[tuple[str, set[str]]] = []
+    for c in nx.lexicographical_topological_sort(cond, key=first.__getitem__):
+        members = set(cond.nodes[c]["members"])
+        if len(members) > 1 or members & ends:
+            groups.append(("loop", members))
+        elif groups and groups[-1][0] == "mid":
+            groups[-1][1].update(members)
+        else:
+            groups.append(("mid", members))
+    # a "mid" group ahead of every loop cannot happen (everything here depends on a
+    # read), but keep the result well formed if it does: run it in the first loop
+    if groups and groups[0][0] == "mid":
+        kind, members = groups.pop(0)
+        if groups:
+            groups[0][1].update(members)
+        else:
+            groups.append(("loop", members))
+    # merge adjacent loops with no batched stage between them? No: separate loops
+    # are what lets the next layer's input convolution be batched.
+    return groups
 
 
 def schedule(low: Lowered, bw: Backward | None) -> Schedule:
     g = low.graph
+    rewrites = passes.loop_rewrites(low, bw) if bw is not None else {}
     segs = [s.id for s in sorted(low.segments, key=lambda s: s.index)]
-    fwd_blocks = [("static", None), ("data", None)]
-    for s in segs:
-        fwd_blocks += [("pre", s), ("loop", s), ("post", s)]
-    fwd_blocks.append(("tail", None))
-    bwd_blocks = []
-    if bw is not None:
-        for s in reversed(segs):
-            bwd_blocks += [("bpre", s), ("bloop", s), ("bpost", s)]
-        bwd_blocks.append(("btail", None))
-    blocks = fwd_blocks + bwd_blocks
-    index = {b: i for i, b in enumerate(blocks)}
-    block_of: dict[str, tuple] = {}
 
+    if bw is not None:
+        _backward_segments(g, bw)
+    fwd_groups: dict[str, list] = {}
+    bwd_groups: dict[str, list] = {}
+    block_of: dict[str, tuple] = {}
     for s in segs:
         fwd = {n for n in g.g.nodes if g.node(n).seg == s and not g.node(n).grad}
         reads = {n for n in fwd if g.node(n).op == "state"}
         updates = {g.node(r).attrs["update"] for r in reads}
         pre, loop, post = _stages(g, fwd, reads, updates)
         for n in pre:
-            block_of[n] = ("pre", s)
-        for n in loop:
-            block_of[n] = ("loop", s)
+            block_of[n] = ("pre", s, 0)
         for n in post:
-            block_of[n] = ("post", s)
+            block_of[n] = ("post", s, 0)
+        groups = recurrences(g, loop, [(g.node(r).attrs["update"], r) for r in reads])
+        fwd_groups[s] = _place(groups, s, "loop", "mid", block_of)
         if bw is not None:
             bnodes = {n for n in g.g.nodes if g.node(n).seg == s and g.node(n).grad}
             carries = {c for r, c in bw.carries.items() if g.node(r).seg == s}
             cts = {bw.read_cts[r] for r in bw.read_cts if g.node(r).seg == s}
             bpre, bloop, bpost = _stages(g, bnodes, carries, cts & bnodes)
             for n in bpre:
-                block_of[n] = ("bpre", s)
-            for n in bloop:
-                block_of[n] = ("bloop", s)
+                block_of[n] = ("bpre", s, 0)
             for n in bpost:
-                block_of[n] = ("bpost", s)
+                block_of[n] = ("bpost", s, 0)
+            links = [(bw.read_cts[r], c) for r, c in bw.carries.items()
+                     if r in bw.read_cts and g.node(r).seg == s]
+            groups = recurrences(g, bloop, links)
+            bwd_groups[s] = _place(groups, s, "bloop", "bmid", block_of)
+
+    fwd_blocks = [("static", None, 0), ("data", None, 0)]
+    for s in segs:
+        fwd_blocks += [("pre", s, 0)] + fwd_groups[s] + [("post", s, 0)]
+    fwd_blocks.append(("tail", None, 0))
+    bwd_blocks = []
+    if bw is not None:
+        for s in reversed(segs):
+            bwd_blocks += [("bpre", s, 0)] + bwd_groups[s] + [("bpost", s, 0)]
+        bwd_blocks.append(("btail", None, 0))
+    blocks = fwd_blocks + bwd_blocks
+    index = {b: i for i, b in enumerate(blocks)}
 
     order = g.order()
     for n in order:
@@ -107,24 +177,42 @@ def schedule(low: Lowered, bw: Backward | None) -> Schedule:
         if n in block_of:
             continue
         if node.seg is not None and node.seg.startswith("@"):
-            block_of[n] = ("data", None)
+            block_of[n] = ("data", None, 0)
             continue
         # static values and reductions: right after the last block they read from
         ins = [block_of[i] for i in node.inputs if i in block_of]
         if not ins:
-            block_of[n] = ("static", None) if not node.grad else ("btail", None)
+            block_of[n] = ("static", None, 0) if not node.grad else ("btail", None, 0)
             continue
         last = max(ins, key=lambda b: index[b])
-        kind, s = last
-        if kind == "loop":
-            last = ("post", s)
-        elif kind == "bloop":
-            last = ("bpost", s)
+        kind, s, _ = last
+        if kind in ("loop", "mid"):
+            last = ("post", s, 0)
+        elif kind in ("bloop", "bmid"):
+            # a reduction over a backward loop's steps (a weight gradient) runs right after
+            # that loop, so the loop's (T, ...) cotangents can go before the next one runs
+            last = ("bmid", s, last[2])
         elif kind in ("static", "data") and node.grad:
-            last = ("btail", None)
+            last = ("btail", None, 0)
         elif kind in ("static", "data"):
-            last = ("tail", None) if any(index[b] > 1 for b in ins) else last
+            last = ("tail", None, 0) if any(index[b] > 1 for b in ins) else last
         block_of[n] = last
+
+    # a forward value only the backward pass reads (the concat(x, h[t-1]) a weight gradient
+    # needs) is made where it is first needed, so it does not live through the loops
+    batched = ("bpre", "bmid", "bpost", "btail")
+    for n in reversed(order):
+        node = g.node(n)
+        users = g.consumers(n)
+        if node.grad or block_of[n][0] not in ("pre", "mid", "post") or not users or \
+                node.op in ("input", "param", "state") or \
+                any(g.node(r).op == "state" for r in g.g.successors(n)):
+            continue
+        if not all(block_of[u][0].startswith("b") for u in users):
+            continue
+        first = min((block_of[u] for u in users), key=lambda b: index[b])
+        if first[0] in batched:
+            block_of[n] = first
 
     members: dict[tuple, list[str]] = {b: [] for b in blocks}
     for n in order:
@@ -140,7 +228,7 @@ def schedule(low: Lowered, bw: Backward | None) -> Schedule:
     stored = set()
     for n in order:
         b = block_of[n]
-        if b[0] not in ("loop", "bloop"):
+        if b[0] not in LOOP_KINDS:
             continue
         node = g.node(n)
         if node.op in ("state", "carry"):
@@ -152,4 +240,92 @@ def schedule(low: Lowered, bw: Backward | None) -> Schedule:
             if block_of[user] != b and g.node(user).op != "carry_out":
                 stored.add(n)
                 break
-    return Schedule(blocks, members, block_of, stored, fwd_blocks, bwd_blocks)
+    return Schedule(blocks, members, block_of, through_views(g, stored, block_of), fwd_blocks,
+                    bwd_blocks, rewrites)
+
+
+def through_views(g: Graph, stored: set[str], block_of: dict) -> set[str]:
+    """A slice read outside its step is read through its operand: store the operand instead.
+
+    (The gates of a ConvLSTM are slices of one activation: the activation's
+    buffer is kept, not one per gate.) State reads and updates have their
+    state's buffer already.
+    """
+    out = set(stored)
+    changed = True
+    while changed:
+        changed = False
+        for n in sorted(out):
+            node = g.node(n)
+            if node.op != "slice" or block_of.get(node.inputs[0]) != block_of[n]:
+                continue
+            out.discard(n)
+            src = g.node(node.inputs[0])
+            is_update = any(g.node(r).op == "state" and g.node(r).attrs.get("update") == src.id
+                            for r in g.g.successors(src.id))
+            if src.op != "state" and not is_update:
+                out.add(src.id)
+            changed = True
+    return out
+
+
+def _backward_segments(g: Graph, bw: Backward) -> None:
+    """Put every backward node on a loop's recurrence into that loop's segment.
+
+    Autodiff gives a backward node the latest segment of its operands. A
+    cotangent that adds a later loop's contribution (the loss reads both
+    layers of an encoder whose second layer starts from the first's final
+    state) to an earlier loop's carry would land in the later loop, yet it
+    must run step by step in the earlier loop's backward pass.
+    """
+    view = g.data_view()
+    fixed = set()
+    for read, carry in bw.carries.items():
+        seg = g.node(read).seg
+        ct = bw.read_cts.get(read)
+        if ct is None:
+            continue
+        dep = nx.descendants(view, carry) | {carry}
+        anc = nx.ancestors(view, ct) | {ct}
+        for n in dep & anc:
+            node = g.node(n)
+            if node.grad and node.seg is not None and not node.seg.startswith("@"):
+                node.seg = seg
+                fixed.add(n)
+    # what follows from them: the latest segment of the operands, as autodiff has it
+    for n in g.order():
+        node = g.node(n)
+        if not node.grad or n in fixed or not node.inputs or node.op == "carry_out":
+            continue
+        if node.op == "conv_grad_weight" or (node.op == "sum_to" and
+                                             not node.attrs.get("batched")):
+            continue
+        segs = [g.node(i).seg for i in node.inputs if g.node(i).seg is not None]
+        node.seg = max(segs, key=_seg_key) if segs else None
+
+
+def _seg_key(seg: str):
+    # data sequences ("@x") come before loops ("loop0", "loop1", ...)
+    return (0, seg) if seg.startswith("@") else (1, int(seg[4:]))
+
+
+def _place(groups, seg: str, loop_kind: str, mid_kind: str, block_of: dict) -> list[tuple]:
+    """Number a segment's recurrences and in-between stages; returns their blocks."""
+    blocks = []
+    k = 0
+    for kind, members in groups:
+        if kind == "loop":
+            block = (loop_kind, seg, k)
+            k += 1
+        else:
+            block = (mid_kind, seg, k - 1)
+        blocks.append(block)
+        for n in members:
+            block_of[n] = block
+        if kind == "loop":  # every loop is followed by a (maybe empty) batched stage
+            blocks.append((mid_kind, seg, k - 1))
+    out = []
+    for b in blocks:  # one stage between two loops
+        if not out or b != out[-1]:
+            out.append(b)
+    return out

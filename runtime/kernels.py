@@ -10,6 +10,8 @@ table's reference evaluations and in tests; generated code never calls them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 
@@ -22,40 +24,128 @@ def array_module(a):
 
 
 # ---------------------------------------------------------------- activations
+# Generated code calls these with `out=`, a buffer planned once per shape, so
+# a training step allocates nothing inside its time loops. Each is a few
+# in-place ufunc passes over `out`; without `out` they allocate it.
 
-def sigmoid(x):
-    """1/(1+exp(-x)) without overflow warnings: tanh form, exact in float64."""
+def _errstate(xp):
+    """numpy's floating-point warning switch (CuPy does not warn)."""
+    return np.errstate(over="ignore") if xp is np else contextlib.nullcontext()
+
+
+def _out(xp, x, out):
+    return xp.empty(xp.shape(x), dtype=xp.result_type(x, np.float32)) if out is None else out
+
+
+def sigmoid(x, out=None):
+    """1/(1+exp(-x)): four passes over `out` (exp overflows to inf for x < -88, giving 0)."""
     xp = array_module(x)
-    return 0.5 * (xp.tanh(0.5 * x) + 1.0)
+    out = _out(xp, x, out)
+    xp.negative(x, out=out)
+    with _errstate(xp):
+        xp.exp(out, out=out)
+    xp.add(out, 1.0, out=out)
+    xp.reciprocal(out, out=out)
+    return out
 
 
-def hard_sigmoid(x):
+def tanh(x, out=None):
+    """tanh(x) as 2/(1+exp(-2x)) - 1: one exp and four cheap passes.
+
+    NumPy's float32 tanh took 1.4x as long on the benchmark machine (its exp
+    is the faster transcendental). Absolute error: a few ulp of 1.
+    """
     xp = array_module(x)
-    return xp.clip(0.2 * x + 0.5, 0.0, 1.0)
+    out = _out(xp, x, out)
+    xp.multiply(x, -2.0, out=out)
+    with _errstate(xp):
+        xp.exp(out, out=out)
+    xp.add(out, 1.0, out=out)
+    xp.divide(2.0, out, out=out)
+    return xp.subtract(out, 1.0, out=out)
 
 
-def sigmoid_grad(y, g):
-    return g * y * (1.0 - y)
+def hard_sigmoid(x, out=None):
+    xp = array_module(x)
+    if out is None:
+        return xp.clip(0.2 * x + 0.5, 0.0, 1.0)
+    xp.multiply(x, 0.2, out=out)
+    xp.add(out, 0.5, out=out)
+    return xp.clip(out, 0.0, 1.0, out=out)
 
 
-def tanh_grad(y, g):
-    return g * (1.0 - y * y)
+def sigmoid_grad(y, g, out=None):
+    """g*y*(1-y); `out` must not be `y` or `g`."""
+    if out is None:
+        return g * y * (1.0 - y)
+    xp = array_module(out)
+    xp.subtract(1.0, y, out=out)
+    xp.multiply(out, y, out=out)
+    return xp.multiply(out, g, out=out)
 
 
-def relu_grad(y, g):
-    return g * (y > 0)
+def tanh_grad(y, g, out=None):
+    """g*(1-y*y); `out` must not be `y` or `g`."""
+    if out is None:
+        return g * (1.0 - y * y)
+    xp = array_module(out)
+    xp.multiply(y, y, out=out)
+    xp.subtract(1.0, out, out=out)
+    return xp.multiply(out, g, out=out)
 
 
-def hard_sigmoid_grad(x, g):
-    return g * (0.2 * ((x > -2.5) & (x < 2.5)))
+def relu_grad(y, g, out=None):
+    if out is None:
+        return g * (y > 0)
+    xp = array_module(out)
+    xp.greater(y, 0, out=out)
+    return xp.multiply(out, g, out=out)
+
+
+def hard_sigmoid_grad(x, g, out=None):
+    if out is None:
+        return g * (0.2 * ((x > -2.5) & (x < 2.5)))
+    xp = array_module(out)
+    xp.less(xp.abs(x), 2.5, out=out)
+    xp.multiply(out, 0.2, out=out)
+    return xp.multiply(out, g, out=out)
+
+
+def addn(*xs, out=None):
+    """The sum of several values, into `out` (which may be the first operand)."""
+    if out is None:
+        total = xs[0] + xs[1]
+        for x in xs[2:]:
+            total = total + x
+        return total
+    xp = array_module(out)
+    xp.add(xs[0], xs[1], out=out)
+    for x in xs[2:]:
+        xp.add(out, x, out=out)
+    return out
 
 
 # ---------------------------------------------------------------- channels
 
-def concat(xs):
+def concat(xs, out=None):
     """Concatenate along channels (axis -3) of per-step or time-batched values."""
-    xp = array_module(xs[0])
-    return xp.concatenate(xs, axis=-3)
+    if out is None:
+        xp = array_module(xs[0])
+        return xp.concatenate(xs, axis=-3)
+    start = 0
+    for x in xs:
+        c = x.shape[-3]
+        out[..., start:start + c, :, :] = x
+        start += c
+    return out
+
+
+def kernel_pad(g, start, total):
+    """A zero kernel (O, total, kh, kw) with `g` at input channels [start, start + C)."""
+    xp = array_module(g)
+    out = xp.zeros((g.shape[0], total) + tuple(g.shape[2:]), dtype=g.dtype)
+    out[:, start:start + g.shape[1]] = g
+    return out
 
 
 def pad_channels(g, start, total):
@@ -94,16 +184,49 @@ def _flat(x, rank=4):
     return x.reshape((-1,) + x.shape[-3:]), x.shape[:-3]
 
 
-def conv2d(B, x, w, stride, pad, dilation):
+def _flat_view(out):
+    """`out` as (T*N, C, H, W) without copying (a copy would lose what is written into it)."""
+    if out.ndim == 4:
+        return out
+    view = out.view()
+    view.shape = (-1,) + out.shape[-3:]  # raises if the layout needs a copy
+    return view
+
+
+def _accepts_out(B) -> bool:
+    return bool(getattr(B, "accepts_out", False))
+
+
+def conv2d(B, x, w, stride, pad, dilation, out=None):
+    """y = conv(x, w), per step (N, C, H, W) or over a whole sequence (T, N, C, H, W).
+
+    With `out`, the result is written there (the backend writes it directly
+    when it can, else it is copied in).
+    """
     x2, lead = _flat(x)
+    if out is not None and _accepts_out(B):
+        B.conv2d(x2, w, stride, pad, dilation, out=_flat_view(out))
+        return out
     y = B.conv2d(x2, w, stride, pad, dilation)
-    return y if lead is None else y.reshape(lead + y.shape[1:])
+    y = y if lead is None else y.reshape(lead + y.shape[1:])
+    if out is None:
+        return y
+    out[...] = y
+    return out
 
 
-def conv2d_grad_input(B, g, w, x_shape, stride, pad, dilation):
+def conv2d_grad_input(B, g, w, x_shape, stride, pad, dilation, out=None):
     g2, lead = _flat(g)
-    dx = B.conv2d_grad_input(g2, w, (g2.shape[0],) + tuple(x_shape), stride, pad, dilation)
-    return dx if lead is None else dx.reshape(lead + dx.shape[1:])
+    full = (g2.shape[0],) + tuple(x_shape)
+    if out is not None and _accepts_out(B):
+        B.conv2d_grad_input(g2, w, full, stride, pad, dilation, out=_flat_view(out))
+        return out
+    dx = B.conv2d_grad_input(g2, w, full, stride, pad, dilation)
+    dx = dx if lead is None else dx.reshape(lead + dx.shape[1:])
+    if out is None:
+        return dx
+    out[...] = dx
+    return out
 
 
 def conv2d_grad_weight(B, x, g, w_shape, stride, pad, dilation):
@@ -307,3 +430,107 @@ def check_finite(value, node, where, t, direction):
         raise NonFiniteError(f"{where}: non-finite value in {node}{step} during the "
                              f"{direction} pass", node=node, where=where, step=t,
                              direction=direction)
+
+
+# ---------------------------------------------------------------- batch shards on the CPU
+# NumPy runs each elementwise op and each im2col copy on one core; only the GEMMs use
+# the BLAS threads. With T threads allowed, cutting the batch into T shards and running
+# each shard's whole training step in its own thread (BLAS single-threaded meanwhile)
+# puts every op on every core: the samples of a batch are independent until the
+# gradients are summed. NumPy releases the GIL inside ufuncs, copies and matmul.
+
+_SHARDS: dict = {"blas": None, "pool": None, "workers": 0, "backends": []}
+
+
+def _blas():
+    """threadpoolctl's controller of the BLAS libraries (None without threadpoolctl)."""
+    if _SHARDS["blas"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _SHARDS["blas"] = False
+        else:
+            _SHARDS["blas"] = ThreadpoolController().select(user_api="blas")
+    return _SHARDS["blas"] or None
+
+
+# Convolution FLOPs of one step of the whole batch below which a step is too small to
+# share: the threads of a shard, or of a GEMM, cost more to wake than they save. (A seed
+# ConvLSTM step, 32x72 @ 72x256, ran 1.5x slower on two OpenBLAS threads than on one.)
+SMALL_STEP_FLOPS = 40e6
+
+
+def shard_count(backend, n: int, work: float = float("inf")) -> int:
+    """How many shards to run a batch of n in: the BLAS threads allowed now (NumPy only).
+
+    work: convolution FLOPs of one step of one sample (the generated code knows them).
+    0 means: too small even for the BLAS threads, run everything on one.
+    """
+    from convc.runtime.ops_numpy import NumpyBackend
+
+    if backend is not None and type(backend) is not NumpyBackend:
+        return 1
+    blas = _blas()
+    if blas is None or not blas.lib_controllers:
+        return 1
+    threads = min(lib.num_threads or 1 for lib in blas.lib_controllers)
+    if threads < 2:
+        return 1
+    if n * work < SMALL_STEP_FLOPS:
+        return 0
+    return max(1, min(threads, n))
+
+
+def _split(tree, bounds):
+    if tree is None:
+        return [None] * len(bounds)
+    return [{k: v[a:b] for k, v in tree.items()} for a, b in bounds]
+
+
+def in_shards(fn, params, inputs, targets, state=None, bptt=None, backend=None,
+              work: float = float("inf")):
+    """fn(params, inputs, targets, ...) over batch shards in parallel threads, combined.
+
+    fn returns (loss, grads, finals) for the batch it is given. Every loss is a
+    mean over the batch (and steps and pixels), so the whole batch's loss and
+    gradients are the shards' weighted by their share of the batch; final
+    states are the shards' stacked. One shard: fn itself, unchanged (on one
+    BLAS thread when the steps are too small to share).
+    """
+    n = len(next(iter(inputs.values())))
+    k = shard_count(backend, n, work)
+    if k == 0:
+        with _blas().limit(limits=1):
+            return fn(params, inputs, targets, state=state, bptt=bptt, backend=backend)
+    if k == 1:
+        return fn(params, inputs, targets, state=state, bptt=bptt, backend=backend)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from convc.runtime.ops_numpy import NumpyBackend
+
+    bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+    while len(_SHARDS["backends"]) < k - 1:
+        _SHARDS["backends"].append(NumpyBackend())  # each thread its own work arrays
+    if _SHARDS["workers"] != k - 1:
+        if _SHARDS["pool"] is not None:
+            _SHARDS["pool"].shutdown()
+        _SHARDS["pool"] = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="convc")
+        _SHARDS["workers"] = k - 1
+    ins, tgs, sts = _split(inputs, bounds), _split(targets, bounds), _split(state, bounds)
+    with _blas().limit(limits=1):
+        futures = [_SHARDS["pool"].submit(fn, params, ins[i], tgs[i], state=sts[i], bptt=bptt,
+                                          backend=_SHARDS["backends"][i - 1])
+                   for i in range(1, k)]
+        parts = [fn(params, ins[0], tgs[0], state=sts[0], bptt=bptt, backend=backend)]
+        parts += [f.result() for f in futures]
+    weights = [(b - a) / n for a, b in bounds]
+    loss = sum(w * float(p[0]) for w, p in zip(weights, parts))
+    grads = {}
+    for name in parts[0][1]:
+        total = parts[0][1][name] * weights[0]
+        for w, p in zip(weights[1:], parts[1:]):
+            total += p[1][name] * w
+        grads[name] = total
+    xp = array_module(next(iter(parts[0][1].values())))
+    finals = {name: xp.concatenate([p[2][name] for p in parts], axis=0) for name in parts[0][2]}
+    return loss, grads, finals

@@ -1,30 +1,40 @@
-"""convc's own convolution: im2col plus one GEMM, written once for NumPy and CuPy.
+"""convc's own convolution: im2col plus GEMMs, written once for NumPy and CuPy.
 
-This is the hot path of training on a small CPU, so the layout is chosen to
-copy as little as possible (timed with float32 on 2 cores):
+This is the hot path of training on a small CPU, so the layouts are chosen
+to copy as little as possible (timed with float32 on 2 cores):
 
-- The im2col matrix is built as (C*kh*kw, N*Ho*Wo): a strided *view* of the
-  zero-padded input with the axes (C, kh, kw, N, Ho, Wo), copied once. Its
-  innermost axis runs along an image row, so the copy moves runs of Wo
-  elements; the transposed layout (N*Ho*Wo, C*kh*kw) moves runs of only kw
-  and was 3-8x slower to build.
-- Each of the three functions is then one 2-D GEMM. Only the small
-  (N, O, Ho, Wo) <-> (O, N*Ho*Wo) reshuffle of the output or its gradient
-  needs an extra copy; it is C*kh*kw / O times smaller than the im2col matrix.
-- col2im keeps the same (C, ..., N, Ho, Wo) order. A channels-last order
-  (runs of C instead of Wo) made the scatter-adds faster for C >= 80 but the
-  whole gradient 2-4x slower for C <= 17, as in a ConvLSTM's first layer.
+- Values stay (N, C, H, W). The forward convolution builds im2col per
+  image, (N, C*kh*kw, Ho*Wo), a strided *view* of the zero-padded input with
+  the axes (N, C, kh, kw, Ho, Wo) copied once (runs of Wo elements), and
+  multiplies it by the weight as a stack of GEMMs, (O, CK) @ (CK, HoWo) per
+  image: the result lands in (N, O, Ho, Wo) order, so there is no transpose
+  of the output, and `out=` writes it straight into the caller's buffer.
+- The input gradient is the same stack of GEMMs transposed, then col2im:
+  with stride 1 and `same` padding the centre tap covers every pixel, so it
+  is *assigned* (no zero fill) and the other taps are added onto the parts
+  of the image they reach; otherwise a zero-padded accumulator is used.
+- The weight gradient contracts over images and pixels at once: one GEMM
+  dW = gy (O, N*HoWo) @ cols^T, with the im2col matrix in the layout
+  (C*kh*kw, N*HoWo) (columns ordered image by image). gy is read in the
+  (O, N, HoWo) order that GEMM needs; the generated code keeps a cotangent
+  that feeds a weight gradient in that channel-major layout, so this is a
+  view, not a copy.
+- Long sequences are cut into chunks of images whose im2col matrix fits the
+  work budget, so a (T*N)-image batch never builds one huge matrix; chunks of
+  the weight gradient are accumulated.
 - A 1x1 convolution with stride 1 and no padding is a matmul over channels
   and skips im2col entirely.
-- Every call allocates its own buffers. Reusing a cached im2col buffer was
-  measured and saved nothing (the allocator hands back the same memory), so
-  the backend keeps no state and is safe to share.
+- Work arrays (padded input, im2col matrix, its gradient) come from a
+  `Workspace` the backend keeps: one flat array per purpose, grown to the
+  largest need and reused, so a training step allocates no im2col memory
+  after the first. Generated code is single-threaded, so one workspace per
+  backend object is safe.
 
 Every function takes the array module `xp` as its first argument, so the CuPy
 backend (ops_cupy.py) runs this same code on the GPU. Only operations both
-libraries share are used: zeros, slicing, matmul, transpose, reshape,
-`xp.lib.stride_tricks.as_strided` (called with shape and strides only, the
-arguments CuPy accepts).
+libraries share are used: zeros, empty, slicing, matmul (with `out=`),
+transpose, reshape, copyto, `xp.lib.stride_tricks.as_strided` (called with
+shape and strides only, the arguments CuPy accepts).
 """
 
 from __future__ import annotations
@@ -33,82 +43,182 @@ import numpy
 
 from convc.runtime.backend import Backend, Pair, check_conv2d_shapes
 
+# Bytes of im2col matrix per chunk: big enough for efficient GEMMs, small
+# enough to keep the working set (and the step's peak memory) modest.
+WORK_BYTES = 4 << 20
+# Below this size of gy's im2col an input gradient is computed as a forward convolution.
+FLIP_BYTES = 512 << 10
+
+
+class Workspace:
+    """Scratch arrays reused across calls: one flat array per purpose, grown as needed."""
+
+    def __init__(self) -> None:
+        self._flat: dict = {}
+        self._views: dict = {}
+
+    def view(self, key: tuple, make):
+        """A view of a kept buffer (the windows of a padded image), made once."""
+        v = self._views.get(key)
+        if v is None:
+            v = self._views[key] = make()
+        return v
+
+    def get(self, xp, purpose: str, shape: tuple, dtype):
+        dtype = xp.dtype(dtype)
+        size = 1
+        for d in shape:
+            size *= int(d)
+        key = (purpose, dtype.str, xp.__name__)
+        flat = self._flat.get(key)
+        if flat is None or flat.size < size:
+            flat = xp.empty(max(size, 1), dtype=dtype)
+            self._flat[key] = flat
+        return flat[:size].reshape(shape)
+
+    def padded(self, xp, shape: tuple, pad: Pair, dtype):
+        """A zero-padded buffer for images of one shape and padding, kept: only its
+        interior is ever written, so its border is zeroed once."""
+        key = ("padded", tuple(shape), tuple(pad), xp.dtype(dtype).str, xp.__name__)
+        a = self._flat.get(key)
+        if a is None:
+            n, c, h, w = shape
+            a = xp.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype=dtype)
+            self._flat[key] = a
+        return a
+
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in self._flat.values())
+
+
+def _scratch(xp, ws: Workspace | None, purpose: str, shape: tuple, dtype):
+    if ws is None:
+        return xp.empty(shape, dtype=dtype)
+    return ws.get(xp, purpose, shape, dtype)
+
 
 def _is_pointwise(w_shape: tuple, stride: Pair, pad: Pair) -> bool:
     """A 1x1 kernel at stride 1 without padding: output pixel p only sees input pixel p."""
     return w_shape[2] == 1 and w_shape[3] == 1 and tuple(stride) == (1, 1) and tuple(pad) == (0, 0)
 
 
-def _pad(xp, x, pad: Pair):
-    """A zero-padded copy of x, or x itself when there is no padding."""
+def _view(a, shape: tuple):
+    """`a` with another shape, never a copy (None when its layout does not allow it)."""
+    v = a.view()
+    try:
+        v.shape = shape
+    except AttributeError:
+        return None
+    return v
+
+
+def _chunk(n_items: int, bytes_per_item: int) -> int:
+    return max(1, min(n_items, WORK_BYTES // max(1, bytes_per_item)))
+
+
+def _padded(xp, x, pad: Pair, ws: Workspace | None):
+    """x with ph zero rows above and below and pw zero columns left and right."""
     ph, pw = pad
     if ph == 0 and pw == 0:
         return x
     n, c, h, w = x.shape
-    padded = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    padded[:, :, ph:ph + h, pw:pw + w] = x
-    return padded
+    if ws is None:
+        buf = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    else:  # only the interior is ever written: the border stays zero
+        buf = ws.padded(xp, x.shape, pad, x.dtype)
+    buf[:, :, ph:ph + h, pw:pw + w] = x
+    return buf
 
 
-def im2col(xp, x, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair, out_hw: Pair):
-    """The (C*kh*kw, N*Ho*Wo) matrix whose column (n, p, q) is the window under output (p, q).
+def _windows(xp, padded, n: int, c: int, kernel: Pair, stride: Pair, dilation: Pair,
+             out_hw: Pair, images_first: bool):
+    """The strided view of every window: (N, C, kh, kw, Ho, Wo) or (C, kh, kw, N, Ho, Wo)."""
+    s_n, s_c, s_h, s_w = padded.strides
+    kh, kw = kernel
+    ho, wo = out_hw
+    taps = (s_h * dilation[0], s_w * dilation[1])
+    moves = (s_h * stride[0], s_w * stride[1])
+    if images_first:
+        shape = (n, c, kh, kw, ho, wo)
+        strides = (s_n, s_c) + taps + moves
+    else:
+        shape = (c, kh, kw, n, ho, wo)
+        strides = (s_c,) + taps + (s_n,) + moves
+    if xp is numpy and padded.flags.c_contiguous:
+        # the same view as as_strided, built without its Python overhead (a few us a call)
+        return numpy.ndarray(shape, padded.dtype, buffer=padded, strides=strides)
+    return xp.lib.stride_tricks.as_strided(padded, shape=shape, strides=strides)
 
-    Row (c, i, j) of column (n, p, q) holds xpad[n, c, sh*p + dh*i, sw*q + dw*j].
-    The windows are taken as a strided view of the padded input, which costs
-    nothing, and copied into a contiguous matrix once.
+
+def im2col(xp, x, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair, out_hw: Pair,
+           ws: Workspace | None = None, images_first: bool = True):
+    """The windows of x as a matrix.
+
+    images_first: (N, C*kh*kw, Ho*Wo), one matrix per image (the forward GEMM
+    stack); else (C*kh*kw, N*Ho*Wo), one matrix for all images (the weight
+    gradient's GEMM). Row (c, i, j) of column (n, p, q) holds
+    xpad[n, c, sh*p + dh*i, sw*q + dw*j].
     """
-    padded = _pad(xp, x, pad)
     n, c = x.shape[:2]
     kh, kw = kernel
     ho, wo = out_hw
-    s_n, s_c, s_h, s_w = padded.strides
-    windows = xp.lib.stride_tricks.as_strided(
-        padded,
-        shape=(c, kh, kw, n, ho, wo),
-        strides=(s_c, s_h * dilation[0], s_w * dilation[1], s_n, s_h * stride[0],
-                 s_w * stride[1]),
-    )
-    return xp.ascontiguousarray(windows).reshape(c * kh * kw, n * ho * wo)
+    padded = _padded(xp, x, pad, ws)
+    if padded is x or ws is None:
+        win = _windows(xp, padded, n, c, kernel, stride, dilation, out_hw, images_first)
+    else:  # the padded buffer is kept, and so is this view of it
+        key = (x.shape, tuple(pad), padded.dtype.str, xp.__name__, tuple(kernel),
+               tuple(stride), tuple(dilation), images_first)
+        win = ws.view(key, lambda: _windows(xp, padded, n, c, kernel, stride, dilation,
+                                            out_hw, images_first))
+    col = _scratch(xp, ws, "col", win.shape, x.dtype)
+    xp.copyto(col, win)
+    if images_first:
+        return col.reshape(n, c * kh * kw, ho * wo)
+    return col.reshape(c * kh * kw, n * ho * wo)
 
 
-def col2im(xp, col, x_shape: tuple, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair,
-           out_hw: Pair):
-    """The adjoint of im2col: add every window in `col` back onto the input it came from.
+def col2im(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair,
+           out_hw: Pair, ws: Workspace | None = None):
+    """The adjoint of im2col: write into dx (N, C, H, W) the sum of every window in dcol.
 
-    Windows overlap, so this is a scatter-add. It is done as one strided
-    slice-add per kernel offset (kh*kw of them), each covering all images,
-    channels and output pixels at once. The accumulator uses the (C, N, ...)
-    axis order of `col` so that those adds walk both arrays in the same order;
-    one copy at the end puts the result back in (N, C, H, W).
+    dcol is (N, C*kh*kw, Ho*Wo). Windows overlap, so this is a scatter-add,
+    done as one strided slice-add per kernel tap (kh*kw of them), each over
+    all images, channels and output pixels at once.
     """
-    n, c, h, w = x_shape
+    n, c, h, w = dx.shape
     kh, kw = kernel
     ho, wo = out_hw
     sh, sw = stride
     ph, pw = pad
-    col = col.reshape(c, kh, kw, n, ho, wo)
-    padded = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=col.dtype)
+    dh, dw = dilation
+    d = dcol.reshape(n, c, kh, kw, ho, wo)
+    centre = (ph % dh == 0 and pw % dw == 0 and ph // dh < kh and pw // dw < kw)
+    if (sh, sw) == (1, 1) and (ho, wo) == (h, w) and centre:
+        # the centre tap reaches every pixel: assign it, add the others where they land
+        i0, j0 = ph // dh, pw // dw
+        dx[...] = d[:, :, i0, j0]
+        for i in range(kh):
+            oy = i * dh - ph
+            y0, y1 = max(0, oy), min(h, ho + oy)
+            for j in range(kw):
+                if (i, j) == (i0, j0):
+                    continue
+                ox = j * dw - pw
+                x0, x1 = max(0, ox), min(w, wo + ox)
+                if y0 < y1 and x0 < x1:
+                    dx[:, :, y0:y1, x0:x1] += d[:, :, i, j, y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+        return dx
+    acc = _scratch(xp, ws, "col2im", (n, c, h + 2 * ph, w + 2 * pw), dx.dtype)
+    acc[...] = 0
     for i in range(kh):
-        top = i * dilation[0]
+        top = i * dh
         rows = slice(top, top + sh * (ho - 1) + 1, sh)
         for j in range(kw):
-            left = j * dilation[1]
+            left = j * dw
             cols = slice(left, left + sw * (wo - 1) + 1, sw)
-            padded[:, :, rows, cols] += col[:, i, j]
-    interior = padded[:, :, ph:ph + h, pw:pw + w]
-    return xp.ascontiguousarray(interior.transpose(1, 0, 2, 3))
-
-
-def _to_rows(gy):
-    """(N, O, Ho, Wo) -> (O, N*Ho*Wo), the layout the GEMMs against im2col need (copies)."""
-    n, o, ho, wo = gy.shape
-    return gy.transpose(1, 0, 2, 3).reshape(o, n * ho * wo)
-
-
-def _from_rows(xp, y, n: int, out_hw: Pair):
-    """(O, N*Ho*Wo) -> a contiguous (N, O, Ho, Wo), the inverse of _to_rows."""
-    o = y.shape[0]
-    return xp.ascontiguousarray(y.reshape(o, n, out_hw[0], out_hw[1]).transpose(1, 0, 2, 3))
+            acc[:, :, rows, cols] += d[:, :, i, j]
+    dx[...] = acc[:, :, ph:ph + h, pw:pw + w]
+    return dx
 
 
 def _check_gy(gy, x_shape: tuple, w_shape: tuple, out_hw: Pair) -> None:
@@ -118,46 +228,164 @@ def _check_gy(gy, x_shape: tuple, w_shape: tuple, out_hw: Pair) -> None:
                          f"{expected} for input {tuple(x_shape)} and weight {tuple(w_shape)}")
 
 
-def conv2d(xp, x, w, stride: Pair, pad: Pair, dilation: Pair):
-    """y = conv2d(x, w): one GEMM, w as (O, C*kh*kw) times im2col(x)."""
+def _result(xp, out, shape: tuple, dtype):
+    """The array to write a result into, and a (rows, cols) view of it per image."""
+    if out is None:
+        out = xp.empty(shape, dtype=dtype)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    return out
+
+
+def conv2d(xp, x, w, stride: Pair, pad: Pair, dilation: Pair, out=None,
+           ws: Workspace | None = None):
+    """y = conv2d(x, w): per image, the weight (O, C*kh*kw) times the image's im2col."""
     out_hw = check_conv2d_shapes(x.shape, w.shape, stride, pad, dilation)
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
+    ho, wo = out_hw
+    out = _result(xp, out, (n, o, ho, wo), x.dtype)
+    y3 = _view(out, (n, o, ho * wo))
+    if y3 is None:  # a strided out: compute, then copy in
+        out[...] = conv2d(xp, x, w, stride, pad, dilation, ws=ws)
+        return out
+    w2 = w.reshape(o, c * kh * kw)  # a copy only for a sliced kernel (small)
     if _is_pointwise(w.shape, stride, pad):
-        # (O, C) @ (N, C, H*W) broadcasts to (N, O, H*W): already in output order.
-        return xp.matmul(w.reshape(o, c), x.reshape(n, c, h * wd)).reshape(n, o, h, wd)
-    col = im2col(xp, x, (kh, kw), stride, pad, dilation, out_hw)
-    y = xp.matmul(w.reshape(o, c * kh * kw), col)
-    return _from_rows(xp, y, n, out_hw)
+        x3 = x.reshape(n, c, h * wd)
+        xp.matmul(w2, x3, out=y3)
+        return out
+    step = _chunk(n, c * kh * kw * ho * wo * x.itemsize)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        col = im2col(xp, x[a:b], (kh, kw), stride, pad, dilation, out_hw, ws)
+        xp.matmul(w2, col, out=y3[a:b])
+    return out
 
 
-def conv2d_grad_input(xp, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair):
-    """dx = col2im(w^T @ gy): the transpose of conv2d's GEMM, then the transpose of im2col."""
+def conv2d_grad_input(xp, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
+                      out=None, ws: Workspace | None = None):
+    """dx = col2im(w^T @ gy) per image: the transpose of conv2d's GEMMs, then of im2col."""
     x_shape = tuple(x_shape)
     out_hw = check_conv2d_shapes(x_shape, w.shape, stride, pad, dilation)
     _check_gy(gy, x_shape, w.shape, out_hw)
     n, c, h, wd = x_shape
     o, _, kh, kw = w.shape
+    ho, wo = out_hw
+    out = _result(xp, out, x_shape, gy.dtype)
+    if tuple(stride) == (1, 1) and n * o * kh * kw * ho * wo * gy.itemsize <= FLIP_BYTES and \
+            not _is_pointwise(w.shape, stride, pad):
+        # small: the input gradient as a forward convolution of gy with the kernel turned
+        # around (one im2col copy instead of kh*kw slice-adds, which cost more in calls)
+        q = (dilation[0] * (kh - 1) - pad[0], dilation[1] * (kw - 1) - pad[1])
+        if min(q) >= 0:
+            turned = xp.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+            return conv2d(xp, gy, turned, (1, 1), q, dilation, out=out, ws=ws)
+    g3 = gy.reshape(n, o, ho * wo)  # a view for the layouts generated code uses
+    wt = w.reshape(o, c * kh * kw).T
     if _is_pointwise(w.shape, stride, pad):
-        return xp.matmul(w.reshape(o, c).T, gy.reshape(n, o, h * wd)).reshape(x_shape)
-    dcol = xp.matmul(w.reshape(o, c * kh * kw).T, _to_rows(gy))
-    return col2im(xp, dcol, x_shape, (kh, kw), stride, pad, dilation, out_hw)
+        dx3 = _view(out, (n, c, h * wd))
+        if dx3 is None:
+            out[...] = xp.matmul(wt, g3).reshape(x_shape)
+        else:
+            xp.matmul(wt, g3, out=dx3)
+        return out
+    step = _chunk(n, c * kh * kw * ho * wo * gy.itemsize)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        dcol = _scratch(xp, ws, "dcol", (b - a, c * kh * kw, ho * wo), gy.dtype)
+        xp.matmul(wt, g3[a:b], out=dcol)
+        col2im(xp, dcol, out[a:b], (kh, kw), stride, pad, dilation, out_hw, ws)
+    return out
 
 
-def conv2d_grad_weight(xp, x, gy, w_shape: tuple, stride: Pair, pad: Pair, dilation: Pair):
-    """dw = gy @ im2col(x)^T: one GEMM summing over images and output pixels together."""
+def conv2d_grad_weight(xp, x, gy, w_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
+                       ws: Workspace | None = None):
+    """dw = gy @ im2col(x)^T: GEMMs summing over images and output pixels together."""
     w_shape = tuple(w_shape)
     out_hw = check_conv2d_shapes(x.shape, w_shape, stride, pad, dilation)
     _check_gy(gy, x.shape, w_shape, out_hw)
     n, c, h, wd = x.shape
     o, _, kh, kw = w_shape
+    ho, wo = out_hw
     if _is_pointwise(w_shape, stride, pad):
         # Contract over images and pixels at once: (N, O, HW) x (N, C, HW) -> (O, C).
         dw = xp.tensordot(gy.reshape(n, o, h * wd), x.reshape(n, c, h * wd), axes=([0, 2], [0, 2]))
         return dw.reshape(w_shape)
-    col = im2col(xp, x, (kh, kw), stride, pad, dilation, out_hw)
-    # col.T is a transposed view; matmul hands it to BLAS as such, without a copy.
-    return xp.matmul(_to_rows(gy), col.T).reshape(w_shape)
+    # (O, N*HoWo): a view when gy is channel-major, as generated code keeps it
+    rows = _view(gy.transpose(1, 0, 2, 3), (o, n * ho * wo))
+    k = c * kh * kw
+    dw = xp.empty((o, k), dtype=x.dtype)
+    taps = kh * kw
+    group = 2 * WORK_BYTES // max(1, taps * n * ho * wo * x.itemsize)
+    if rows is not None and n * ho * wo >= 4096 and group * taps >= 96:
+        # many images: cut the im2col matrix by input channels instead of by images, so
+        # every GEMM still runs over all images and pixels (long enough to be efficient)
+        # and writes its own columns of dw: no partial sums to add up
+        for c0 in range(0, c, group):
+            c1 = min(c, c0 + group)
+            col = im2col(xp, x[:, c0:c1], (kh, kw), stride, pad, dilation, out_hw, ws,
+                         images_first=False)
+            xp.matmul(rows, col.T, out=dw[:, c0 * taps:c1 * taps])
+        return dw.reshape(w_shape)
+    step = _chunk(n, k * ho * wo * x.itemsize)
+    part = None
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        col = im2col(xp, x[a:b], (kh, kw), stride, pad, dilation, out_hw, ws,
+                     images_first=False)
+        if rows is not None:
+            g = rows[:, a * ho * wo:b * ho * wo]
+        else:
+            g = xp.ascontiguousarray(gy[a:b].transpose(1, 0, 2, 3)).reshape(o, -1)
+        if a == 0:
+            xp.matmul(g, col.T, out=dw)
+        else:
+            if part is None:
+                part = xp.empty((o, k), dtype=x.dtype)
+            xp.matmul(g, col.T, out=part)
+            dw += part
+    return dw.reshape(w_shape)
+
+
+class _SmallConv:
+    """A small convolution of one geometry, with its buffers: three NumPy calls a step.
+
+    Inside a time loop the same convolution runs T times on same-shaped
+    arrays; when its im2col matrix is small, the call overhead of working
+    everything out again (a few tens of us) costs more than the arithmetic.
+    This keeps the padded input, the windows view of it and the im2col
+    matrix; a call copies x into the padding, the windows into the matrix,
+    and runs the GEMM stack.
+    """
+
+    LIMIT = 1 << 20  # bytes of im2col matrix
+
+    def __init__(self, x_shape: tuple, w_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
+                 dtype):
+        n, c, h, w = x_shape
+        o, _, kh, kw = w_shape
+        self.out_hw = ho, wo = check_conv2d_shapes(x_shape, w_shape, stride, pad, dilation)
+        self.out_shape = (n, o, ho, wo)
+        self.rows = (o, c * kh * kw)
+        ph, pw = pad
+        self.padded = numpy.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
+        self.interior = self.padded[:, :, ph:ph + h, pw:pw + w]
+        self.windows = _windows(numpy, self.padded, n, c, (kh, kw), stride, dilation,
+                                self.out_hw, True)
+        self.col = numpy.empty(self.windows.shape, dtype=dtype)
+        self.col3 = self.col.reshape(n, c * kh * kw, ho * wo)
+
+    def __call__(self, x, w, out):
+        self.interior[...] = x
+        numpy.copyto(self.col, self.windows)
+        if out is None:
+            out = numpy.empty(self.out_shape, dtype=x.dtype)
+        y3 = _view(out, (self.out_shape[0], self.out_shape[1], -1))
+        if y3 is None:
+            out[...] = numpy.matmul(w.reshape(self.rows), self.col3).reshape(self.out_shape)
+        else:
+            numpy.matmul(w.reshape(self.rows), self.col3, out=y3)
+        return out
 
 
 class NumpyBackend(Backend):
@@ -165,16 +393,54 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = numpy
+    accepts_out = True  # conv2d and conv2d_grad_input write into a given `out`
 
-    def conv2d(self, x, w, stride: Pair, pad: Pair, dilation: Pair):
-        return conv2d(self.xp, x, w, stride, pad, dilation)
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+        self._small: dict = {}
 
-    def conv2d_grad_input(self, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair):
-        return conv2d_grad_input(self.xp, gy, w, x_shape, stride, pad, dilation)
+    def _small_conv(self, x, w, stride, pad, dilation):
+        """The kept plan of a small, padded convolution of x's geometry (None if not small)."""
+        key = (x.shape, w.shape, stride, pad, dilation, x.dtype)
+        plan = self._small.get(key)
+        if plan is None:
+            n, c, h, wd = x.shape
+            o, _, kh, kw = w.shape
+            small = n * c * kh * kw * h * wd * x.itemsize <= _SmallConv.LIMIT
+            if not small or _is_pointwise(w.shape, stride, pad) or pad == (0, 0) or \
+                    pad == [0, 0]:
+                plan = False
+            else:
+                plan = _SmallConv(x.shape, w.shape, tuple(stride), tuple(pad), tuple(dilation),
+                                  x.dtype)
+            self._small[key] = plan
+        return plan or None
+
+    def conv2d(self, x, w, stride: Pair, pad: Pair, dilation: Pair, out=None):
+        plan = self._small_conv(x, w, stride, pad, dilation)
+        if plan is not None:
+            return plan(x, w, out)
+        return conv2d(self.xp, x, w, stride, pad, dilation, out=out, ws=self.workspace)
+
+    def conv2d_grad_input(self, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
+                          out=None):
+        if tuple(stride) == (1, 1) and gy.size * w.shape[2] * w.shape[3] * gy.itemsize \
+                <= FLIP_BYTES:
+            kh, kw = w.shape[2], w.shape[3]
+            q = (dilation[0] * (kh - 1) - pad[0], dilation[1] * (kw - 1) - pad[1])
+            if min(q) >= 0 and q != (0, 0) and tuple(x_shape)[2:] == \
+                    tuple(d + 2 * qq - dd * (k - 1) for d, qq, dd, k in
+                          zip(gy.shape[2:], q, dilation, (kh, kw))):
+                # see conv2d_grad_input: a forward convolution with the kernel turned round
+                turned = numpy.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1])
+                return self.conv2d(gy, turned, (1, 1), q, tuple(dilation), out=out)
+        return conv2d_grad_input(self.xp, gy, w, x_shape, stride, pad, dilation, out=out,
+                                 ws=self.workspace)
 
     def conv2d_grad_weight(self, x, gy, w_shape: tuple, stride: Pair, pad: Pair,
                            dilation: Pair):
-        return conv2d_grad_weight(self.xp, x, gy, w_shape, stride, pad, dilation)
+        return conv2d_grad_weight(self.xp, x, gy, w_shape, stride, pad, dilation,
+                                  ws=self.workspace)
 
     def asnumpy(self, a) -> numpy.ndarray:
         return numpy.asarray(a)

@@ -1,0 +1,168 @@
+"""runtime/bench.py (`convc bench`), bench/peer_adapter.py and bench/gpu_check.py."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import convc.api as api
+from convc.runtime import bench
+from convc.runtime.backend import get_backend
+from helpers import ROOT
+
+TINY = dict(N=2, T=3, Cin=1, H=8, hidden=3, k=3, layers=1)
+
+
+def _module(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def peers_formula(cfg: dict) -> int:
+    """The peer yardstick's nominal FLOPs of one step (common.conv_flops), by hand."""
+    n, t, h, ch, k = cfg["N"], cfg["T"], cfg["H"], cfg["hidden"], cfg["k"]
+    fwd = 0
+    for layer in range(cfg["layers"]):
+        c = (cfg["Cin"] if layer == 0 else ch) + ch
+        fwd += 2 * n * t * h * h * 4 * ch * c * k * k
+    fwd += 2 * n * t * h * h * cfg["Cin"] * ch
+    return 3 * fwd
+
+
+@pytest.mark.parametrize("name", sorted(bench.CONFIGS))
+def test_flop_count_from_the_graph_matches_the_peers_formula(name):
+    cfg = dict(bench.CONFIGS[name], name=name)
+    mod = api.load(None, text=bench.peer_cell_text(cfg))
+    flops = bench.conv_flops(mod, {"x": cfg["T"]}, cfg["N"])
+    assert flops["total"] == peers_formula(cfg)
+    assert flops["backward"] == 2 * flops["forward"]
+
+
+def test_run_and_report(monkeypatch):
+    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    report = bench.run(config="tiny", steps=2, warmup=1, threads=1, peak=True)
+    (r,) = report["results"]
+    assert r["name"] == "tiny" and r["timed_steps"] >= 2
+    assert r["median_ms"] > 0 and r["gflops"] > 0
+    assert r["flops"]["total"] == peers_formula(TINY)
+    assert np.isfinite(r["loss_first"]) and r["loss_last"] < r["loss_first"] + 1.0
+    assert report["gemm_peak"]["gflops"] > 0 and 0 < r["peak_fraction"]
+    text = bench.format_report(report)
+    assert "tiny" in text and "GEMM peak" in text and "% peak" in text
+    json.dumps(report)  # serialisable for --json
+
+
+def test_run_on_a_cell_file():
+    report = bench.run(spec=ROOT / "examples" / "stack.cell", steps=1, warmup=0, threads=1,
+                       batch=2, frames=3, peak=False)
+    (r,) = report["results"]
+    assert r["name"] == "stack.cell" and r["flops"]["total"] > 0
+    assert "gemm_peak" not in report
+
+
+def test_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--config", "tiny", "--steps", "1", "--warmup", "0", "--threads", "1",
+                       "--no-peak", "--json", str(out)]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"][0]["name"] == "tiny"
+
+
+# ---------------------------------------------------------------- the peer adapter
+
+@pytest.fixture(scope="module")
+def adapter():
+    return _module(ROOT / "bench" / "peer_adapter.py", "convc_peer_adapter_test")
+
+
+def _peer_params(cfg, rng):
+    ch, k = cfg["hidden"], cfg["k"]
+    p = {}
+    for layer in range(cfg["layers"]):
+        c = (cfg["Cin"] if layer == 0 else ch) + ch
+        p[f"l{layer}.W"] = rng.uniform(-0.3, 0.3, (4 * ch, c, k, k)).astype(np.float32)
+        p[f"l{layer}.b"] = rng.uniform(-0.1, 0.1, 4 * ch).astype(np.float32)
+    p["head.W"] = rng.uniform(-0.5, 0.5, (cfg["Cin"], ch, 1, 1)).astype(np.float32)
+    p["head.b"] = rng.uniform(-0.1, 0.1, cfg["Cin"]).astype(np.float32)
+    return p
+
+
+def _reference_loss(cfg, p, data):
+    """The peers' model written out in NumPy (float64), for the step-0 loss."""
+    from convc.runtime.kernels import conv2d_ref
+    x, y = data[:, :-1].astype(np.float64), data[:, 1:].astype(np.float64)
+    n, t = x.shape[:2]
+    ch, k = cfg["hidden"], cfg["k"]
+    seq = [x[:, s] for s in range(t)]
+    for layer in range(cfg["layers"]):
+        h = np.zeros((n, ch) + x.shape[-2:])
+        c = np.zeros_like(h)
+        out = []
+        for s in range(t):
+            z = conv2d_ref(np.concatenate([seq[s], h], 1), p[f"l{layer}.W"].astype(np.float64),
+                           (1, 1), (k // 2, k // 2), (1, 1))
+            z += p[f"l{layer}.b"][None, :, None, None]
+            i, f, o, g = np.split(z, 4, axis=1)
+            sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+            c = sig(f) * c + sig(i) * np.tanh(g)
+            h = sig(o) * np.tanh(c)
+            out.append(h)
+        seq = out
+    logits = np.stack([conv2d_ref(h, p["head.W"].astype(np.float64), (1, 1), (0, 0), (1, 1))
+                       for h in seq], 1) + p["head.b"][None, None, :, None, None]
+    return float(np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_adapter_loss_matches_the_peers_model(adapter, layers):
+    cfg = dict(TINY, layers=layers, name="tiny", peephole=False, loss="bce")
+    rng = np.random.default_rng(layers)
+    p = _peer_params(cfg, rng)
+    data = (rng.uniform(0, 1, (cfg["N"], cfg["T"] + 1, 1, 8, 8)) > 0.6).astype(np.float32)
+    model = adapter.build_model(cfg, p, data, 0.1)
+    loss, grads = model.loss_and_grads()
+    assert sorted(grads) == sorted(p)
+    assert all(grads[k].shape == p[k].shape for k in p)
+    assert loss == pytest.approx(_reference_loss(cfg, p, data), abs=1e-5)
+    first = model.train_step()
+    assert first == pytest.approx(loss, abs=1e-6)
+    assert model.train_step() < first  # SGD went downhill
+    assert "convc" in adapter.versions()
+
+
+# ---------------------------------------------------------------- gpu_check
+
+def test_gpu_check_fails_cleanly_without_cupy():
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "CuPy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gpu_check_logic_runs_on_the_cpu_backend():
+    """The checks themselves, with NumPy standing in for CuPy."""
+    gc = _module(ROOT / "bench" / "gpu_check.py", "convc_gpu_check_test")
+    cpu = get_backend("cpu")
+    f = gc.check_float64(cpu)
+    assert f["ok"] and f["grad_max_rel_diff"] == 0.0
+    monkey = dict(gc.CONFIG_SET)
+    gc.CONFIG_SET["small"] = dict(TINY)
+    try:
+        assert gc.check_repeatable(cpu)["bitwise_identical"]
+        t = gc.time_convc(cpu, "small", 1, deadline=float("inf"))
+        assert t["steps"] == 1 and t["median_ms"] > 0
+    finally:
+        gc.CONFIG_SET.clear()
+        gc.CONFIG_SET.update(monkey)
