@@ -140,7 +140,7 @@ def loss_and_grad(params, inputs, targets, state=None, bptt=None, backend=None):
     threads allowed, the batch is cut into that many shards that run
     side by side (rt.in_shards), each through loss_and_grad_shard."""
     return rt.in_shards(loss_and_grad_shard, params, inputs, targets, state=state,
-                        bptt=bptt, backend=backend)
+                        bptt=bptt, backend=backend, work=1331200)
 
 
 def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=None):
