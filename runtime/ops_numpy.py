@@ -48,6 +48,8 @@ from convc.runtime.backend import Backend, Pair, check_conv2d_shapes
 WORK_BYTES = 4 << 20
 # Below this size of gy's im2col an input gradient is computed as a forward convolution.
 FLIP_BYTES = 512 << 10
+# From this many im2col rows (C*kh*kw) up, the images of a chunk share one GEMM.
+ONE_GEMM_ROWS = 256
 
 
 class Workspace:
@@ -74,6 +76,19 @@ class Workspace:
         if flat is None or flat.size < size:
             flat = xp.empty(max(size, 1), dtype=dtype)
             self._flat[key] = flat
+        return flat[:size].reshape(shape)
+
+    def slot(self, xp, key: tuple, shape: tuple, dtype):
+        """A slot of the generated code's memory plan (see kernels.empty), kept and reused."""
+        dtype = xp.dtype(dtype)
+        size = 1
+        for d in shape:
+            size *= int(d)
+        full = ("slot",) + tuple(key) + (dtype.str, xp.__name__)
+        flat = self._flat.get(full)
+        if flat is None or flat.size < size:
+            flat = xp.empty(max(size, 1), dtype=dtype)
+            self._flat[full] = flat
         return flat[:size].reshape(shape)
 
     def padded(self, xp, shape: tuple, pad: Pair, dtype):
@@ -221,6 +236,32 @@ def col2im(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair,
     return dx
 
 
+def col2im_images_last(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair,
+                       out_hw: Pair, ws: Workspace | None = None):
+    """col2im of a (C*kh*kw, N*Ho*Wo) matrix (images after the taps) into dx (N, C, H, W).
+
+    The taps are added in the matrix's own (C, N, ...) order, into a padded
+    accumulator, which is then copied into dx image by image.
+    """
+    n, c, h, w = dx.shape
+    kh, kw = kernel
+    ho, wo = out_hw
+    sh, sw = stride
+    ph, pw = pad
+    d = dcol.reshape(c, kh, kw, n, ho, wo)
+    acc = _scratch(xp, ws, "col2im", (c, n, h + 2 * ph, w + 2 * pw), dx.dtype)
+    acc[...] = 0
+    for i in range(kh):
+        top = i * dilation[0]
+        rows = slice(top, top + sh * (ho - 1) + 1, sh)
+        for j in range(kw):
+            left = j * dilation[1]
+            cols = slice(left, left + sw * (wo - 1) + 1, sw)
+            acc[:, :, rows, cols] += d[:, i, j]
+    dx[...] = acc[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
+    return dx
+
+
 def _check_gy(gy, x_shape: tuple, w_shape: tuple, out_hw: Pair) -> None:
     expected = (x_shape[0], w_shape[0], out_hw[0], out_hw[1])
     if tuple(gy.shape) != expected:
@@ -249,12 +290,25 @@ def conv2d(xp, x, w, stride: Pair, pad: Pair, dilation: Pair, out=None,
     if y3 is None:  # a strided out: compute, then copy in
         out[...] = conv2d(xp, x, w, stride, pad, dilation, ws=ws)
         return out
-    w2 = w.reshape(o, c * kh * kw)  # a copy only for a sliced kernel (small)
+    w2 = w.reshape(o, c * kh * kw)  # a view, also of a kernel slice W[:, a:b] (BLAS takes
+    # its row stride)
     if _is_pointwise(w.shape, stride, pad):
         x3 = x.reshape(n, c, h * wd)
         xp.matmul(w2, x3, out=y3)
         return out
     step = _chunk(n, c * kh * kw * ho * wo * x.itemsize)
+    if n > 1 and c * kh * kw >= ONE_GEMM_ROWS:
+        # one GEMM for all images of a chunk: the weight is packed once, not per image;
+        # the (O, images*HoWo) result is then put in image order (a copy C*kh*kw times
+        # smaller than the im2col matrix)
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            col = im2col(xp, x[a:b], (kh, kw), stride, pad, dilation, out_hw, ws,
+                         images_first=False)
+            y2 = _scratch(xp, ws, "rows", (o, (b - a) * ho * wo), x.dtype)
+            xp.matmul(w2, col, out=y2)
+            y3[a:b] = y2.reshape(o, b - a, ho * wo).transpose(1, 0, 2)
+        return out
     for a in range(0, n, step):
         b = min(n, a + step)
         col = im2col(xp, x[a:b], (kh, kw), stride, pad, dilation, out_hw, ws)
@@ -290,9 +344,20 @@ def conv2d_grad_input(xp, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilati
             xp.matmul(wt, g3, out=dx3)
         return out
     step = _chunk(n, c * kh * kw * ho * wo * gy.itemsize)
+    rows = _view(gy.transpose(1, 0, 2, 3), (o, n * ho * wo)) if n > 1 else None
+    if rows is not None and c * kh * kw >= ONE_GEMM_ROWS:
+        # gy channel-major (as generated code keeps dz): one GEMM for all images of a
+        # chunk, col2im in the (C, kh, kw, images, Ho, Wo) order it gives
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            dcol = _scratch(xp, ws, "col", (c * kh * kw, (b - a) * ho * wo), gy.dtype)
+            xp.matmul(wt, rows[:, a * ho * wo:b * ho * wo], out=dcol)
+            col2im_images_last(xp, dcol, out[a:b], (kh, kw), stride, pad, dilation, out_hw, ws)
+        return out
     for a in range(0, n, step):
         b = min(n, a + step)
-        dcol = _scratch(xp, ws, "dcol", (b - a, c * kh * kw, ho * wo), gy.dtype)
+        # (the forward im2col's buffer: never in use at the same time)
+        dcol = _scratch(xp, ws, "col", (b - a, c * kh * kw, ho * wo), gy.dtype)
         xp.matmul(wt, g3[a:b], out=dcol)
         col2im(xp, dcol, out[a:b], (kh, kw), stride, pad, dilation, out_hw, ws)
     return out
@@ -308,9 +373,10 @@ def conv2d_grad_weight(xp, x, gy, w_shape: tuple, stride: Pair, pad: Pair, dilat
     o, _, kh, kw = w_shape
     ho, wo = out_hw
     if _is_pointwise(w_shape, stride, pad):
-        # Contract over images and pixels at once: (N, O, HW) x (N, C, HW) -> (O, C).
-        dw = xp.tensordot(gy.reshape(n, o, h * wd), x.reshape(n, c, h * wd), axes=([0, 2], [0, 2]))
-        return dw.reshape(w_shape)
+        # per image (O, HW) @ (HW, C), then summed over images: no transposed copy of x
+        # (tensordot makes one, which cost 3x this on a (T*N, C, HW) sequence)
+        dw = xp.matmul(gy.reshape(n, o, h * wd), x.reshape(n, c, h * wd).transpose(0, 2, 1))
+        return dw.sum(axis=0).reshape(w_shape)
     # (O, N*HoWo): a view when gy is channel-major, as generated code keeps it
     rows = _view(gy.transpose(1, 0, 2, 3), (o, n * ho * wo))
     k = c * kh * kw
@@ -388,6 +454,60 @@ class _SmallConv:
         return out
 
 
+class _SmallGradInput:
+    """dx = col2im(W^T @ gy) of a small stride-1 `same` convolution, taps worked out once.
+
+    The GEMM writes the kept (N, C*kh*kw, HoWo) matrix; the centre tap is
+    assigned to dx and the other taps, views made once here, are added where
+    they land: kh*kw + 1 NumPy calls, no zero fill, no Python arithmetic.
+    """
+
+    def __init__(self, gy_shape: tuple, w_shape: tuple, pad: Pair, dilation: Pair, dtype):
+        n, o, ho, wo = gy_shape
+        _, c, kh, kw = w_shape
+        ph, pw = pad
+        dh, dw = dilation
+        self.dcol = numpy.empty((n, c * kh * kw, ho * wo), dtype=dtype)
+        self.rows = (o, c * kh * kw)
+        self.g3 = (n, o, ho * wo)
+        d = self.dcol.reshape(n, c, kh, kw, ho, wo)
+        i0, j0 = ph // dh, pw // dw
+        self.centre = d[:, :, i0, j0]
+        self.dx = numpy.empty(self.centre.shape, dtype=dtype)  # kept, so are the views of it
+        self.taps = []
+        for i in range(kh):
+            oy = i * dh - ph
+            y0, y1 = max(0, oy), min(ho, ho + oy)
+            for j in range(kw):
+                if (i, j) == (i0, j0):
+                    continue
+                ox = j * dw - pw
+                x0, x1 = max(0, ox), min(wo, wo + ox)
+                if y0 < y1 and x0 < x1:
+                    self.taps.append((self.dx[:, :, y0:y1, x0:x1],
+                                      d[:, :, i, j, y0 - oy:y1 - oy, x0 - ox:x1 - ox]))
+
+    @staticmethod
+    def fits(gy_shape, w_shape, x_shape, stride, pad, dilation) -> bool:
+        n, o, ho, wo = gy_shape
+        _, c, kh, kw = w_shape
+        ph, pw = pad
+        dh, dw = dilation
+        return (tuple(stride) == (1, 1) and (ho, wo) == tuple(x_shape[2:]) and ph % dh == 0
+                and pw % dw == 0 and ph // dh < kh and pw // dw < kw
+                and n * c * kh * kw * ho * wo * 4 <= _SmallConv.LIMIT and (kh, kw) != (1, 1))
+
+    def __call__(self, gy, w, out):
+        numpy.matmul(w.reshape(self.rows).T, gy.reshape(self.g3), out=self.dcol)
+        numpy.copyto(self.dx, self.centre)
+        for region, tap in self.taps:
+            numpy.add(region, tap, out=region)
+        if out is None:
+            return self.dx.copy()
+        numpy.copyto(out, self.dx)
+        return out
+
+
 class NumpyBackend(Backend):
     """NumPy arrays on the CPU with convc's im2col + GEMM convolution."""
 
@@ -424,6 +544,15 @@ class NumpyBackend(Backend):
 
     def conv2d_grad_input(self, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
                           out=None):
+        key = ("dx", gy.shape, w.shape, tuple(x_shape), stride, pad, dilation, gy.dtype)
+        plan = self._small.get(key)
+        if plan is None:
+            plan = self._small[key] = (
+                _SmallGradInput(gy.shape, w.shape, tuple(pad), tuple(dilation), gy.dtype)
+                if _SmallGradInput.fits(gy.shape, w.shape, x_shape, stride, pad, dilation)
+                else False)
+        if plan:
+            return plan(gy, w, out)
         if tuple(stride) == (1, 1) and gy.size * w.shape[2] * w.shape[3] * gy.itemsize \
                 <= FLIP_BYTES:
             kh, kw = w.shape[2], w.shape[3]
