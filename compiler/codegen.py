@@ -79,9 +79,6 @@ def _short(path: str) -> str:
     return os.path.basename(path)
 
 
-def _shape_tuple(shape) -> str:
-    return "(" + ", ".join(str(d) for d in shape) + ("," if len(shape) == 1 else "") + ")"
-
 
 
 def _step_shape(shape) -> str:
@@ -216,15 +213,21 @@ class Generator:
         o(f"rt.check_finite({expr}, {nid!r}, {where!r}, {'t' if step else 'None'}, "
           f"{'backward' if backward else 'forward'!r})")
 
+    def keep_arg(self, slot) -> str:
+        """rt.empty's `keep=`: the buffer is kept by the backend between calls, in this slot."""
+        return f"keep=(B, {self.fn_name!r}, {slot!r})"
+
     def seq_alloc(self, o: _Out, n: str, T: str) -> None:
-        """The (T, N, ...) buffer of a stored loop value."""
+        """The (T, N, ...) buffer of a stored loop value (in its place of the memory plan)."""
         shape = tuple(self.g.node(n).shape)
+        keep = self.at_arg(n) if n in self.place_of else "keep=None"
         if n in self.channel_major and len(shape) == 3:
-            o(f"{n}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype)")
+            o(f"{n}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype, "
+              f"{keep})")
             o(f"{n}_seq = {n}_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a "
               "weight gradient")
         else:
-            o(f"{n}_seq = rt.empty(xp, {_seq_shape(T, shape)}, dtype)")
+            o(f"{n}_seq = rt.empty(xp, {_seq_shape(T, shape)}, dtype, {keep})")
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
@@ -363,6 +366,10 @@ class Generator:
             if over is not None:
                 o(f"{n} = {_into(node.op, args, node.attrs, args[over])}  # in place: "
                   f"{node.inputs[over]} is not read again")
+            elif n in self.place_of:
+                shape = _seq_shape(self.batched_t(n), node.shape)
+                buf = f"rt.empty(xp, {shape}, dtype, {self.at_arg(n)})"
+                o(f"{n} = {_into(node.op, args, node.attrs, buf)}")
             else:
                 o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
             self.check(o, n, n, step=False, backward=node.grad)
@@ -375,8 +382,8 @@ class Generator:
         """
         g = self.g
         node = g.node(n)
-        if node.seg is None or not _writes_into(node.op):
-            return None
+        if node.seg is None or not _writes_into(node.op) or n in self.keep:
+            return None  # (what the function returns gets memory of its own)
         for k in _OUT_MAY_ALIAS.get(node.op, ()):
             if k >= len(node.inputs):
                 continue
@@ -402,9 +409,9 @@ class Generator:
                 for i in g.node(n).inputs:
                     while i in present:
                         self.last_read[i] = max(self.last_read.get(i, -1), index[b])
-                        if not self.is_view_of_step(i):
+                        if g.node(i).op not in _VIEWS:
                             break
-                        i = g.node(i).inputs[0]  # read through the slice: its operand is read
+                        i = g.node(i).inputs[0]  # read through a view: its operand is read
         low = self.low
         keep = set(low.losses) | set(low.outputs.values())
         if self.bw is not None:
@@ -413,6 +420,82 @@ class Generator:
             keep.update(g.node(n).attrs.get("terminal", ()))
         self.keep = keep
         self.present = present
+        # slots: (T, ...) buffers of loop values whose lives do not overlap share memory
+        # (layer 1's dz, freed after its weight gradient, is layer 0's dz); the backend
+        # keeps the slots between calls, so a training step allocates none of them
+        # (so do the batched values written with out=, a conv's output over all steps: its
+        # memory is the backward pass's dz, which only comes to life after it is dead)
+        root_of: dict[str, str] = {}
+        lives: dict[str, list] = {}  # root value -> [(T, elements per step), first, last block]
+
+        def size_of(n):
+            size = 1
+            for d in g.node(n).shape:
+                size *= int(d)
+            return size
+
+        for k, b in enumerate(blocks):
+            for n in members.get(b, []):
+                node = g.node(n)
+                if b[0] in LOOP_KINDS:
+                    if n in self.stored:
+                        root_of[n] = n
+                        lives[n] = [(self.seg_T[b[1]], size_of(n)), k,
+                                    max(k, self.last_read.get(n, k))]
+                    continue
+                if self.batched_t(n) is None or node.op in _NOT_OURS or node.op in _VIEWS \
+                        or not _writes_into(node.op) or n in keep:
+                    continue
+                over = self.overwritable(n)
+                if over is not None and node.inputs[over] in root_of:
+                    r = root_of[node.inputs[over]]  # in place: the operand's memory
+                    root_of[n] = r
+                    lives[r][2] = max(lives[r][2], self.last_read.get(n, k))
+                else:
+                    root_of[n] = n
+                    lives[n] = [(self.batched_t(n), size_of(n)), k,
+                                max(k, self.last_read.get(n, k))]
+        # one arena per time axis, T*N*A elements; each buffer a range of it: the largest
+        # first, each at the lowest offset clear of every buffer whose life overlaps its own
+        placed: dict[str, list] = {}
+        offset_of: dict[str, tuple] = {}
+        for r, ((T, size), start, end) in sorted(lives.items(),
+                                                 key=lambda kv: (-kv[1][0][1], kv[1][1], kv[0])):
+            here = placed.setdefault(T, [])
+            busy = sorted((o, o + sz) for o, sz, a, b in here if not (b < start or end < a))
+            off = 0
+            for lo, hi in busy:
+                if off + size <= lo:
+                    break
+                off = max(off, hi)
+            here.append((off, size, start, end))
+            offset_of[r] = (T, off)
+        self.arena_size = {T: max(o + sz for o, sz, _, _ in here) for T, here in placed.items()}
+        self.place_of = {n: offset_of[r] for n, r in root_of.items()}
+
+    def arena_name(self, T: str) -> str:
+        return "arena" + T[1:]  # T_x -> arena_x
+
+    def emit_arenas(self, o: _Out) -> None:
+        """The memory of every (T, N, ...) buffer the plan places, kept by the backend."""
+        for T, size in sorted(self.arena_size.items()):
+            key = f"{self.fn_name}/{T[2:]}"  # one arena per function and time axis
+            o(f"{self.arena_name(T)} = rt.arena(B, {key!r}, {size} * {T} * N, dtype)"
+              "  # the memory plan's (T, N, ...) buffers")
+
+    def at_arg(self, n: str) -> str:
+        """rt.empty's `at=`: where in its arena the plan put n's buffer."""
+        T, off = self.place_of[n]
+        return f"at=({self.arena_name(T)}, {off} * {T} * N)"
+
+    def batched_t(self, n: str) -> str | None:
+        """The time length of a per-step value (T_x), None for a value without time."""
+        seg = self.g.node(n).seg
+        if seg is None:
+            return None
+        if seg.startswith("@"):
+            return f"T_{self.low.axis_of.get(seg[1:], seg[1:])}"
+        return self.seg_T.get(seg)
 
     def release(self, o: _Out, k: int) -> None:
         """`del` the big arrays nothing reads after block k (their memory goes back)."""
@@ -467,7 +550,8 @@ class Generator:
         o.last_loc = None
         for r in reads:
             node = g.node(r)
-            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(T + ' + 1', node.shape)}, dtype)")
+            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(T + ' + 1', node.shape)}, dtype, "
+              f"{self.keep_arg(self.buf(r))})")
             init = self.init_expr(r)
             if state_arg and node.attrs["init"] != "final":
                 o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
@@ -593,14 +677,19 @@ class Generator:
         self.begin_function(self._stored_fwd(needed))
         members = {b: [n for n in ns if n in needed] for b, ns in self.s.members.items()}
         blocks = [b for b in self.s.forward_blocks if b[0] != "tail"]
+        self.fn_name = "forward"
         self.begin_blocks(blocks, members)
         self.keep |= set(low.outputs.values())
+        self.emit_arenas(o)
         for k, block in enumerate(blocks):
             self.emit_block(o, block, members, state_arg=True)
             self.release(o, k)
         o()
-        outs = ", ".join(f"{n!r}: rt.batch_major({self.batched(i)})"
-                         for n, i in low.outputs.items())
+        def out(i):  # loop values live in buffers the backend reuses: hand out copies
+            e = f"rt.batch_major({self.batched(i)})"
+            return e + ".copy()" if self.s.block_of[i][0] in LOOP_KINDS else e
+
+        outs = ", ".join(f"{n!r}: {out(i)}" for n, i in low.outputs.items())
         o(f"outputs = {{{outs}}}")
         o(f"final = {{{self.finals()}}}")
         o("return outputs, final")
@@ -650,7 +739,8 @@ class Generator:
         parts = []
         for seg in self.low.segments:
             for r in seg.states:
-                parts.append(f"{self.g.node(r).attrs['state']!r}: {self.buf(r)}[-1]")
+                # a copy: the state's buffer is the backend's, reused by the next call
+                parts.append(f"{self.g.node(r).attrs['state']!r}: {self.buf(r)}[-1].copy()")
         return ", ".join(parts)
 
     def loss_and_grad_fn(self, o: _Out) -> None:
@@ -673,7 +763,9 @@ class Generator:
         self.prologue(o, with_targets=True)
         self.begin_function(self.s.stored)
         blocks = self.s.forward_blocks + self.s.backward_blocks
+        self.fn_name = "loss_and_grad"
         self.begin_blocks(blocks, self.s.members)
+        self.emit_arenas(o)
         for k, block in enumerate(blocks):
             self.emit_block(o, block, self.s.members, state_arg=True)
             self.release(o, k)
@@ -962,11 +1054,13 @@ class _LoopPlan:
 
     def emit_buffers(self, o: _Out) -> None:
         """Allocate the work buffers every variant planned, once, before the loop."""
+        keep = self.gen.keep_arg
         for ct in sorted(n for n, (k, _) in self.fixed.items() if k == "carried"):
-            o(f"{ct}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype)"
-              "  # carried to the previous step")
+            o(f"{ct}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype, "
+              f"{keep(ct)})  # carried to the previous step")
         for name, shape in self.buffers:
-            o(f"{name} = rt.empty(xp, {_step_shape(shape)}, dtype)  # work buffer of one step")
+            o(f"{name} = rt.empty(xp, {_step_shape(shape)}, dtype, {keep(name)})  "
+              "# work buffer of one step")
 
     # ------------------------------------------------------------ emission
     def emit(self, o: _Out, v: _Variant) -> None:

@@ -350,7 +350,7 @@ def _kernel_part_shape(shapes, attrs):
 
 
 defop(name="kernel_slice", arity=1, shape=_kernel_part_shape,
-      code=lambda a, at: f"xp.ascontiguousarray({a[0]}[:, {at['start']}:{at['stop']}])",
+      code=lambda a, at: f"{a[0]}[:, {at['start']}:{at['stop']}]",
       ref=lambda w, start, stop: w[:, start:stop],
       vjp=(lambda b, n, g, i: b.op("kernel_pad", g, start=n.attrs["start"],
                                    total=b.shape_of(n.inputs[0])[1]),),

@@ -169,6 +169,7 @@ def loop_rewrites(low, bw) -> dict[str, int]:
     counts["split_grad_input_slices"] = split_grad_input_slices(g)
     counts["concat_slice_grads"] = concat_slice_grads(g)
     counts["merge_sibling_activations"] = merge_sibling_activations(g)
+    counts["merge_sibling_activation_grads"] = merge_sibling_activation_grads(g)
     counts["dead"] = remove_dead(g, protected_nodes(low, bw))
     return counts
 
@@ -322,7 +323,7 @@ def _seg_key(seg):
 
 
 def reassociate_adds(g: Graph, cycles: dict[str, int]) -> int:
-    """Sum the terms that are off a recurrence first: (conv_x + conv_h) + b -> (conv_x + b) + conv_h.
+    """Sum the terms off a recurrence first: (conv_x + conv_h) + b -> (conv_x + b) + conv_h.
 
     The bias (or any other term that does not depend on the previous step)
     then joins the hoisted input convolution before the loop, and the loop
@@ -470,6 +471,73 @@ def merge_sibling_activations(g: Graph) -> int:
                         g.remove(s)
                 changed += 1
     return changed
+
+
+_GRAD_OF = {"sigmoid": "sigmoid_grad", "tanh": "tanh_grad", "relu": "relu_grad"}
+
+
+def merge_sibling_activation_grads(g: Graph) -> int:
+    """concat(..., sigmoid_grad(S[a:b], g1), sigmoid_grad(S[b:c], g2), ...) -> one over S.
+
+    The backward of merge_sibling_activations: when the gradients of adjacent
+    slices of one activation sit side by side in a concat (a ConvLSTM's dz),
+    their cotangents are concatenated (each written into its channels of one
+    buffer) and the activation's gradient runs once over the whole of it,
+    straight into its channels of the outer concat.
+    """
+    changed = 0
+    for nid in g.order():
+        if nid not in g:
+            continue
+        cat = g.node(nid)
+        if cat.op != "concat" or not cat.grad:
+            continue
+        parts = list(cat.inputs)
+        i = 0
+        while i < len(parts):
+            run = _grad_run(g, parts, i, nid)
+            if len(run) < 2:
+                i += 1
+                continue
+            first = g.node(parts[i])
+            act = g.node(g.node(first.inputs[0]).inputs[0])
+            lo = g.node(first.inputs[0]).attrs["start"]
+            hi = g.node(g.node(parts[i + len(run) - 1]).inputs[0]).attrs["stop"]
+            y = act.id if (lo, hi) == (0, act.shape[0]) else \
+                _new(g, f"{act.id}_part", "slice", (act.id,), act, act.seg, start=lo, stop=hi)
+            ct = _new(g, f"d{act.id}", "concat", tuple(g.node(p).inputs[1] for p in run),
+                      first, first.seg, grad=True)
+            merged = _new(g, f"d_{first.op}", first.op, (y, ct), first, first.seg, grad=True)
+            parts[i:i + len(run)] = [merged]
+            g.set_inputs(nid, tuple(parts))
+            for p in run:
+                if not g.consumers(p):
+                    g.remove(p)
+            changed += 1
+            i += 1
+    return changed
+
+
+def _grad_run(g: Graph, parts: list, i: int, cat: str) -> list:
+    """The longest run parts[i:j] of activation gradients over adjacent slices of one value."""
+    run = []
+    prev = None
+    for p in parts[i:]:
+        node = g.node(p)
+        if not node.grad or node.op not in _GRAD_OF.values() or g.consumers(p) != [cat] or \
+                parts.count(p) != 1:
+            break
+        y = g.node(node.inputs[0])
+        if y.op != "slice":
+            break
+        act = g.node(y.inputs[0])
+        if _GRAD_OF.get(act.op) != node.op or tuple(node.shape) != tuple(y.shape):
+            break
+        if prev is not None and (prev[0] != act.id or prev[1] != y.attrs["start"]):
+            break
+        run.append(p)
+        prev = (act.id, y.attrs["stop"])
+    return run
 
 
 def protected_nodes(low, bw) -> set[str]:

@@ -22,7 +22,7 @@ from helpers import load_text, one_blas_thread  # noqa: F401  (an autouse fixtur
 from helpers import random_batch, random_params, random_state
 
 REWRITES = ("hoist_concat_convs", "reassociate_adds", "split_grad_input_slices",
-            "concat_slice_grads", "merge_sibling_activations")
+            "concat_slice_grads", "merge_sibling_activations", "merge_sibling_activation_grads")
 
 # The peer yardstick's model (std.ConvLSTMFused layers and a 1x1 head), small.
 FUSED2 = peer_cell_text(dict(name="fused2", N=2, T=4, Cin=2, H=6, hidden=3, k=3, layers=2))
@@ -171,8 +171,10 @@ def test_concat_slice_grads_turns_pads_into_a_concat():
     assert mod.compiled.schedule.rewrites["concat_slice_grads"] == 1
     g = mod.compiled.lowered.graph
     assert not [n for n in g.order() if g.node(n).op == "pad_channels"]
-    cats = [g.node(n) for n in g.order() if g.node(n).op == "concat" and g.node(n).grad]
-    assert len(cats) == 1 and len(cats[0].inputs) == 4
+    cats = sorted((g.node(n) for n in g.order() if g.node(n).op == "concat" and g.node(n).grad),
+                  key=lambda n: len(n.inputs))
+    # dz = concat(the i, f, o gates' gradient, g's); the gates' cotangents = concat(di, df, do)
+    assert [len(c.inputs) for c in cats] == [2, 3]
     # each gate's gradient is written straight into its channels of dz's buffer
     assert "its parts were written into it above" in mod.source
     assert_same_results(mod, compile_text(FUSED1, off=("concat_slice_grads",)))
@@ -186,6 +188,18 @@ def test_merge_sibling_activations_makes_one_sigmoid_of_three_gates():
     sig = [n for n in g.order() if g.node(n).op == "sigmoid" and s.block_of[n][0] == "loop"]
     assert len(sig) == 1 and g.node(sig[0]).shape[0] == 6  # i, f, o of 2 channels each
     assert_same_results(mod, compile_text(FUSED1, off=("merge_sibling_activations",)))
+
+
+def test_merge_sibling_activation_grads_makes_one_sigmoid_grad():
+    mod = compile_text(FUSED1)
+    assert mod.compiled.schedule.rewrites["merge_sibling_activation_grads"] == 1
+    g = mod.compiled.lowered.graph
+    s = mod.compiled.schedule
+    sg = [g.node(n) for n in g.order() if g.node(n).op == "sigmoid_grad"
+          and s.block_of[n][0] == "bloop"]
+    assert len(sg) == 1 and sg[0].shape[0] == 6  # the three gates at once
+    assert g.node(sg[0].inputs[0]).op == "sigmoid"  # the merged activation itself
+    assert_same_results(mod, compile_text(FUSED1, off=("merge_sibling_activation_grads",)))
 
 
 def test_rewrites_on_shared_concats_and_delays():
@@ -356,3 +370,28 @@ def test_small_steps_run_whole_on_one_thread():
         assert kernels.shard_count(None, 8, work=1e9) == 2
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         assert kernels.shard_count(None, 8, work=1e9) == 1
+
+
+# ---------------------------------------------------------------- kernels the plan relies on
+
+@pytest.mark.parametrize("pad, stride", [((2, 2), (1, 1)), ((1, 2), (2, 1))])
+def test_one_gemm_convolutions_match_the_reference(pad, stride):
+    """Many input rows (C*kh*kw >= 256): all images share a GEMM, gy read channel-major."""
+    from convc.runtime import ops_numpy
+    from convc.runtime.ops_numpy import NumpyBackend
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3, 12, 9, 8))
+    w = rng.standard_normal((5, 12, 5, 5))  # 300 rows
+    backend = NumpyBackend()
+    args = (stride, pad, (1, 1))
+    y = backend.conv2d(x, w, *args)
+    np.testing.assert_allclose(y, kernels.conv2d_ref(x, w, *args), rtol=1e-10, atol=1e-10)
+    gy_cm = rng.standard_normal((5, 3) + y.shape[2:])  # (O, N, Ho, Wo) memory, as dz is kept
+    gy = gy_cm.transpose(1, 0, 2, 3)
+    dx = backend.conv2d_grad_input(gy, w, x.shape, *args)
+    np.testing.assert_allclose(dx, kernels.conv2d_grad_input_ref(gy, w, x.shape, *args),
+                               rtol=1e-10, atol=1e-10)
+    dw = backend.conv2d_grad_weight(x, gy, w.shape, *args)
+    np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w.shape, *args),
+                               rtol=1e-10, atol=1e-10)
+    assert ops_numpy.ONE_GEMM_ROWS <= 300

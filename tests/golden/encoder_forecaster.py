@@ -77,6 +77,8 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     T_x = x.shape[0]
     T_y = int(steps['y'] if isinstance(steps, dict) else steps)
     N = x.shape[1]
+    arena_x = rt.arena(B, 'forward/x', 8192 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
+    arena_y = rt.arena(B, 'forward/y', 8192 * T_y * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
     # std.cell:21  weight b_i = bias(hidden)
@@ -116,17 +118,17 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 
     # inputs
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv = rt.conv2d(B, x, enc1_W_x, (1, 1), (1, 1), (1, 1))
+    conv = rt.conv2d(B, x, enc1_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0.0: enc1.c, enc1.h, step by step over T_x steps
-    h_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'h_enc1_buf'))
     h_enc1_buf[0] = rt.initial_state(state, 'enc1.h', 0.0)
-    c_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'c_enc1_buf'))
     c_enc1_buf[0] = rt.initial_state(state, 'enc1.c', 0.0)
-    w0 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w1 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w2 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w3 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'forward', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w2'))  # work buffer of one step
+    w3 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w3'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -196,17 +198,17 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 
     # between two loops, all steps at once (loop0)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv_2 = rt.conv2d(B, h_enc1_buf[1:], enc2_W_x, (1, 1), (1, 1), (1, 1))
+    conv_2 = rt.conv2d(B, h_enc1_buf[1:], enc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0.1: enc2.c, enc2.h, step by step over T_x steps
-    h_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'h_enc2_buf'))
     h_enc2_buf[0] = rt.initial_state(state, 'enc2.h', 0.0)
-    c_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'c_enc2_buf'))
     c_enc2_buf[0] = rt.initial_state(state, 'enc2.c', 0.0)
-    w4 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w5 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w6 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w7 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    w4 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'forward', 'w4'))  # work buffer of one step
+    w5 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w5'))  # work buffer of one step
+    w6 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w6'))  # work buffer of one step
+    w7 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w7'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -275,14 +277,14 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     del conv_2  # not read again: let its memory go
 
     # loop loop1.0: fc1.c, fc1.h, step by step over T_y steps
-    h_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    h_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'h_fc1_buf'))
     h_fc1_buf[0] = h_enc1_buf[-1]
-    c_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    c_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'c_fc1_buf'))
     c_fc1_buf[0] = c_enc1_buf[-1]
-    w8 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w9 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w10 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w11 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    w8 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'forward', 'w8'))  # work buffer of one step
+    w9 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w9'))  # work buffer of one step
+    w10 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w10'))  # work buffer of one step
+    w11 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w11'))  # work buffer of one step
     for t in range(T_y):
         h_fc1_prev = h_fc1_buf[t]
         c_fc1_prev = c_fc1_buf[t]
@@ -325,17 +327,17 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 
     # between two loops, all steps at once (loop1)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv_5 = rt.conv2d(B, h_fc1_buf[1:], fc2_W_x, (1, 1), (1, 1), (1, 1))
+    conv_5 = rt.conv2d(B, h_fc1_buf[1:], fc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_y, N, 32, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
 
     # loop loop1.1: fc2.c, fc2.h, step by step over T_y steps
-    h_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    h_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'h_fc2_buf'))
     h_fc2_buf[0] = h_enc2_buf[-1]
-    c_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    c_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'c_fc2_buf'))
     c_fc2_buf[0] = c_enc2_buf[-1]
-    w12 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w13 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w14 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w15 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    w12 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'forward', 'w12'))  # work buffer of one step
+    w13 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w13'))  # work buffer of one step
+    w14 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w14'))  # work buffer of one step
+    w15 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w15'))  # work buffer of one step
     for t in range(T_y):
         h_fc2_prev = h_fc2_buf[t]
         c_fc2_prev = c_fc2_buf[t]
@@ -380,14 +382,14 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 
     # after the loop, all steps at once (loop1)
     # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
-    concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]])
-    conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1))
+    concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
+    conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
     pred = rt.sigmoid(add_36)
     del add_36, concat, conv_7  # not read again: let its memory go
 
     outputs = {'pred': rt.batch_major(pred)}
-    final = {'enc1.h': h_enc1_buf[-1], 'enc1.c': c_enc1_buf[-1], 'enc2.h': h_enc2_buf[-1], 'enc2.c': c_enc2_buf[-1], 'fc1.h': h_fc1_buf[-1], 'fc1.c': c_fc1_buf[-1], 'fc2.h': h_fc2_buf[-1], 'fc2.c': c_fc2_buf[-1]}
+    final = {'enc1.h': h_enc1_buf[-1].copy(), 'enc1.c': c_enc1_buf[-1].copy(), 'enc2.h': h_enc2_buf[-1].copy(), 'enc2.c': c_enc2_buf[-1].copy(), 'fc1.h': h_fc1_buf[-1].copy(), 'fc1.c': c_fc1_buf[-1].copy(), 'fc2.h': h_fc2_buf[-1].copy(), 'fc2.c': c_fc2_buf[-1].copy()}
     return outputs, final
 
 
@@ -450,6 +452,8 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     T_x = x.shape[0]
     T_y = y.shape[0]
     N = x.shape[1]
+    arena_x = rt.arena(B, 'loss_and_grad/x', 36864 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
+    arena_y = rt.arena(B, 'loss_and_grad/y', 40960 * T_y * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
     # std.cell:21  weight b_i = bias(hidden)
@@ -487,26 +491,26 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # encoder_forecaster.cell:21  weight b_out = bias(1)
     b_out_c = b_out.reshape((1, 1, 1))
     # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
-    W_out_0_8 = xp.ascontiguousarray(W_out[:, 0:8])
-    W_out_8_16 = xp.ascontiguousarray(W_out[:, 8:16])
+    W_out_0_8 = W_out[:, 0:8]
+    W_out_8_16 = W_out[:, 8:16]
 
     # inputs
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv = rt.conv2d(B, x, enc1_W_x, (1, 1), (1, 1), (1, 1))
+    conv = rt.conv2d(B, x, enc1_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0.0: enc1.c, enc1.h, step by step over T_x steps
-    h_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'h_enc1_buf'))
     h_enc1_buf[0] = rt.initial_state(state, 'enc1.h', 0.0)
-    c_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'c_enc1_buf'))
     c_enc1_buf[0] = rt.initial_state(state, 'enc1.c', 0.0)
-    f_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    i_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    tanh_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    o_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    tanh_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    w0 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w1 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w2 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    f_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 8192 * T_x * N))
+    i_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 10240 * T_x * N))
+    tanh_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 14336 * T_x * N))
+    o_enc1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 12288 * T_x * N))
+    tanh_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 16384 * T_x * N))
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w2'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -580,21 +584,21 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # between two loops, all steps at once (loop0)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv_2 = rt.conv2d(B, h_enc1_buf[1:], enc2_W_x, (1, 1), (1, 1), (1, 1))
+    conv_2 = rt.conv2d(B, h_enc1_buf[1:], enc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0.1: enc2.c, enc2.h, step by step over T_x steps
-    h_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'h_enc2_buf'))
     h_enc2_buf[0] = rt.initial_state(state, 'enc2.h', 0.0)
-    c_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'c_enc2_buf'))
     c_enc2_buf[0] = rt.initial_state(state, 'enc2.c', 0.0)
-    f_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    i_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    tanh_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    o_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    tanh_3_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    w3 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w4 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w5 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    f_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 18432 * T_x * N))
+    i_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 20480 * T_x * N))
+    tanh_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 24576 * T_x * N))
+    o_enc2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 22528 * T_x * N))
+    tanh_3_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 26624 * T_x * N))
+    w3 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w3'))  # work buffer of one step
+    w4 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w4'))  # work buffer of one step
+    w5 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w5'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -667,18 +671,18 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     del conv_2  # not read again: let its memory go
 
     # loop loop1.0: fc1.c, fc1.h, step by step over T_y steps
-    h_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    h_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'h_fc1_buf'))
     h_fc1_buf[0] = h_enc1_buf[-1]
-    c_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    c_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'c_fc1_buf'))
     c_fc1_buf[0] = c_enc1_buf[-1]
-    f_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    i_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    tanh_4_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    o_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    tanh_5_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    w6 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w7 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w8 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    f_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 8192 * T_y * N))
+    i_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 10240 * T_y * N))
+    tanh_4_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 14336 * T_y * N))
+    o_fc1_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 12288 * T_y * N))
+    tanh_5_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 16384 * T_y * N))
+    w6 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w6'))  # work buffer of one step
+    w7 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w7'))  # work buffer of one step
+    w8 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w8'))  # work buffer of one step
     for t in range(T_y):
         h_fc1_prev = h_fc1_buf[t]
         c_fc1_prev = c_fc1_buf[t]
@@ -721,21 +725,21 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # between two loops, all steps at once (loop1)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
-    conv_5 = rt.conv2d(B, h_fc1_buf[1:], fc2_W_x, (1, 1), (1, 1), (1, 1))
+    conv_5 = rt.conv2d(B, h_fc1_buf[1:], fc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_y, N, 32, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
 
     # loop loop1.1: fc2.c, fc2.h, step by step over T_y steps
-    h_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    h_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'h_fc2_buf'))
     h_fc2_buf[0] = h_enc2_buf[-1]
-    c_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype)
+    c_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'c_fc2_buf'))
     c_fc2_buf[0] = c_enc2_buf[-1]
-    f_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    i_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    tanh_6_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    o_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    tanh_7_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    w9 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w10 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w11 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    f_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 18432 * T_y * N))
+    i_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 20480 * T_y * N))
+    tanh_6_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 24576 * T_y * N))
+    o_fc2_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 22528 * T_y * N))
+    tanh_7_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 26624 * T_y * N))
+    w9 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w9'))  # work buffer of one step
+    w10 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w10'))  # work buffer of one step
+    w11 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w11'))  # work buffer of one step
     for t in range(T_y):
         h_fc2_prev = h_fc2_buf[t]
         c_fc2_prev = c_fc2_buf[t]
@@ -780,8 +784,8 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # after the loop, all steps at once (loop1)
     # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
-    concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]])
-    conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1))
+    concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
+    conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
     pred = rt.sigmoid(add_36)
     # encoder_forecaster.cell:24  loss bce(pred, y)
@@ -797,22 +801,22 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # encoder_forecaster.cell:21  weight b_out = bias(1)
     db_out = db_out_c.reshape((1,))
     # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
-    d_slice = rt.conv2d_grad_input(B, dadd_36, W_out_0_8, (8, 16, 16), (1, 1), (0, 0), (1, 1))
-    d_slice_1 = rt.conv2d_grad_input(B, dadd_36, W_out_8_16, (8, 16, 16), (1, 1), (0, 0), (1, 1))
+    d_slice = rt.conv2d_grad_input(B, dadd_36, W_out_0_8, (8, 16, 16), (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 28672 * T_y * N)))
+    d_slice_1 = rt.conv2d_grad_input(B, dadd_36, W_out_8_16, (8, 16, 16), (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 30720 * T_y * N)))
     del add_36, concat, dadd_36  # not read again: let its memory go
 
     # loop loop1.0: fc2.c, fc2.h, backward through time: t = T_y-1 ... 0
-    dadd_35_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_32_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_31_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_29_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dz_fc2_buf = rt.empty(xp, (32, T_y, N, 16, 16), dtype)
+    dadd_35_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 38912 * T_y * N))
+    dadd_32_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 36864 * T_y * N))
+    dadd_31_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 34816 * T_y * N))
+    dadd_29_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 32768 * T_y * N))
+    dz_fc2_buf = rt.empty(xp, (32, T_y, N, 16, 16), dtype, at=(arena_y, 0 * T_y * N))
     dz_fc2_seq = dz_fc2_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a weight gradient
-    dc_fc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    dh_fc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    w12 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w13 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w14 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    dc_fc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dc_fc2_prev'))  # carried to the previous step
+    dh_fc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dh_fc2_prev'))  # carried to the previous step
+    w12 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w12'))  # work buffer of one step
+    w13 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w13'))  # work buffer of one step
+    w14 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w14'))  # work buffer of one step
     t = T_y - 1
     # the last step: nothing flows back from after it
     # std.cell:41  h = o * tanh(c)
@@ -929,7 +933,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     dfc2_b_f_c = rt.sum_to(dadd_29_seq, (8, 1, 1), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     dfc2_W_h = rt.conv2d_grad_weight(B, h_fc2_buf[:-1], dz_fc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
-    d_conv_grad_input_2 = rt.conv2d_grad_input(B, dz_fc2_seq, fc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1))
+    d_conv_grad_input_2 = rt.conv2d_grad_input(B, dz_fc2_seq, fc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 18432 * T_y * N)))
     dfc2_W_x = rt.conv2d_grad_weight(B, h_fc1_buf[1:], dz_fc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     # std.cell:24  weight b_o = bias(hidden)
     dfc2_b_o = dfc2_b_o_c.reshape((8,))
@@ -942,17 +946,17 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     del dadd_32_seq, dz_fc2_seq, dz_fc2_buf  # not read again: let its memory go
 
     # loop loop1.1: fc1.c, fc1.h, backward through time: t = T_y-1 ... 0
-    dadd_26_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_23_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_22_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dadd_20_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype)
-    dconv_4_buf = rt.empty(xp, (32, T_y, N, 16, 16), dtype)
+    dadd_26_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 26624 * T_y * N))
+    dadd_23_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 24576 * T_y * N))
+    dadd_22_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 22528 * T_y * N))
+    dadd_20_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 20480 * T_y * N))
+    dconv_4_buf = rt.empty(xp, (32, T_y, N, 16, 16), dtype, at=(arena_y, 0 * T_y * N))
     dconv_4_seq = dconv_4_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a weight gradient
-    dc_fc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    dh_fc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    w15 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w16 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w17 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    dc_fc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dc_fc1_prev'))  # carried to the previous step
+    dh_fc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dh_fc1_prev'))  # carried to the previous step
+    w15 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w15'))  # work buffer of one step
+    w16 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w16'))  # work buffer of one step
+    w17 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w17'))  # work buffer of one step
     t = T_y - 1
     # the last step: nothing flows back from after it
     # std.cell:41  h = o * tanh(c)
@@ -1082,39 +1086,39 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # backward, after the loop: gradients summed over all steps (loop1)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_2 = dadd_35_seq * c_fc2_buf[1:]
+    d_mul_2 = xp.multiply(dadd_35_seq, c_fc2_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 6144 * T_y * N)))
     dfc2_w_co = rt.sum_to(d_mul_2, (8, 16, 16), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_6 = dadd_31_seq * c_fc2_buf[:-1]
+    d_mul_6 = xp.multiply(dadd_31_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 10240 * T_y * N)))
     dfc2_w_ci = rt.sum_to(d_mul_6, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_10 = dadd_29_seq * c_fc2_buf[:-1]
+    d_mul_10 = xp.multiply(dadd_29_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
     dfc2_w_cf = rt.sum_to(d_mul_10, (8, 16, 16), batched=False)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_14 = dadd_26_seq * c_fc1_buf[1:]
+    d_mul_14 = xp.multiply(dadd_26_seq, c_fc1_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 2048 * T_y * N)))
     dfc1_w_co = rt.sum_to(d_mul_14, (8, 16, 16), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_18 = dadd_22_seq * c_fc1_buf[:-1]
+    d_mul_18 = xp.multiply(dadd_22_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     dfc1_w_ci = rt.sum_to(d_mul_18, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_22 = dadd_20_seq * c_fc1_buf[:-1]
+    d_mul_22 = xp.multiply(dadd_20_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 8192 * T_y * N)))
     dfc1_w_cf = rt.sum_to(d_mul_22, (8, 16, 16), batched=False)
     del d_mul_10, d_mul_14, d_mul_18, d_mul_2, d_mul_22, d_mul_6, dadd_20_seq, dadd_22_seq, dadd_26_seq, dadd_29_seq, dadd_31_seq, dadd_35_seq  # not read again: let its memory go
 
     # loop loop0.0: enc2.c, enc2.h, backward through time: t = T_x-1 ... 0
     dh_enc2_next = dh_fc2_init
     dc_enc2_next = dc_fc2_init
-    dadd_17_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_14_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_13_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_11_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dz_enc2_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype)
+    dadd_17_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 34816 * T_x * N))
+    dadd_14_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 32768 * T_x * N))
+    dadd_13_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 30720 * T_x * N))
+    dadd_11_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 28672 * T_x * N))
+    dz_enc2_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype, at=(arena_x, 0 * T_x * N))
     dz_enc2_seq = dz_enc2_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a weight gradient
-    dc_enc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    dh_enc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    w18 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w19 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w20 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    dc_enc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dc_enc2_prev'))  # carried to the previous step
+    dh_enc2_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dh_enc2_prev'))  # carried to the previous step
+    w18 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w18'))  # work buffer of one step
+    w19 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w19'))  # work buffer of one step
+    w20 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w20'))  # work buffer of one step
     t = T_x - 1
     # the last step: nothing flows back from after it
     # std.cell:41  h = o * tanh(c)
@@ -1221,7 +1225,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     denc2_b_f_c = rt.sum_to(dadd_11_seq, (8, 1, 1), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     denc2_W_h = rt.conv2d_grad_weight(B, h_enc2_buf[:-1], dz_enc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
-    d_conv_grad_input_5 = rt.conv2d_grad_input(B, dz_enc2_seq, enc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1))
+    d_conv_grad_input_5 = rt.conv2d_grad_input(B, dz_enc2_seq, enc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 18432 * T_x * N)))
     denc2_W_x = rt.conv2d_grad_weight(B, h_enc1_buf[1:], dz_enc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     # std.cell:24  weight b_o = bias(hidden)
     denc2_b_o = denc2_b_o_c.reshape((8,))
@@ -1236,17 +1240,17 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # loop loop0.1: enc1.c, enc1.h, backward through time: t = T_x-1 ... 0
     dh_enc1_next = dh_fc1_init
     dc_enc1_next = dc_fc1_init
-    dadd_8_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_5_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_4_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dz_enc1_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype)
+    dadd_8_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 26624 * T_x * N))
+    dadd_5_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 24576 * T_x * N))
+    dadd_4_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 22528 * T_x * N))
+    dadd_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 20480 * T_x * N))
+    dz_enc1_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype, at=(arena_x, 0 * T_x * N))
     dz_enc1_seq = dz_enc1_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a weight gradient
-    dc_enc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    dh_enc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    w21 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w22 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w23 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    dc_enc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dc_enc1_prev'))  # carried to the previous step
+    dh_enc1_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dh_enc1_prev'))  # carried to the previous step
+    w21 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w21'))  # work buffer of one step
+    w22 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w22'))  # work buffer of one step
+    w23 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w23'))  # work buffer of one step
     t = T_x - 1
     # the last step: nothing flows back from after it
     # std.cell:41  h = o * tanh(c)
@@ -1369,22 +1373,22 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # backward, after the loop: gradients summed over all steps (loop0)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_26 = dadd_17_seq * c_enc2_buf[1:]
+    d_mul_26 = xp.multiply(dadd_17_seq, c_enc2_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
     denc2_w_co = rt.sum_to(d_mul_26, (8, 16, 16), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_30 = dadd_13_seq * c_enc2_buf[:-1]
+    d_mul_30 = xp.multiply(dadd_13_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 2048 * T_x * N)))
     denc2_w_ci = rt.sum_to(d_mul_30, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_34 = dadd_11_seq * c_enc2_buf[:-1]
+    d_mul_34 = xp.multiply(dadd_11_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 4096 * T_x * N)))
     denc2_w_cf = rt.sum_to(d_mul_34, (8, 16, 16), batched=False)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_38 = dadd_8_seq * c_enc1_buf[1:]
+    d_mul_38 = xp.multiply(dadd_8_seq, c_enc1_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 6144 * T_x * N)))
     denc1_w_co = rt.sum_to(d_mul_38, (8, 16, 16), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_42 = dadd_4_seq * c_enc1_buf[:-1]
+    d_mul_42 = xp.multiply(dadd_4_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 8192 * T_x * N)))
     denc1_w_ci = rt.sum_to(d_mul_42, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_46 = dadd_2_seq * c_enc1_buf[:-1]
+    d_mul_46 = xp.multiply(dadd_2_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 10240 * T_x * N)))
     denc1_w_cf = rt.sum_to(d_mul_46, (8, 16, 16), batched=False)
     del d_mul_26, d_mul_30, d_mul_34, d_mul_38, d_mul_42, d_mul_46, dadd_11_seq, dadd_13_seq, dadd_17_seq, dadd_2_seq, dadd_4_seq, dadd_8_seq  # not read again: let its memory go
 
@@ -1428,7 +1432,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
         'fc2.w_ci': dfc2_w_ci,
         'fc2.w_co': dfc2_w_co,
     }
-    final = {'enc1.h': h_enc1_buf[-1], 'enc1.c': c_enc1_buf[-1], 'enc2.h': h_enc2_buf[-1], 'enc2.c': c_enc2_buf[-1], 'fc1.h': h_fc1_buf[-1], 'fc1.c': c_fc1_buf[-1], 'fc2.h': h_fc2_buf[-1], 'fc2.c': c_fc2_buf[-1]}
+    final = {'enc1.h': h_enc1_buf[-1].copy(), 'enc1.c': c_enc1_buf[-1].copy(), 'enc2.h': h_enc2_buf[-1].copy(), 'enc2.c': c_enc2_buf[-1].copy(), 'fc1.h': h_fc1_buf[-1].copy(), 'fc1.c': c_fc1_buf[-1].copy(), 'fc2.h': h_fc2_buf[-1].copy(), 'fc2.c': c_fc2_buf[-1].copy()}
     return loss, grads, final
 
 

@@ -41,26 +41,27 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     x = rt.time_major(inputs['x'], dtype, xp)
     T_x = x.shape[0]
     N = x.shape[1]
+    arena_x = rt.arena(B, 'forward/x', 8192 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
     # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
-    lstm_W_x = xp.ascontiguousarray(lstm_W[:, 0:1])
-    lstm_W_h = xp.ascontiguousarray(lstm_W[:, 1:9])
+    lstm_W_x = lstm_W[:, 0:1]
+    lstm_W_h = lstm_W[:, 1:9]
 
     # before the loop, all steps at once (loop0)
     # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
-    conv_x = rt.conv2d(B, x, lstm_W_x, (1, 1), (1, 1), (1, 1))
+    conv_x = rt.conv2d(B, x, lstm_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0: lstm, step by step over T_x steps
-    h_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'h_lstm_buf'))
     h_lstm_buf[0] = rt.initial_state(state, 'lstm.h', 0.0)
-    c_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'forward', 'c_lstm_buf'))
     c_lstm_buf[0] = rt.initial_state(state, 'lstm.c', 0.0)
-    w0 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w1 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w2 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w3 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w4 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'forward', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w2'))  # work buffer of one step
+    w3 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w3'))  # work buffer of one step
+    w4 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'forward', 'w4'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -121,13 +122,13 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 
     # after the loop, all steps at once (loop0)
     # seed.cell:35  pred = sigmoid(conv(h, W_y) + b_y)
-    conv_1 = rt.conv2d(B, h_lstm_buf[1:], W_y, (1, 1), (0, 0), (1, 1))
+    conv_1 = rt.conv2d(B, h_lstm_buf[1:], W_y, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_x, N, 1, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
     add_5 = xp.add(conv_1, b_y, out=conv_1)  # in place: conv_1 is not read again
     pred = rt.sigmoid(add_5)
     del add_5, conv_1  # not read again: let its memory go
 
     outputs = {'pred': rt.batch_major(pred)}
-    final = {'lstm.h': h_lstm_buf[-1], 'lstm.c': c_lstm_buf[-1]}
+    final = {'lstm.h': h_lstm_buf[-1].copy(), 'lstm.c': c_lstm_buf[-1].copy()}
     return outputs, final
 
 
@@ -160,29 +161,30 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     T_x = x.shape[0]
     N = x.shape[1]
     rt.check_same_length(y, x, 'y', 'x')
+    arena_x = rt.arena(B, 'loss_and_grad/x', 28672 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
     # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
-    lstm_W_x = xp.ascontiguousarray(lstm_W[:, 0:1])
-    lstm_W_h = xp.ascontiguousarray(lstm_W[:, 1:9])
+    lstm_W_x = lstm_W[:, 0:1]
+    lstm_W_h = lstm_W[:, 1:9]
 
     # before the loop, all steps at once (loop0)
     # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
-    conv_x = rt.conv2d(B, x, lstm_W_x, (1, 1), (1, 1), (1, 1))
+    conv_x = rt.conv2d(B, x, lstm_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
 
     # loop loop0: lstm, step by step over T_x steps
-    h_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    h_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'h_lstm_buf'))
     h_lstm_buf[0] = rt.initial_state(state, 'lstm.h', 0.0)
-    c_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype)
+    c_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'c_lstm_buf'))
     c_lstm_buf[0] = rt.initial_state(state, 'lstm.c', 0.0)
-    o_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    f_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    i_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    a_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    tanh_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    w0 = rt.empty(xp, (N, 32, 16, 16), dtype)  # work buffer of one step
-    w1 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w2 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    o_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 14336 * T_x * N))
+    f_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 10240 * T_x * N))
+    i_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 12288 * T_x * N))
+    a_lstm_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 8192 * T_x * N))
+    tanh_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 16384 * T_x * N))
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w2'))  # work buffer of one step
     t0 = 0
     if state is None:
         # t = 0: the states start at zero; what they multiply or convolve vanishes
@@ -247,7 +249,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # after the loop, all steps at once (loop0)
     # seed.cell:35  pred = sigmoid(conv(h, W_y) + b_y)
-    conv_1 = rt.conv2d(B, h_lstm_buf[1:], W_y, (1, 1), (0, 0), (1, 1))
+    conv_1 = rt.conv2d(B, h_lstm_buf[1:], W_y, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_x, N, 1, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
     add_5 = xp.add(conv_1, b_y, out=conv_1)  # in place: conv_1 is not read again
     pred = rt.sigmoid(add_5)
     # seed.cell:37  loss bce(pred, y, steps = last)
@@ -259,23 +261,23 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     dadd_5 = rt.bce_logits_grad(add_5, y, steps='last')
     # seed.cell:35  pred = sigmoid(conv(h, W_y) + b_y)
     db_y = rt.sum_to(dadd_5, (1, 16, 16), batched=False)
-    d_conv_grad_input = rt.conv2d_grad_input(B, dadd_5, W_y, (8, 16, 16), (1, 1), (0, 0), (1, 1))
+    d_conv_grad_input = rt.conv2d_grad_input(B, dadd_5, W_y, (8, 16, 16), (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 18432 * T_x * N)))
     dW_y = rt.conv2d_grad_weight(B, h_lstm_buf[1:], dadd_5, (1, 8, 1, 1), (1, 1), (0, 0), (1, 1))
     del add_5, dadd_5  # not read again: let its memory go
 
     # loop loop0: lstm, backward through time: t = T_x-1 ... 0
-    dadd_3_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dadd_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype)
-    dconv_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype)
+    dadd_3_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 26624 * T_x * N))
+    dadd_2_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 24576 * T_x * N))
+    dadd_1_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 22528 * T_x * N))
+    dadd_seq = rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 20480 * T_x * N))
+    dconv_buf = rt.empty(xp, (32, T_x, N, 16, 16), dtype, at=(arena_x, 0 * T_x * N))
     dconv_seq = dconv_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a weight gradient
-    dc_lstm_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    dh_lstm_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype)  # carried to the previous step
-    w3 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w4 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w5 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
-    w6 = rt.empty(xp, (N, 8, 16, 16), dtype)  # work buffer of one step
+    dc_lstm_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dc_lstm_prev'))  # carried to the previous step
+    dh_lstm_prev_buf = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'dh_lstm_prev'))  # carried to the previous step
+    w3 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w3'))  # work buffer of one step
+    w4 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w4'))  # work buffer of one step
+    w5 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w5'))  # work buffer of one step
+    w6 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss_and_grad', 'w6'))  # work buffer of one step
     t = T_x - 1
     # the last step: nothing flows back from after it
     # seed.cell:22  h = o * tanh(c)
@@ -366,7 +368,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
 
     # backward, between two loops, all steps at once (loop0)
     # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
-    concat = rt.concat([x, h_lstm_buf[:-1]])
+    concat = rt.concat([x, h_lstm_buf[:-1]], out=rt.empty(xp, (T_x, N, 9, 16, 16), dtype, at=(arena_x, 8192 * T_x * N)))
     # seed.cell:19  a = tanh(z_c + b_c)
     dlstm_b_c = rt.sum_to(dadd_3_seq, (8, 16, 16), batched=False)
     # seed.cell:17  i = sigmoid(z_i + b_i)
@@ -389,7 +391,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
         'lstm.b_i': dlstm_b_i,
         'lstm.b_o': dlstm_b_o,
     }
-    final = {'lstm.h': h_lstm_buf[-1], 'lstm.c': c_lstm_buf[-1]}
+    final = {'lstm.h': h_lstm_buf[-1].copy(), 'lstm.c': c_lstm_buf[-1].copy()}
     return loss, grads, final
 
 
