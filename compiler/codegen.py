@@ -606,9 +606,16 @@ class Generator:
             else:
                 zero.add(c)
         never = {c for c in carries if c not in plan.read_ct_of_carry}
-        for n in plan.body:
+        for n in carries + plan.body:
             if n in self.stored:
                 self.seq_alloc(o, n, T)
+        # a carry read after the loop (no update of its state reads a state at the same
+        # step, as in a delay h = d[t-1] * d) is kept step by step as the step sees it
+        kept = [c for c in carries if c in self.stored]
+
+        def keep_carries(last=False):
+            for c in kept:
+                o(f"{c}_seq[t] = 0" if last and c in zero else f"{c}_seq[t] = {c}")
         stored = {n for n in plan.body if n in self.stored}
         cts = set(plan.read_ct_of_carry.values())
         with_out = {ct for c, ct in plan.read_ct_of_carry.items()
@@ -619,11 +626,13 @@ class Generator:
         plan.emit_buffers(o)
         o(f"t = {T} - 1")
         o("# the last step: nothing flows back from after it")
+        keep_carries(last=True)
         plan.emit(o, last)
         self.carry_step(o, plan, carries)
         o(f"for t in range({T} - 2, 0, -1):")
         o.indent()
         o.last_loc = None
+        keep_carries()
         plan.emit(o, middle)
         self.carry_step(o, plan, carries)
         o.dedent()
@@ -632,6 +641,7 @@ class Generator:
         o("t = 0")
         o("# the first step: nothing goes on to t = -1 but the initial states' gradients")
         o.last_loc = None
+        keep_carries()
         plan.emit(o, first)
         o.dedent()
         # cotangents of the initial states (t = 0)

@@ -231,8 +231,8 @@ def schedule(low: Lowered, bw: Backward | None) -> Schedule:
         if b[0] not in LOOP_KINDS:
             continue
         node = g.node(n)
-        if node.op in ("state", "carry"):
-            continue
+        if node.op == "state":
+            continue  # it has its state's (T + 1, ...) buffer
         if b[0] == "loop" and any(g.node(r).attrs.get("update") == n for r in
                                   g.g.successors(n) if g.node(r).op == "state"):
             continue  # state updates live in the state's (T+1, ...) buffer
