@@ -148,8 +148,14 @@ _ZERO_IF_ALL = ("neg", "scale", "slice", "reshape", "tanh", "relu", "concat", "p
 
 class Generator:
     def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule,
-                 debug_nans: bool = False):
+                 debug_nans: bool = False, recompute: int | None = None):
         self.debug_nans = debug_nans
+        if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
+            raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
+        self.recompute = recompute
+        self.ring: dict[str, int] = {}  # in loss_and_grad: values kept for K steps only
+        self.windows: dict[tuple, dict] = {}  # loop block -> its recomputation
+        self.window_values: dict[str, tuple] = {}  # batched values made window by window
         self.low = low
         self.g: Graph = low.graph
         self.bw = bw
@@ -174,10 +180,24 @@ class Generator:
         return (node.op == "slice" and self.s.block_of[nid][0] in LOOP_KINDS
                 and nid not in self.stored and nid not in self.state_of_update)
 
+    def step_ix(self, nid: str, plus: int = 0) -> str:
+        """The row of nid's buffer that holds step t (plus=1: a state's update).
+
+        A value kept for one window of K steps (recompute=K) is in row t % K.
+        """
+        K = self.ring.get(nid)
+        t = "t" if K is None else f"t % {K}"
+        return f"{t} + {plus}" if plus else t
+
+    def ckpt(self, read: str) -> str:
+        return self.g.node(read).attrs["update"] + "_ckpt"
+
     def batched(self, nid: str) -> str:
         """Expression for a value over all its steps, (T, N, ...) (or static)."""
         node = self.g.node(nid)
         b = self.s.block_of[nid]
+        if nid in self.ring or self.state_of_update.get(nid) in self.ring:
+            raise AssertionError(f"{nid} is kept for one window of steps only")
         if node.op == "state":
             return f"{self.buf(nid)}[:-1]"
         if b[0] == "loop" and nid in self.state_of_update:
@@ -196,12 +216,17 @@ class Generator:
         b = self.s.block_of[nid]
         if node.seg is None or b == ctx:
             return nid
+        if nid in self.window_values:
+            return f"{nid}[t - start]"
         if node.op == "state":
-            return f"{self.buf(nid)}[t]"
+            return f"{self.buf(nid)}[{self.step_ix(nid)}]"
         if b[0] == "loop" and nid in self.state_of_update:
-            return f"{self.buf(self.state_of_update[nid])}[t + 1]"
+            read = self.state_of_update[nid]
+            return f"{self.buf(read)}[{self.step_ix(read, 1)}]"
         if b[0] in LOOP_KINDS and self.is_view_of_step(nid):
             return OPS["slice"].code([self.at_step(node.inputs[0], ctx)], node.attrs)
+        if nid in self.ring:
+            return f"{nid}_seq[{self.step_ix(nid)}]"
         return f"{self.batched(nid)}[t]"
 
     def check(self, o: _Out, nid: str, expr: str, step: bool, backward: bool) -> None:
@@ -220,6 +245,11 @@ class Generator:
     def seq_alloc(self, o: _Out, n: str, T: str) -> None:
         """The (T, N, ...) buffer of a stored loop value (in its place of the memory plan)."""
         shape = tuple(self.g.node(n).shape)
+        if n in self.ring:  # one window of steps, rows t % K
+            T = self.seg_T[self.g.node(n).seg]
+            o(f"{n}_seq = rt.empty(xp, {_seq_shape(f'min({self.ring[n]}, {T})', shape)}, dtype, "
+              f"{self.keep_arg(n + '_seq')})  # steps of one window")
+            return
         keep = self.at_arg(n) if n in self.place_of else "keep=None"
         if n in self.channel_major and len(shape) == 3:
             o(f"{n}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype, "
@@ -231,6 +261,12 @@ class Generator:
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
+        self.ring_plan = self.window_plan()
+        fns = _Out()  # first: MODEL reports the memory plan they make
+        self.forward_fn(fns)
+        fns()
+        fns()
+        self.loss_and_grad_fn(fns)
         o = _Out()
         low = self.low
         doc = (low.doc or "").strip()
@@ -261,10 +297,7 @@ class Generator:
         o("    return _model.init_params(PARAMS, seed=seed, dtype=dtype, backend=backend)")
         o()
         o()
-        self.forward_fn(o)
-        o()
-        o()
-        self.loss_and_grad_fn(o)
+        o.lines.extend(fns.lines)
         o()
         o()
         o("def sgd_step(params, inputs, targets, lr, **options):")
@@ -297,7 +330,7 @@ class Generator:
             targets={n: tuple(g.node(i).shape) for n, i in low.targets.items()},
             outputs={n: tuple(g.node(i).shape) for n, i in low.outputs.items()},
             axes=dict(sorted(low.axis_of.items())),
-            params=params, states=states,
+            params=params, states=states, memory=self.memory_meta(),
             loops=[dict(id=s.id, axis=s.axis, cells=list(s.cells)) for s in low.segments],
             train=dict(low.train), loss=[g.node(n).op for n in low.losses],
             cells=dict(low.cells),
@@ -353,7 +386,8 @@ class Generator:
         emitted = False
         for n in nodes:
             node = self.g.node(n)
-            if node.op in ("input", "param", "state", "carry", "carry_out"):
+            if node.op in ("input", "param", "state", "carry", "carry_out") or \
+                    n in self.window_values:
                 continue
             if not emitted:
                 o()
@@ -412,6 +446,23 @@ class Generator:
                         if g.node(i).op not in _VIEWS:
                             break
                         i = g.node(i).inputs[0]  # read through a view: its operand is read
+        # a loop recomputed window by window in its backward loop reads its operands (and
+        # writes its stored values) until that backward loop ends
+        for L, win in self.windows.items():
+            if L not in index or win["partner"] not in index:
+                continue
+            end = index[win["partner"]]
+            inside = set(members.get(L, []))
+            inside |= {n for n, L2 in self.window_values.items() if L2 == L}
+            for n in inside:
+                reads = [n] if n in self.stored else []
+                reads += [i for i in g.node(n).inputs if i not in inside]
+                for i in reads:
+                    while i in present:
+                        self.last_read[i] = max(self.last_read.get(i, -1), end)
+                        if g.node(i).op not in _VIEWS:
+                            break
+                        i = g.node(i).inputs[0]
         low = self.low
         keep = set(low.losses) | set(low.outputs.values())
         if self.bw is not None:
@@ -438,12 +489,13 @@ class Generator:
             for n in members.get(b, []):
                 node = g.node(n)
                 if b[0] in LOOP_KINDS:
-                    if n in self.stored:
+                    if n in self.stored and n not in self.ring:
                         root_of[n] = n
                         lives[n] = [(self.seg_T[b[1]], size_of(n)), k,
                                     max(k, self.last_read.get(n, k))]
                     continue
                 if self.batched_t(n) is None or node.op in _NOT_OURS or node.op in _VIEWS \
+                        or n in self.window_values \
                         or not _writes_into(node.op) or n in keep:
                     continue
                 over = self.overwritable(n)
@@ -502,7 +554,7 @@ class Generator:
         g = self.g
         names = []
         for n, last in sorted(self.last_read.items()):
-            if last != k or n in self.keep:
+            if last != k or n in self.keep or n in self.window_values:
                 continue
             node = g.node(n)
             b = self.s.block_of[n]
@@ -545,18 +597,29 @@ class Generator:
         T = self.seg_T[seg]
         reads = [n for n in nodes if g.node(n).op == "state"]
         plan = _LoopPlan(self, block, nodes, backward=False)
+        win = self.windows.get(block)
+        K = self.recompute
         o()
         o(f"# loop {self.loop_title(block, reads)}, step by step over {T} steps")
+        if win:
+            o(f"# (recompute={K}: the values the backward pass reads are kept for one window "
+              f"of {K} steps,")
+            o("# the states at the start of each window; the backward loop recomputes the rest)")
         o.last_loc = None
         for r in reads:
             node = g.node(r)
-            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(T + ' + 1', node.shape)}, dtype, "
+            rows = f"min({K}, {T}) + 1" if r in self.ring else T + " + 1"
+            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(rows, node.shape)}, dtype, "
               f"{self.keep_arg(self.buf(r))})")
             init = self.init_expr(r)
             if state_arg and node.attrs["init"] != "final":
                 o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
             else:
                 o(f"{self.buf(r)}[0] = {init}")
+            if r in self.ring:
+                o(f"{self.ckpt(r)} = rt.empty(xp, "
+                  f"{_seq_shape(f'({T} + {K - 1}) // {K}', node.shape)}, dtype, "
+                  f"{self.keep_arg(self.ckpt(r))})  # checkpoints: the first state of each window")
         for n in plan.body:
             if n in self.stored:
                 self.seq_alloc(o, n, T)
@@ -565,28 +628,109 @@ class Generator:
         general = plan.variant(set(), roots)
         first = plan.variant(zero, roots) if zero else None
         plan.emit_buffers(o)
+        start, stop = "0", T
+        if win:
+            o()
+            o(f"def {win['fn']}(start, stop):")
+            o.indent()
+            o('"""Steps start ... stop - 1 of the loop, from the states in row 0 of their '
+              'buffers."""')
+            start, stop = "start", "stop"
+            self.emit_window_values(o, block)
         if first is not None:
-            o("t0 = 0")
-            o("if state is None:" if state_arg else "if True:")
+            o(f"t0 = {start}")
+            cond = "state is None" if state_arg else "True"
+            o(f"if {cond}:" if not win else f"if start == 0 and {cond}:")
             o.indent()
             o("# t = 0: the states start at zero; what they multiply or convolve vanishes")
             o("t = 0")
             for r in reads:
                 if r not in zero:
-                    o(f"{r} = {self.buf(r)}[t]")
+                    o(f"{r} = {self.buf(r)}[{self.step_ix(r)}]")
             plan.emit(o, first)
-            o("t0 = 1")
+            o(f"t0 = {start} + 1" if win else "t0 = 1")
             o.dedent()
-            o(f"for t in range(t0, {T}):")
+            o(f"for t in range(t0, {stop}):")
         else:
-            o(f"for t in range({T}):")
+            o(f"for t in range({stop}):" if start == "0" else f"for t in range({start}, {stop}):")
         o.indent()
         o.last_loc = None
         for r in reads:
-            o(f"{r} = {self.buf(r)}[t]")
+            o(f"{r} = {self.buf(r)}[{self.step_ix(r)}]")
         plan.emit(o, general)
         o.dedent()
-        plan.drop_step_names(o)
+        if not win:
+            plan.drop_step_names(o)
+            return
+        o.dedent()
+        o()
+        ring = [r for r in reads if r in self.ring]
+        o(f"for w in range(0, {T}, {K}):")
+        o.indent()
+        if ring:
+            o("if w:  # the window starts where the last one ended")
+            for r in ring:
+                o(f"    {self.buf(r)}[0] = {self.buf(r)}[{K}]")
+            for r in ring:
+                o(f"{self.ckpt(r)}[w // {K}] = {self.buf(r)}[0]")
+        o(f"{win['fn']}(w, min(w + {K}, {T}))")
+        o.dedent()
+        for r in ring:
+            o(f"{self.buf(r)}_final = {self.buf(r)}[({T} - 1) % {K} + 1].copy()")
+
+    def emit_window_values(self, o: _Out, L: tuple) -> None:
+        """The batched values only loop L reads (its input convolution), for steps
+        start ... stop - 1: made again with each window instead of kept for all steps."""
+        g = self.g
+        o.last_loc = None
+        for n in g.order():
+            if self.window_values.get(n) != L:
+                continue
+            node = g.node(n)
+            o.loc_comment(node)
+            args = []
+            for i in node.inputs:
+                if i in self.window_values or g.node(i).seg is None:
+                    args.append(i)
+                else:
+                    args.append(f"{self.batched(i)}[start:stop]")
+            o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, n, step=False, backward=False)
+        o.last_loc = None
+
+    def window_inputs(self, L: tuple) -> set[str]:
+        """Batched forward values that only loop L (or others of them) read: with
+        recompute=K they are made window by window (what the loop's backward pass
+        would otherwise keep alive for the recomputation, all steps of it)."""
+        g, s = self.g, self.s
+        seg = L[1]
+        inside = set(s.members.get(L, []))
+        out: set[str] = set()
+        for n in reversed(g.order()):
+            node = g.node(n)
+            b = s.block_of[n]
+            if node.grad or b[0] not in ("pre", "mid") or b[1] != seg or \
+                    node.op in _NOT_OURS or n in self.keep_always:
+                continue
+            users = g.consumers(n)
+            if users and all(u in inside or u in out for u in users):
+                out.add(n)
+        return out
+
+    def emit_recompute(self, o: _Out, block: tuple, t: str) -> None:
+        """In a backward loop at step t, the last of its window: recompute that window."""
+        for L, win in self.windows.items():
+            if win["partner"] != block:
+                continue
+            K = self.recompute
+            o(f"# recompute the forward values of steps t - {K - 1} ... t from their "
+              "checkpoint" if K > 1 else "# recompute the forward values of step t")
+            for r in win["reads"]:
+                o(f"{self.buf(r)}[0] = {self.ckpt(r)}[{t} // {K}]")
+            o(f"{win['fn']}({t} - {K - 1}, {t} + 1)" if K > 1 else f"{win['fn']}({t}, {t} + 1)")
+
+    def has_recompute(self, block: tuple) -> bool:
+        return any(win["partner"] == block for win in self.windows.values())
 
     def emit_bloop(self, o: _Out, block: tuple, nodes: list[str]) -> None:
         g = self.g
@@ -632,6 +776,15 @@ class Generator:
         o(f"for t in range({T} - 2, 0, -1):")
         o.indent()
         o.last_loc = None
+        if self.has_recompute(block):
+            K = self.recompute
+            if K > 1:
+                o(f"if t % {K} == {K - 1}:")
+                o.indent()
+            self.emit_recompute(o, block, "t")
+            if K > 1:
+                o.dedent()
+            o.last_loc = None
         keep_carries()
         plan.emit(o, middle)
         self.carry_step(o, plan, carries)
@@ -641,6 +794,9 @@ class Generator:
         o("t = 0")
         o("# the first step: nothing goes on to t = -1 but the initial states' gradients")
         o.last_loc = None
+        if self.has_recompute(block) and self.recompute == 1:
+            self.emit_recompute(o, block, "t")
+            o.last_loc = None
         keep_carries()
         plan.emit(o, first)
         o.dedent()
@@ -745,12 +901,90 @@ class Generator:
         out = through_views(g, out, self.s.block_of)
         return out
 
+    def memory_meta(self) -> dict:
+        """The forward loop values loss_and_grad keeps for the backward pass, for reports.
+
+        Per value: its loop, elements per sample and step, whether it is a state
+        (T + 1 rows) or a stored value (T rows), and whether recompute=K keeps it
+        for one window only (`convc.runtime.summary.recompute_memory` adds it up).
+        """
+        g, s = self.g, self.s
+        ring, _ = self.ring_plan
+        values = []
+        for b in s.forward_blocks:
+            if b[0] != "loop":
+                continue
+            for n in s.members.get(b, []):
+                node = g.node(n)
+                if node.op != "state" and (n not in s.stored or n in self.state_of_update):
+                    continue
+                elements = 1
+                for d in node.shape:
+                    elements *= int(d)
+                values.append(dict(name=node.attrs["update"] if node.op == "state" else n,
+                                   loop=node.seg, elements=elements, state=node.op == "state",
+                                   window=n in ring, ring=n in self.ring))
+        return dict(recompute=self.recompute, values=values,
+                    arena=dict(sorted(self.loss_arena.items())))
+
+    def window_plan(self) -> tuple[dict, dict]:
+        """What recompute=K may keep for one window of steps only, loop by loop.
+
+        A forward loop value (a state, or a value stored for the backward pass)
+        qualifies when nothing but one backward loop, its partner, reads it
+        outside its own step: that backward loop can recompute it a window at a
+        time, from the states at the window's start. A state another loop starts
+        from, or that a batched stage or the loss reads (a layer's output h),
+        keeps all its steps. Returns ({value: loop block}, {loop block: partner}).
+        """
+        g, s = self.g, self.s
+        if self.bw is None:
+            return {}, {}
+        starts = {g.node(n).attrs.get("init_from") for n in g.g.nodes
+                  if g.node(n).op == "state"}
+
+        def readers(n, inside):  # blocks reading n outside its step (through views)
+            out = set()
+            for u in g.consumers(n):
+                if g.node(u).op == "carry_out":
+                    continue
+                if u in inside and g.node(u).op in _VIEWS and u not in self.stored:
+                    out |= readers(u, inside)
+                elif u not in inside:
+                    out.add(s.block_of[u])
+            return out
+
+        ring, partner_of = {}, {}
+        for L in s.forward_blocks:
+            if L[0] != "loop":
+                continue
+            inside = set(s.members.get(L, []))
+            cands = {}
+            for n in s.members.get(L, []):
+                node = g.node(n)
+                if node.op == "state":
+                    if node.attrs["update"] in starts:
+                        continue
+                    cands[n] = readers(n, inside) | readers(node.attrs["update"], inside)
+                elif n in self.stored and n not in self.state_of_update:
+                    cands[n] = readers(n, inside)
+            if any(b[0] != "bloop" for bs in cands.values() for b in bs):
+                cands = {n: bs for n, bs in cands.items() if all(b[0] == "bloop" for b in bs)}
+            partners = sorted({b for bs in cands.values() for b in bs})
+            if len(partners) != 1:
+                continue  # no backward loop, or several: keep every step
+            partner_of[L] = partners[0]
+            for n in cands:
+                ring[n] = L
+        return ring, partner_of
+
     def finals(self) -> str:
         parts = []
         for seg in self.low.segments:
             for r in seg.states:
                 # a copy: the state's buffer is the backend's, reused by the next call
-                parts.append(f"{self.g.node(r).attrs['state']!r}: {self.buf(r)}[-1].copy()")
+                last = f"{self.buf(r)}_final" if r in self.ring else f"{self.buf(r)}[-1].copy()"
+                parts.append(f"{self.g.node(r).attrs['state']!r}: {last}")
         return ", ".join(parts)
 
     def loss_and_grad_fn(self, o: _Out) -> None:
@@ -772,10 +1006,23 @@ class Generator:
         o.indent()
         self.prologue(o, with_targets=True)
         self.begin_function(self.s.stored)
+        if self.recompute:
+            ring, partner_of = self.ring_plan
+            self.ring = {n: self.recompute for n in ring}
+            self.windows = {
+                L: dict(partner=p, fn=f"{L[1]}_steps" if L[2] == 0 else f"{L[1]}_{L[2]}_steps",
+                        reads=[n for n in self.s.members[L] if n in ring and
+                               self.g.node(n).op == "state"])
+                for L, p in partner_of.items()}
+            self.keep_always = set(low.losses) | set(low.outputs.values())
+            for L in self.windows:
+                for n in self.window_inputs(L):
+                    self.window_values[n] = L
         blocks = self.s.forward_blocks + self.s.backward_blocks
         self.fn_name = "loss_and_grad"
         self.begin_blocks(blocks, self.s.members)
         self.emit_arenas(o)
+        self.loss_arena = {T[2:]: size for T, size in self.arena_size.items()}
         for k, block in enumerate(blocks):
             self.emit_block(o, block, self.s.members, state_arg=True)
             self.release(o, k)
@@ -854,9 +1101,10 @@ class _LoopPlan:
                     self.read_ct_of_carry[c] = ct
         for n in self.body:
             if not backward and n in gen.state_of_update:
-                self.fixed[n] = ("update", f"{gen.buf(gen.state_of_update[n])}[t + 1]")
+                read = gen.state_of_update[n]
+                self.fixed[n] = ("update", f"{gen.buf(read)}[{gen.step_ix(read, 1)}]")
             elif n in gen.stored:
-                self.fixed[n] = ("stored", f"{n}_seq[t]")
+                self.fixed[n] = ("stored", f"{n}_seq[{gen.step_ix(n)}]")
         for c, ct in self.read_ct_of_carry.items():
             if ct in self.fixed:
                 continue  # a (T, ...) slot is not overwritten by the next step
@@ -1085,7 +1333,7 @@ class _LoopPlan:
         for z in sorted(needed_zero & v.zero_sources):
             node = g.node(z)
             if node.op == "state":
-                o(f"{z} = {gen.buf(z)}[t]")
+                o(f"{z} = {gen.buf(z)}[{gen.step_ix(z)}]")
             else:
                 o(f"{z} = xp.zeros({_step_shape(node.shape)}, dtype)")
 
@@ -1152,5 +1400,6 @@ class _LoopPlan:
             gen.check(o, n, n, step=True, backward=self.backward)
 
 
-def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False) -> str:
-    return Generator(low, bw, sched, debug_nans=debug_nans).module()
+def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
+             recompute: int | None = None) -> str:
+    return Generator(low, bw, sched, debug_nans=debug_nans, recompute=recompute).module()

@@ -65,17 +65,24 @@ def check(path: str | Path | None = None, text: str | None = None, file: str | N
 
 def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
-                  debug_nans: bool = False) -> Compiled:
+                  debug_nans: bool = False, recompute: int | None = None) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
-    c = compile_program(prog, model, debug_nans=debug_nans)
+    c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
-                    debug_nans: bool = False) -> Compiled:
+                    debug_nans: bool = False, recompute: int | None = None) -> Compiled:
+    """Check, lower, differentiate, schedule and generate one model.
+
+    recompute=K: loss_and_grad keeps the forward values the backward pass
+    reads for one window of K steps (and the states at each window's start),
+    recomputing each window in the backward loop: less memory, one more
+    forward pass over all but the last window.
+    """
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
 
@@ -118,7 +125,7 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     with stage("schedule"):
         sched = schedule(low, bw)
     with stage("codegen"):
-        source = generate(low, bw, sched, debug_nans=debug_nans)
+        source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts)
 
 

@@ -17,10 +17,14 @@ from pathlib import Path
 
 
 def compile_file(path, model: str | None = None, text: str | None = None,
-                 debug_nans: bool = False):
-    """Run the compiler; returns a `convc.compiler.driver.Compiled`."""
+                 debug_nans: bool = False, recompute: int | None = None):
+    """Run the compiler; returns a `convc.compiler.driver.Compiled`.
+
+    recompute=K trades compute for memory: see `convc.compiler.driver.compile_program`.
+    """
     from convc.compiler.driver import compile_model
-    return compile_model(path, text=text, model=model, debug_nans=debug_nans)
+    return compile_model(path, text=text, model=model, debug_nans=debug_nans,
+                         recompute=recompute)
 
 
 def module_from_source(source: str, name: str, filename: str | None = None) -> types.ModuleType:
@@ -37,14 +41,14 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
 
 
 def load(path, model: str | None = None, text: str | None = None,
-         debug_nans: bool = False) -> types.ModuleType:
+         debug_nans: bool = False, recompute: int | None = None) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
     `sgd_step`, `MODEL` (metadata), plus `compiled` (every stage of the
     compile) and `train(...)` (the training loop of convc.runtime.train).
     """
-    c = compile_file(path, model=model, text=text, debug_nans=debug_nans)
+    c = compile_file(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute)
     mod = module_from_source(c.source, c.name)
     mod.compiled = c
     mod.source = c.source

@@ -44,12 +44,19 @@ def _require_file(path: str) -> Path:
     return p
 
 
+def _add_recompute(p) -> None:
+    p.add_argument("--recompute", type=_positive_int, metavar="K", default=None,
+                   help="keep the forward values the backward pass needs for windows of K "
+                        "steps only, recomputing each window (less memory, more compute)")
+
+
 def _load(args, debug_nans: bool = False):
     """Compile the command's FILE (and --model) in memory; warnings go to stderr."""
     import convc.api as api
 
     _require_file(args.file)
-    mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans)
+    mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans,
+                   recompute=getattr(args, "recompute", None))
     _print_warnings(mod.compiled.warnings)
     return mod
 
@@ -158,6 +165,8 @@ def cmd_compile(args) -> int:
             path = stem.with_name(f"{stem.name}.{kind}")
             _write(path, texts[kind])
             print(f"wrote {path}", file=sys.stderr)
+    if args.recompute:
+        sys.stderr.write(_recompute_report(args, mod, 10, 1))
     if args.timings:
         total = sum(c.timings.values())
         print("timings:", file=sys.stderr)
@@ -231,7 +240,22 @@ def cmd_summary(args) -> int:
 
     mod = _load(args)
     sys.stdout.write(summary(mod))
+    sys.stdout.write("\n" + _recompute_report(args, mod, args.frames, args.batch))
     return 0
+
+
+def _recompute_report(args, mod, steps, batch) -> str:
+    """The memory plan with all steps kept against --recompute K (or K = 1 and ~sqrt(T))."""
+    import convc.api as api
+    from convc.runtime.summary import default_windows, recompute_report
+
+    def meta(k):
+        if mod.MODEL["memory"]["recompute"] == k:
+            return mod.MODEL
+        return api.load(args.file, model=getattr(args, "model", None), recompute=k).MODEL
+
+    ks = [args.recompute] if args.recompute else default_windows(steps)
+    return recompute_report(meta(None), {k: meta(k) for k in ks}, steps, batch=batch)
 
 
 # ---------------------------------------------------------------------------
@@ -501,6 +525,7 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="BLAS threads (needs threadpoolctl)")
     g.add_argument("--debug-nans", action="store_true",
                    help="compile with NaN checks after every op (slow; names the first one)")
+    _add_recompute(g)
     g.add_argument("--poison", action="store_true",
                    help="fill every buffer with NaN before its first write; the results "
                         "must not change (a check that no memory is read unwritten)")
@@ -591,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the time of each compiler stage and what the passes changed")
     p.add_argument("--debug-nans", action="store_true",
                    help="generate a NaN/Inf check after every op (raises NonFiniteError)")
+    _add_recompute(p)
 
     p = command("graph", cmd_graph,
                 "Write the compiled graph (forward and backward nodes, loops as clusters).\n"
@@ -610,8 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("summary", cmd_summary,
                 "One row per cell instance and output: output shape per step, parameters,\n"
                 "convolution FLOPs, elementwise operations and the activation memory the\n"
-                "backward pass keeps, per sample and time step.")
+                "backward pass keeps, per sample and time step; then that memory for a\n"
+                "whole sequence, kept for all steps and with --recompute K.")
     _add_file(p)
+    p.add_argument("--frames", type=_positive_int, default=10, metavar="T",
+                   help="sequence length of the memory report (default 10)")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="N",
+                   help="batch size of the memory report (default 1)")
+    _add_recompute(p)
 
     p = command("train", cmd_train,
                 "Train a model on synthetic or file data. Settings not given here come\n"

@@ -366,3 +366,76 @@ def summary(mod) -> str:
         width = max(len(c) for c, _ in docs)
         out += [f"  {c.ljust(width)}  {d}".rstrip() for c, d in docs]
     return "\n".join(out) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Memory against compute: recompute=K
+# ---------------------------------------------------------------------------
+
+
+def plan_memory(meta: dict, steps, batch: int = 1, itemsize: int = BYTES_PER_VALUE) -> dict:
+    """Bytes of the (T, N, ...) buffers loss_and_grad's memory plan allocates.
+
+    `meta` is a generated module's MODEL (compiled with or without
+    recompute=K); `steps` the sequence length (one number, or {axis: length}).
+    Counts the arenas (every batched and stored value, placed so that values
+    whose lives do not overlap share memory), the states' buffers and, with
+    recompute=K, the windows' buffers and checkpoints. The per-step work
+    buffers and the convolution's scratch memory do not grow with T and are
+    not counted. Also returns how many forward steps the backward pass runs
+    again (all but the last window of each loop).
+    """
+    axis_of = {loop["id"]: loop["axis"] for loop in meta["loops"]}
+
+    def length(axis):
+        return int(steps[axis]) if isinstance(steps, dict) else int(steps)
+
+    mem = meta["memory"]
+    K = mem["recompute"]
+    elements = sum(size * length(axis) for axis, size in mem["arena"].items())
+    again = {}
+    for v in mem["values"]:
+        T = length(axis_of[v["loop"]])
+        if v["ring"]:
+            k = min(K, T)
+            rows = (k + 1 + -(-T // K)) if v["state"] else k
+            again[v["loop"]] = T - ((T - 1) % K + 1)
+        elif v["state"]:
+            rows = T + 1
+        else:
+            continue  # in the arena
+        elements += rows * v["elements"]
+    return dict(bytes=elements * batch * itemsize, recomputed_steps=sum(again.values()),
+                steps=sum(length(loop["axis"]) for loop in meta["loops"]))
+
+
+def recompute_report(full: dict, windowed: dict, steps, batch: int = 1) -> str:
+    """Memory against compute: the plan of `full` (a MODEL without recompute) against
+    those of `windowed` ({K: MODEL compiled with recompute=K})."""
+    base = plan_memory(full, steps, batch)
+    lines = [f"Memory plan of loss_and_grad, buffers that grow with T (float32, batch {batch}, "
+             f"T = {_fmt_steps(steps)}):",
+             f"  all steps kept:  {_fmt_bytes(base['bytes'])}"]
+    for k, meta in sorted(windowed.items()):
+        r = plan_memory(meta, steps, batch)
+        saved = base["bytes"] - r["bytes"]
+        share = 100.0 * saved / base["bytes"] if base["bytes"] else 0.0
+        lines.append(f"  recompute={k}:     {_fmt_bytes(r['bytes'])}, saves {_fmt_bytes(saved)} "
+                     f"({share:.0f}%); the backward pass runs {r['recomputed_steps']} of "
+                     f"{r['steps']} forward steps again")
+    if not any(v["window"] for v in full["memory"]["values"]):
+        lines.append("  (no loop value can be recomputed: each is read outside its backward "
+                     "loop)")
+    return "\n".join(lines) + "\n"
+
+
+def default_windows(steps) -> list[int]:
+    """Window lengths worth showing: 1 and about sqrt(T) (the classic checkpointing choice)."""
+    T = max(steps.values()) if isinstance(steps, dict) else int(steps)
+    return sorted({1, max(1, round(math.sqrt(T)))})
+
+
+def _fmt_steps(steps) -> str:
+    if isinstance(steps, dict):
+        return ", ".join(f"{k} {v}" for k, v in sorted(steps.items()))
+    return str(steps)

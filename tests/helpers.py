@@ -60,13 +60,13 @@ def shrink(text: str, size: int = 8, hidden: int = 3) -> str:
                   lambda m: f"hidden = {min(int(m.group(1)), hidden)}", text)
 
 
-def load_text(text: str, name: str = "test_model.cell"):
+def load_text(text: str, name: str = "test_model.cell", **options):
     """Compile `.cell` text (it may `import std`) and import the generated module.
 
     `name` is the file name diagnostics and source comments show; give each
-    distinct text its own name.
+    distinct text its own name. `options` go to convc.load (recompute=K).
     """
-    return api.load(ROOT / "tests" / name, text=text)
+    return api.load(ROOT / "tests" / name, text=text, **options)
 
 
 def load_example(path: Path, small: bool = True, **shrink_kw):
