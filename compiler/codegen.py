@@ -709,8 +709,9 @@ class Generator:
         for n in reversed(g.order()):
             node = g.node(n)
             b = s.block_of[n]
-            if node.grad or b[0] not in ("pre", "mid") or b[1] != seg or \
-                    node.op in _NOT_OURS or n in self.keep_always:
+            if node.grad or node.op in _NOT_OURS or n in self.keep_always or not (
+                    b[0] in ("pre", "mid") and b[1] == seg or
+                    b[0] == "data" and node.seg is not None):  # (of the input alone)
                 continue
             users = g.consumers(n)
             if users and all(u in inside or u in out for u in users):
