@@ -81,6 +81,12 @@ def _short(path: str) -> str:
 
 
 
+def _in_docstring(text: str) -> str:
+    """Text from a .cell file, safe inside the generated module's docstring (it shows
+    the same characters: backslashes doubled, triple quotes broken)."""
+    return text.replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+
+
 def _step_shape(shape) -> str:
     """`(N, C, H, W)` for a per-step value of per-sample shape (C, H, W)."""
     return "(" + ", ".join(["N"] + [str(d) for d in shape]) + ")"
@@ -274,11 +280,11 @@ class Generator:
         o()
         if doc:
             for line in doc.splitlines():
-                o(line.rstrip())
+                o(_in_docstring(line.rstrip()))
             o()
         for inst, cell in sorted(low.cells.items()):
             cdoc = (low.cell_docs.get(cell) or "").strip().splitlines()
-            o(f"{inst}: {cell}" + (f" -- {cdoc[0]}" if cdoc else ""))
+            o(_in_docstring(f"{inst}: {cell}" + (f" -- {cdoc[0]}" if cdoc else "")))
         o()
         o(f"Regenerate with `convc compile {_short(low.file)}`; edits here are lost.")
         o('"""')

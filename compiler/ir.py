@@ -19,6 +19,7 @@ byte-identical output.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -48,7 +49,14 @@ class Node:
         args = ", ".join(self.inputs)
         where = f"  @{self.seg}" if self.seg else ""
         return (f"{self.id:<24} = {self.op}({args}{', ' if args and attrs else ''}{attrs})"
-                f"  : {shape}{where}  # {self.loc}")
+                f"  : {shape}{where}  # {_where(self.loc)}")
+
+
+def _where(loc: Loc) -> str:
+    """file:line:col with the file's name alone: dumps do not depend on where they are made
+    (the generated module's comments name files the same way)."""
+    name = os.path.basename(loc.file)
+    return name if loc.line < 1 else f"{name}:{loc.line}:{loc.col}"
 
 
 def _fmt_attr(v) -> str:
@@ -205,7 +213,7 @@ class Graph:
                                      if not k.startswith("_")},
                               shape=None if node.shape is None else list(node.shape),
                               segment=node.seg, backward=node.grad,
-                              loc=dict(file=node.loc.file, line=node.loc.line,
+                              loc=dict(file=os.path.basename(node.loc.file), line=node.loc.line,
                                        column=node.loc.col)))
         edges = [dict(source=u, target=v, kind=d["kind"])
                  for u, v, d in sorted(self.g.edges(data=True), key=lambda e: (e[0], e[1]))]

@@ -189,7 +189,10 @@ defop(name="neg", arity=1, elementwise=True, shape=_same,
 defop(name="scale", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"{a[0]} * {float(at['factor'])!r}",
       ref=lambda x, factor: x * factor,
-      vjp=(lambda b, n, g, i: b.op("scale", g, factor=n.attrs["factor"]),),
+      # (factor 1: the identity a state's update gets when its value is made outside the
+      # loop; its cotangent passes through unchanged)
+      vjp=(lambda b, n, g, i: g if float(n.attrs["factor"]) == 1.0 else
+           b.op("scale", g, factor=n.attrs["factor"]),),
       doc="multiplication by a constant (also `/ constant`)")
 
 

@@ -215,23 +215,21 @@ print(json.dumps(out))
 
 
 def test_compiles_are_identical_across_processes_and_hash_seeds(tmp_path):
-    """Fresh interpreters, different string hashing: the same bytes.
-
-    They run in this process's working directory: diagnostics, and so the
-    IR, DOT and JSON, name imported files relative to it (spec/loader.py).
-    """
-    paths = [str(p) for p in EXAMPLES]
+    """Fresh interpreters, different string hashing, another working directory: the
+    same bytes (the source, IR and JSON name files without their folders)."""
+    paths = [str(Path(p).resolve()) for p in EXAMPLES]
     here = {p: digests(compiled(Path(p))) for p in paths}
     script = tmp_path / "digests.py"
     script.write_text(_DIGEST_SCRIPT, encoding="utf-8")
-    for seed in ("1", "4242"):
+    for seed, cwd in (("1", os.getcwd()), ("4242", str(tmp_path))):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         run = subprocess.run([sys.executable, str(script), *paths], env=env,
-                             capture_output=True, text=True, cwd=os.getcwd(), timeout=300)
+                             capture_output=True, text=True, cwd=cwd, timeout=300)
         assert run.returncode == 0, run.stderr
         there = json.loads(run.stdout.strip().splitlines()[-1])
         for p in paths:
-            assert there[p] == here[p], f"{Path(p).name} differs with PYTHONHASHSEED={seed}"
+            assert there[p] == here[p], \
+                f"{Path(p).name} differs with PYTHONHASHSEED={seed} in {cwd}"
 
 
 # ---------------------------------------------------------------- (d) imports
@@ -371,3 +369,20 @@ def test_generated_code_agrees_with_the_interpreter(path, stateful):
     for k in want_final:
         np.testing.assert_allclose(final[k], want_final[k], rtol=1e-12, atol=1e-13)
         np.testing.assert_allclose(final2[k], want_final[k], rtol=1e-12, atol=1e-13)
+
+
+def test_docstrings_with_backslashes_and_quotes():
+    """A .cell docstring reaches the module's docstring unchanged, whatever it holds."""
+    import warnings
+    doc = r'Paths like C:\data\new, a \"\"\" run of quotes, ends in \\'
+    text = ('cell Tiny(hidden) {\n    """Doc of a cell with \\t in it."""\n    input x\n'
+            '    state h = zeros\n    weight W = kernel(hidden, 3)\n'
+            '    h = tanh(conv(concat(x, h[t-1]), W))\n    output h\n}\n\n'
+            f'model tiny {{\n    """{doc}"""\n    input x: [1, 6, 6]\n    target y: [1, 6, 6]\n'
+            '    l = Tiny(hidden = 2)\n    h = l(x)\n    weight W = kernel(1, 1)\n'
+            '    p = conv(h, W)\n    output p\n    loss mse(p, y)\n}\n')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no invalid escape sequence either
+        mod = api.load(ROOT / "tests" / "test_codegen_doc.cell", text=text)
+    assert doc in mod.__doc__
+    assert "Doc of a cell with \\t in it." in mod.__doc__
