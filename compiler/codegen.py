@@ -272,6 +272,9 @@ class Generator:
         self.forward_fn(fns)
         fns()
         fns()
+        self.loss_fn(fns)
+        fns()
+        fns()
         self.loss_and_grad_fn(fns)
         o = _Out()
         low = self.low
@@ -866,6 +869,30 @@ class Generator:
         o(f"outputs = {{{outs}}}")
         o(f"final = {{{self.finals()}}}")
         o("return outputs, final")
+        o.dedent()
+
+    def loss_fn(self, o: _Out) -> None:
+        """loss(): the forward pass and the loss, nothing the gradients need."""
+        low = self.low
+        o("def loss(params, inputs, targets, state=None, backend=None):")
+        o('    """The loss alone, without gradients (validation): the forward pass keeps only')
+        o('    what the loss reads."""')
+        o.indent()
+        self.prologue(o, with_targets=True)
+        from .passes import live_nodes
+        needed = {n for n in live_nodes(self.g, list(low.losses)) if not self.g.node(n).grad}
+        self.begin_function(self._stored_fwd(needed))
+        members = {b: [n for n in ns if n in needed] for b, ns in self.s.members.items()}
+        blocks = list(self.s.forward_blocks)
+        self.fn_name = "loss"
+        self.begin_blocks(blocks, members)
+        self.keep |= set(low.losses)
+        self.emit_arenas(o)
+        for k, block in enumerate(blocks):
+            self.emit_block(o, block, members, state_arg=True)
+            self.release(o, k)
+        o()
+        o(f"return float({' + '.join(low.losses)})")
         o.dedent()
 
     def step_flops(self) -> int:

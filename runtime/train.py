@@ -949,9 +949,11 @@ class _Trainer:
         for start in range(0, len(self.data.val_x), size):
             x = self._batch(self.data.val_x[start:start + size])
             y = self._batch(self.data.val_y[start:start + size])
-            loss, _, _ = self.mod.loss_and_grad(
-                self.params, {self.data.input_name: x}, {self.data.target_name: y},
-                backend=self.B)
+            args = (self.params, {self.data.input_name: x}, {self.data.target_name: y})
+            if hasattr(self.mod, "loss"):  # the forward pass alone
+                loss = self.mod.loss(*args, backend=self.B)
+            else:  # a module generated before loss() existed
+                loss, _, _ = self.mod.loss_and_grad(*args, backend=self.B)
             total += float(loss) * len(x)
             count += len(x)
         return total / count

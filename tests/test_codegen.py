@@ -386,3 +386,17 @@ def test_docstrings_with_backslashes_and_quotes():
         mod = api.load(ROOT / "tests" / "test_codegen_doc.cell", text=text)
     assert doc in mod.__doc__
     assert "Doc of a cell with \\t in it." in mod.__doc__
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=example_ids())
+def test_loss_alone_equals_the_loss_of_loss_and_grad(path):
+    mod = load_example(path)
+    params = random_params(mod)
+    inputs, targets = random_batch(mod, N=2, T=3, T_out=4)
+    state = random_state(mod, N=2)
+    for kw in ({}, {"state": state}):
+        alone = mod.loss(params, inputs, targets, **kw)
+        with_grads = mod.loss_and_grad(params, inputs, targets, **kw)[0]
+        assert isinstance(alone, float)
+        assert abs(alone - with_grads) <= 1e-12 * abs(with_grads)
+    assert "def loss(params, inputs, targets" in mod.source

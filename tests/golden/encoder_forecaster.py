@@ -393,6 +393,369 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     return outputs, final
 
 
+def loss(params, inputs, targets, state=None, backend=None):
+    """The loss alone, without gradients (validation): the forward pass keeps only
+    what the loss reads."""
+    B = backend if backend is not None else _model.default_backend()
+    xp = B.xp
+    dtype = params['W_out'].dtype
+    W_out = params['W_out']
+    b_out = params['b_out']
+    enc1_W_h = params['enc1.W_h']
+    enc1_W_x = params['enc1.W_x']
+    enc1_b_f = params['enc1.b_f']
+    enc1_b_g = params['enc1.b_g']
+    enc1_b_i = params['enc1.b_i']
+    enc1_b_o = params['enc1.b_o']
+    enc1_w_cf = params['enc1.w_cf']
+    enc1_w_ci = params['enc1.w_ci']
+    enc1_w_co = params['enc1.w_co']
+    enc2_W_h = params['enc2.W_h']
+    enc2_W_x = params['enc2.W_x']
+    enc2_b_f = params['enc2.b_f']
+    enc2_b_g = params['enc2.b_g']
+    enc2_b_i = params['enc2.b_i']
+    enc2_b_o = params['enc2.b_o']
+    enc2_w_cf = params['enc2.w_cf']
+    enc2_w_ci = params['enc2.w_ci']
+    enc2_w_co = params['enc2.w_co']
+    fc1_W_h = params['fc1.W_h']
+    fc1_b_f = params['fc1.b_f']
+    fc1_b_g = params['fc1.b_g']
+    fc1_b_i = params['fc1.b_i']
+    fc1_b_o = params['fc1.b_o']
+    fc1_w_cf = params['fc1.w_cf']
+    fc1_w_ci = params['fc1.w_ci']
+    fc1_w_co = params['fc1.w_co']
+    fc2_W_h = params['fc2.W_h']
+    fc2_W_x = params['fc2.W_x']
+    fc2_b_f = params['fc2.b_f']
+    fc2_b_g = params['fc2.b_g']
+    fc2_b_i = params['fc2.b_i']
+    fc2_b_o = params['fc2.b_o']
+    fc2_w_cf = params['fc2.w_cf']
+    fc2_w_ci = params['fc2.w_ci']
+    fc2_w_co = params['fc2.w_co']
+    x = rt.time_major(inputs['x'], dtype, xp)
+    y = rt.time_major(targets['y'], dtype, xp)
+    T_x = x.shape[0]
+    T_y = y.shape[0]
+    N = x.shape[1]
+    arena_x = rt.arena(B, 'loss/x', 8192 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
+    arena_y = rt.arena(B, 'loss/y', 8192 * T_y * N, dtype)  # the memory plan's (T, N, ...) buffers
+
+    # parameters and constants
+    # std.cell:21  weight b_i = bias(hidden)
+    enc1_b_i_c = enc1_b_i.reshape((8, 1, 1))
+    # std.cell:22  weight b_f = bias(hidden, init = 1)
+    enc1_b_f_c = enc1_b_f.reshape((8, 1, 1))
+    # std.cell:23  weight b_g = bias(hidden)
+    enc1_b_g_c = enc1_b_g.reshape((8, 1, 1))
+    # std.cell:24  weight b_o = bias(hidden)
+    enc1_b_o_c = enc1_b_o.reshape((8, 1, 1))
+    # std.cell:21  weight b_i = bias(hidden)
+    enc2_b_i_c = enc2_b_i.reshape((8, 1, 1))
+    # std.cell:22  weight b_f = bias(hidden, init = 1)
+    enc2_b_f_c = enc2_b_f.reshape((8, 1, 1))
+    # std.cell:23  weight b_g = bias(hidden)
+    enc2_b_g_c = enc2_b_g.reshape((8, 1, 1))
+    # std.cell:24  weight b_o = bias(hidden)
+    enc2_b_o_c = enc2_b_o.reshape((8, 1, 1))
+    # std.cell:21  weight b_i = bias(hidden)
+    fc1_b_i_c = fc1_b_i.reshape((8, 1, 1))
+    # std.cell:22  weight b_f = bias(hidden, init = 1)
+    fc1_b_f_c = fc1_b_f.reshape((8, 1, 1))
+    # std.cell:23  weight b_g = bias(hidden)
+    fc1_b_g_c = fc1_b_g.reshape((8, 1, 1))
+    # std.cell:24  weight b_o = bias(hidden)
+    fc1_b_o_c = fc1_b_o.reshape((8, 1, 1))
+    # std.cell:21  weight b_i = bias(hidden)
+    fc2_b_i_c = fc2_b_i.reshape((8, 1, 1))
+    # std.cell:22  weight b_f = bias(hidden, init = 1)
+    fc2_b_f_c = fc2_b_f.reshape((8, 1, 1))
+    # std.cell:23  weight b_g = bias(hidden)
+    fc2_b_g_c = fc2_b_g.reshape((8, 1, 1))
+    # std.cell:24  weight b_o = bias(hidden)
+    fc2_b_o_c = fc2_b_o.reshape((8, 1, 1))
+    # encoder_forecaster.cell:21  weight b_out = bias(1)
+    b_out_c = b_out.reshape((1, 1, 1))
+
+    # inputs
+    # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+    conv = rt.conv2d(B, x, enc1_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
+
+    # loop loop0.0: enc1.c, enc1.h, step by step over T_x steps
+    h_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'h_enc1_buf'))
+    h_enc1_buf[0] = rt.initial_state(state, 'enc1.h', 0.0)
+    c_enc1_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'c_enc1_buf'))
+    c_enc1_buf[0] = rt.initial_state(state, 'enc1.c', 0.0)
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w2'))  # work buffer of one step
+    w3 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w3'))  # work buffer of one step
+    t0 = 0
+    if state is None:
+        # t = 0: the states start at zero; what they multiply or convolve vanishes
+        t = 0
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_enc1 = conv[t][..., 0:8, :, :]
+        z_g_enc1 = conv[t][..., 16:24, :, :]
+        z_o_enc1 = conv[t][..., 24:32, :, :]
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        add_4 = xp.add(z_i_enc1, enc1_b_i_c, out=w1)
+        i_enc1 = rt.sigmoid(add_4, out=w1)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_5 = xp.add(z_g_enc1, enc1_b_g_c, out=w2)
+        tanh = rt.tanh(add_5, out=w2)
+        mul_3 = xp.multiply(i_enc1, tanh, out=c_enc1_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_4 = xp.multiply(enc1_w_co, mul_3, out=w1)
+        add_7 = xp.add(z_o_enc1, mul_4, out=w1)
+        add_8 = xp.add(add_7, enc1_b_o_c, out=w1)
+        o_enc1 = rt.sigmoid(add_8, out=w1)
+        # std.cell:41  h = o * tanh(c)
+        tanh_1 = rt.tanh(mul_3, out=w2)
+        h_enc1 = xp.multiply(o_enc1, tanh_1, out=h_enc1_buf[t + 1])
+        t0 = 1
+    for t in range(t0, T_x):
+        h_enc1_prev = h_enc1_buf[t]
+        c_enc1_prev = c_enc1_buf[t]
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        conv_1 = rt.conv2d(B, h_enc1_prev, enc1_W_h, (1, 1), (1, 1), (1, 1), out=w0)
+        z_enc1 = xp.add(conv[t], conv_1, out=w0)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_enc1 = z_enc1[..., 0:8, :, :]
+        z_f_enc1 = z_enc1[..., 8:16, :, :]
+        z_g_enc1 = z_enc1[..., 16:24, :, :]
+        z_o_enc1 = z_enc1[..., 24:32, :, :]
+        # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
+        mul = xp.multiply(enc1_w_cf, c_enc1_prev, out=w1)
+        add_1 = xp.add(z_f_enc1, mul, out=w1)
+        add_2 = xp.add(add_1, enc1_b_f_c, out=w1)
+        f_enc1 = rt.sigmoid(add_2, out=w1)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        mul_1 = xp.multiply(f_enc1, c_enc1_prev, out=w1)
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        mul_2 = xp.multiply(enc1_w_ci, c_enc1_prev, out=w2)
+        add_3 = xp.add(z_i_enc1, mul_2, out=w2)
+        add_4 = xp.add(add_3, enc1_b_i_c, out=w2)
+        i_enc1 = rt.sigmoid(add_4, out=w2)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_5 = xp.add(z_g_enc1, enc1_b_g_c, out=w3)
+        tanh = rt.tanh(add_5, out=w3)
+        mul_3 = xp.multiply(i_enc1, tanh, out=w2)
+        c_enc1 = xp.add(mul_1, mul_3, out=c_enc1_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_4 = xp.multiply(enc1_w_co, c_enc1, out=w1)
+        add_7 = xp.add(z_o_enc1, mul_4, out=w1)
+        add_8 = xp.add(add_7, enc1_b_o_c, out=w1)
+        o_enc1 = rt.sigmoid(add_8, out=w1)
+        # std.cell:41  h = o * tanh(c)
+        tanh_1 = rt.tanh(c_enc1, out=w2)
+        h_enc1 = xp.multiply(o_enc1, tanh_1, out=h_enc1_buf[t + 1])
+    add_1 = add_2 = add_3 = add_4 = add_5 = add_7 = add_8 = c_enc1 = c_enc1_prev = None
+    conv_1 = f_enc1 = h_enc1 = h_enc1_prev = i_enc1 = mul = mul_1 = mul_2 = mul_3 = None
+    mul_4 = o_enc1 = tanh = tanh_1 = z_enc1 = z_f_enc1 = z_g_enc1 = z_i_enc1 = None
+    z_o_enc1 = None
+    del conv  # not read again: let its memory go
+
+    # between two loops, all steps at once (loop0)
+    # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+    conv_2 = rt.conv2d(B, h_enc1_buf[1:], enc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
+
+    # loop loop0.1: enc2.c, enc2.h, step by step over T_x steps
+    h_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'h_enc2_buf'))
+    h_enc2_buf[0] = rt.initial_state(state, 'enc2.h', 0.0)
+    c_enc2_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'c_enc2_buf'))
+    c_enc2_buf[0] = rt.initial_state(state, 'enc2.c', 0.0)
+    w4 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss', 'w4'))  # work buffer of one step
+    w5 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w5'))  # work buffer of one step
+    w6 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w6'))  # work buffer of one step
+    w7 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w7'))  # work buffer of one step
+    t0 = 0
+    if state is None:
+        # t = 0: the states start at zero; what they multiply or convolve vanishes
+        t = 0
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_enc2 = conv_2[t][..., 0:8, :, :]
+        z_g_enc2 = conv_2[t][..., 16:24, :, :]
+        z_o_enc2 = conv_2[t][..., 24:32, :, :]
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        add_13 = xp.add(z_i_enc2, enc2_b_i_c, out=w5)
+        i_enc2 = rt.sigmoid(add_13, out=w5)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_14 = xp.add(z_g_enc2, enc2_b_g_c, out=w6)
+        tanh_2 = rt.tanh(add_14, out=w6)
+        mul_9 = xp.multiply(i_enc2, tanh_2, out=c_enc2_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_10 = xp.multiply(enc2_w_co, mul_9, out=w5)
+        add_16 = xp.add(z_o_enc2, mul_10, out=w5)
+        add_17 = xp.add(add_16, enc2_b_o_c, out=w5)
+        o_enc2 = rt.sigmoid(add_17, out=w5)
+        # std.cell:41  h = o * tanh(c)
+        tanh_3 = rt.tanh(mul_9, out=w6)
+        h_enc2 = xp.multiply(o_enc2, tanh_3, out=h_enc2_buf[t + 1])
+        t0 = 1
+    for t in range(t0, T_x):
+        h_enc2_prev = h_enc2_buf[t]
+        c_enc2_prev = c_enc2_buf[t]
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        conv_3 = rt.conv2d(B, h_enc2_prev, enc2_W_h, (1, 1), (1, 1), (1, 1), out=w4)
+        z_enc2 = xp.add(conv_2[t], conv_3, out=w4)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_enc2 = z_enc2[..., 0:8, :, :]
+        z_f_enc2 = z_enc2[..., 8:16, :, :]
+        z_g_enc2 = z_enc2[..., 16:24, :, :]
+        z_o_enc2 = z_enc2[..., 24:32, :, :]
+        # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
+        mul_6 = xp.multiply(enc2_w_cf, c_enc2_prev, out=w5)
+        add_10 = xp.add(z_f_enc2, mul_6, out=w5)
+        add_11 = xp.add(add_10, enc2_b_f_c, out=w5)
+        f_enc2 = rt.sigmoid(add_11, out=w5)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        mul_7 = xp.multiply(f_enc2, c_enc2_prev, out=w5)
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        mul_8 = xp.multiply(enc2_w_ci, c_enc2_prev, out=w6)
+        add_12 = xp.add(z_i_enc2, mul_8, out=w6)
+        add_13 = xp.add(add_12, enc2_b_i_c, out=w6)
+        i_enc2 = rt.sigmoid(add_13, out=w6)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_14 = xp.add(z_g_enc2, enc2_b_g_c, out=w7)
+        tanh_2 = rt.tanh(add_14, out=w7)
+        mul_9 = xp.multiply(i_enc2, tanh_2, out=w6)
+        c_enc2 = xp.add(mul_7, mul_9, out=c_enc2_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_10 = xp.multiply(enc2_w_co, c_enc2, out=w5)
+        add_16 = xp.add(z_o_enc2, mul_10, out=w5)
+        add_17 = xp.add(add_16, enc2_b_o_c, out=w5)
+        o_enc2 = rt.sigmoid(add_17, out=w5)
+        # std.cell:41  h = o * tanh(c)
+        tanh_3 = rt.tanh(c_enc2, out=w6)
+        h_enc2 = xp.multiply(o_enc2, tanh_3, out=h_enc2_buf[t + 1])
+    add_10 = add_11 = add_12 = add_13 = add_14 = add_16 = add_17 = c_enc2 = None
+    c_enc2_prev = conv_3 = f_enc2 = h_enc2 = h_enc2_prev = i_enc2 = mul_10 = mul_6 = None
+    mul_7 = mul_8 = mul_9 = o_enc2 = tanh_2 = tanh_3 = z_enc2 = z_f_enc2 = z_g_enc2 = None
+    z_i_enc2 = z_o_enc2 = None
+    del conv_2  # not read again: let its memory go
+
+    # loop loop1.0: fc1.c, fc1.h, step by step over T_y steps
+    h_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'h_fc1_buf'))
+    h_fc1_buf[0] = h_enc1_buf[-1]
+    c_fc1_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'c_fc1_buf'))
+    c_fc1_buf[0] = c_enc1_buf[-1]
+    w8 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss', 'w8'))  # work buffer of one step
+    w9 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w9'))  # work buffer of one step
+    w10 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w10'))  # work buffer of one step
+    w11 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w11'))  # work buffer of one step
+    for t in range(T_y):
+        h_fc1_prev = h_fc1_buf[t]
+        c_fc1_prev = c_fc1_buf[t]
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        conv_4 = rt.conv2d(B, h_fc1_prev, fc1_W_h, (1, 1), (1, 1), (1, 1), out=w8)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_fc1 = conv_4[..., 0:8, :, :]
+        z_f_fc1 = conv_4[..., 8:16, :, :]
+        z_g_fc1 = conv_4[..., 16:24, :, :]
+        z_o_fc1 = conv_4[..., 24:32, :, :]
+        # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
+        mul_12 = xp.multiply(fc1_w_cf, c_fc1_prev, out=w9)
+        add_19 = xp.add(z_f_fc1, mul_12, out=w9)
+        add_20 = xp.add(add_19, fc1_b_f_c, out=w9)
+        f_fc1 = rt.sigmoid(add_20, out=w9)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        mul_13 = xp.multiply(f_fc1, c_fc1_prev, out=w9)
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        mul_14 = xp.multiply(fc1_w_ci, c_fc1_prev, out=w10)
+        add_21 = xp.add(z_i_fc1, mul_14, out=w10)
+        add_22 = xp.add(add_21, fc1_b_i_c, out=w10)
+        i_fc1 = rt.sigmoid(add_22, out=w10)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_23 = xp.add(z_g_fc1, fc1_b_g_c, out=w11)
+        tanh_4 = rt.tanh(add_23, out=w11)
+        mul_15 = xp.multiply(i_fc1, tanh_4, out=w10)
+        c_fc1 = xp.add(mul_13, mul_15, out=c_fc1_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_16 = xp.multiply(fc1_w_co, c_fc1, out=w9)
+        add_25 = xp.add(z_o_fc1, mul_16, out=w9)
+        add_26 = xp.add(add_25, fc1_b_o_c, out=w9)
+        o_fc1 = rt.sigmoid(add_26, out=w9)
+        # std.cell:41  h = o * tanh(c)
+        tanh_5 = rt.tanh(c_fc1, out=w10)
+        h_fc1 = xp.multiply(o_fc1, tanh_5, out=h_fc1_buf[t + 1])
+    add_19 = add_20 = add_21 = add_22 = add_23 = add_25 = add_26 = c_fc1 = None
+    c_fc1_prev = conv_4 = f_fc1 = h_fc1 = h_fc1_prev = i_fc1 = mul_12 = mul_13 = None
+    mul_14 = mul_15 = mul_16 = o_fc1 = tanh_4 = tanh_5 = z_f_fc1 = z_g_fc1 = None
+    z_i_fc1 = z_o_fc1 = None
+
+    # between two loops, all steps at once (loop1)
+    # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+    conv_5 = rt.conv2d(B, h_fc1_buf[1:], fc2_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_y, N, 32, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
+
+    # loop loop1.1: fc2.c, fc2.h, step by step over T_y steps
+    h_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'h_fc2_buf'))
+    h_fc2_buf[0] = h_enc2_buf[-1]
+    c_fc2_buf = rt.empty(xp, (T_y + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'c_fc2_buf'))
+    c_fc2_buf[0] = c_enc2_buf[-1]
+    w12 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss', 'w12'))  # work buffer of one step
+    w13 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w13'))  # work buffer of one step
+    w14 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w14'))  # work buffer of one step
+    w15 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w15'))  # work buffer of one step
+    for t in range(T_y):
+        h_fc2_prev = h_fc2_buf[t]
+        c_fc2_prev = c_fc2_buf[t]
+        # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
+        conv_6 = rt.conv2d(B, h_fc2_prev, fc2_W_h, (1, 1), (1, 1), (1, 1), out=w12)
+        z_fc2 = xp.add(conv_5[t], conv_6, out=w12)
+        # std.cell:27  z_i, z_f, z_g, z_o = split(z, 4)
+        z_i_fc2 = z_fc2[..., 0:8, :, :]
+        z_f_fc2 = z_fc2[..., 8:16, :, :]
+        z_g_fc2 = z_fc2[..., 16:24, :, :]
+        z_o_fc2 = z_fc2[..., 24:32, :, :]
+        # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
+        mul_18 = xp.multiply(fc2_w_cf, c_fc2_prev, out=w13)
+        add_28 = xp.add(z_f_fc2, mul_18, out=w13)
+        add_29 = xp.add(add_28, fc2_b_f_c, out=w13)
+        f_fc2 = rt.sigmoid(add_29, out=w13)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        mul_19 = xp.multiply(f_fc2, c_fc2_prev, out=w13)
+        # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
+        mul_20 = xp.multiply(fc2_w_ci, c_fc2_prev, out=w14)
+        add_30 = xp.add(z_i_fc2, mul_20, out=w14)
+        add_31 = xp.add(add_30, fc2_b_i_c, out=w14)
+        i_fc2 = rt.sigmoid(add_31, out=w14)
+        # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
+        add_32 = xp.add(z_g_fc2, fc2_b_g_c, out=w15)
+        tanh_6 = rt.tanh(add_32, out=w15)
+        mul_21 = xp.multiply(i_fc2, tanh_6, out=w14)
+        c_fc2 = xp.add(mul_19, mul_21, out=c_fc2_buf[t + 1])
+        # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
+        mul_22 = xp.multiply(fc2_w_co, c_fc2, out=w13)
+        add_34 = xp.add(z_o_fc2, mul_22, out=w13)
+        add_35 = xp.add(add_34, fc2_b_o_c, out=w13)
+        o_fc2 = rt.sigmoid(add_35, out=w13)
+        # std.cell:41  h = o * tanh(c)
+        tanh_7 = rt.tanh(c_fc2, out=w14)
+        h_fc2 = xp.multiply(o_fc2, tanh_7, out=h_fc2_buf[t + 1])
+    add_28 = add_29 = add_30 = add_31 = add_32 = add_34 = add_35 = c_fc2 = None
+    c_fc2_prev = conv_6 = f_fc2 = h_fc2 = h_fc2_prev = i_fc2 = mul_18 = mul_19 = None
+    mul_20 = mul_21 = mul_22 = o_fc2 = tanh_6 = tanh_7 = z_f_fc2 = z_fc2 = z_g_fc2 = None
+    z_i_fc2 = z_o_fc2 = None
+    del conv_5  # not read again: let its memory go
+
+    # after the loop, all steps at once (loop1)
+    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
+    conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
+    add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
+    # encoder_forecaster.cell:24  loss bce(pred, y)
+    loss = rt.bce_logits(add_36, y, steps='all')
+    del add_36, concat, conv_7  # not read again: let its memory go
+
+    return float(loss)
+
+
 def loss_and_grad(params, inputs, targets, state=None, bptt=None, backend=None):
     """Loss and the gradient of every parameter, by backpropagation through time.
 

@@ -132,6 +132,114 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     return outputs, final
 
 
+def loss(params, inputs, targets, state=None, backend=None):
+    """The loss alone, without gradients (validation): the forward pass keeps only
+    what the loss reads."""
+    B = backend if backend is not None else _model.default_backend()
+    xp = B.xp
+    dtype = params['W_y'].dtype
+    W_y = params['W_y']
+    b_y = params['b_y']
+    lstm_W = params['lstm.W']
+    lstm_b_c = params['lstm.b_c']
+    lstm_b_f = params['lstm.b_f']
+    lstm_b_i = params['lstm.b_i']
+    lstm_b_o = params['lstm.b_o']
+    x = rt.time_major(inputs['x'], dtype, xp)
+    y = rt.time_major(targets['y'], dtype, xp)
+    T_x = x.shape[0]
+    N = x.shape[1]
+    rt.check_same_length(y, x, 'y', 'x')
+    arena_x = rt.arena(B, 'loss/x', 8192 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
+
+    # parameters and constants
+    # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
+    lstm_W_x = lstm_W[:, 0:1]
+    lstm_W_h = lstm_W[:, 1:9]
+
+    # before the loop, all steps at once (loop0)
+    # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
+    conv_x = rt.conv2d(B, x, lstm_W_x, (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 32, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
+
+    # loop loop0: lstm, step by step over T_x steps
+    h_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'h_lstm_buf'))
+    h_lstm_buf[0] = rt.initial_state(state, 'lstm.h', 0.0)
+    c_lstm_buf = rt.empty(xp, (T_x + 1, N, 8, 16, 16), dtype, keep=(B, 'loss', 'c_lstm_buf'))
+    c_lstm_buf[0] = rt.initial_state(state, 'lstm.c', 0.0)
+    w0 = rt.empty(xp, (N, 32, 16, 16), dtype, keep=(B, 'loss', 'w0'))  # work buffer of one step
+    w1 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w1'))  # work buffer of one step
+    w2 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w2'))  # work buffer of one step
+    w3 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w3'))  # work buffer of one step
+    w4 = rt.empty(xp, (N, 8, 16, 16), dtype, keep=(B, 'loss', 'w4'))  # work buffer of one step
+    t0 = 0
+    if state is None:
+        # t = 0: the states start at zero; what they multiply or convolve vanishes
+        t = 0
+        # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
+        z_i_lstm = conv_x[t][..., 0:8, :, :]
+        z_c_lstm = conv_x[t][..., 16:24, :, :]
+        z_o_lstm = conv_x[t][..., 24:32, :, :]
+        # seed.cell:20  o = sigmoid(z_o + b_o)
+        add = xp.add(z_o_lstm, lstm_b_o, out=w1)
+        o_lstm = rt.sigmoid(add, out=w1)
+        # seed.cell:17  i = sigmoid(z_i + b_i)
+        add_2 = xp.add(z_i_lstm, lstm_b_i, out=w2)
+        i_lstm = rt.sigmoid(add_2, out=w2)
+        # seed.cell:19  a = tanh(z_c + b_c)
+        add_3 = xp.add(z_c_lstm, lstm_b_c, out=w3)
+        a_lstm = rt.tanh(add_3, out=w3)
+        # seed.cell:21  c = f * c[t-1] + i * a
+        mul_1 = xp.multiply(i_lstm, a_lstm, out=c_lstm_buf[t + 1])
+        # seed.cell:22  h = o * tanh(c)
+        tanh_1 = rt.tanh(mul_1, out=w2)
+        h_lstm = xp.multiply(o_lstm, tanh_1, out=h_lstm_buf[t + 1])
+        t0 = 1
+    for t in range(t0, T_x):
+        h_lstm_prev = h_lstm_buf[t]
+        c_lstm_prev = c_lstm_buf[t]
+        # seed.cell:16  z_i, z_f, z_c, z_o = split(conv(concat(x, h[t-1]), W, padding = same), 4)
+        conv_h = rt.conv2d(B, h_lstm_prev, lstm_W_h, (1, 1), (1, 1), (1, 1), out=w0)
+        conv = xp.add(conv_x[t], conv_h, out=w0)
+        z_i_lstm = conv[..., 0:8, :, :]
+        z_f_lstm = conv[..., 8:16, :, :]
+        z_c_lstm = conv[..., 16:24, :, :]
+        z_o_lstm = conv[..., 24:32, :, :]
+        # seed.cell:20  o = sigmoid(z_o + b_o)
+        add = xp.add(z_o_lstm, lstm_b_o, out=w1)
+        o_lstm = rt.sigmoid(add, out=w1)
+        # seed.cell:18  f = sigmoid(z_f + b_f)
+        add_1 = xp.add(z_f_lstm, lstm_b_f, out=w2)
+        f_lstm = rt.sigmoid(add_1, out=w2)
+        # seed.cell:21  c = f * c[t-1] + i * a
+        mul = xp.multiply(f_lstm, c_lstm_prev, out=w2)
+        # seed.cell:17  i = sigmoid(z_i + b_i)
+        add_2 = xp.add(z_i_lstm, lstm_b_i, out=w3)
+        i_lstm = rt.sigmoid(add_2, out=w3)
+        # seed.cell:19  a = tanh(z_c + b_c)
+        add_3 = xp.add(z_c_lstm, lstm_b_c, out=w4)
+        a_lstm = rt.tanh(add_3, out=w4)
+        # seed.cell:21  c = f * c[t-1] + i * a
+        mul_1 = xp.multiply(i_lstm, a_lstm, out=w3)
+        c_lstm = xp.add(mul, mul_1, out=c_lstm_buf[t + 1])
+        # seed.cell:22  h = o * tanh(c)
+        tanh_1 = rt.tanh(c_lstm, out=w2)
+        h_lstm = xp.multiply(o_lstm, tanh_1, out=h_lstm_buf[t + 1])
+    a_lstm = add = add_1 = add_2 = add_3 = c_lstm = c_lstm_prev = conv = conv_h = None
+    f_lstm = h_lstm = h_lstm_prev = i_lstm = mul = mul_1 = o_lstm = tanh_1 = None
+    z_c_lstm = z_f_lstm = z_i_lstm = z_o_lstm = None
+    del conv_x  # not read again: let its memory go
+
+    # after the loop, all steps at once (loop0)
+    # seed.cell:35  pred = sigmoid(conv(h, W_y) + b_y)
+    conv_1 = rt.conv2d(B, h_lstm_buf[1:], W_y, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_x, N, 1, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
+    add_5 = xp.add(conv_1, b_y, out=conv_1)  # in place: conv_1 is not read again
+    # seed.cell:37  loss bce(pred, y, steps = last)
+    loss = rt.bce_logits(add_5, y, steps='last')
+    del add_5, conv_1  # not read again: let its memory go
+
+    return float(loss)
+
+
 def loss_and_grad(params, inputs, targets, state=None, bptt=None, backend=None):
     """Loss and the gradient of every parameter, by backpropagation through time.
 
