@@ -198,6 +198,17 @@ def schedule(low: Lowered, bw: Backward | None) -> Schedule:
             last = ("tail", None, 0) if any(index[b] > 1 for b in ins) else last
         block_of[n] = last
 
+    # what runs after a segment's backward loops but reads only the first few of them (a
+    # peephole's or a bias's gradient, summed over the steps of one layer) runs right after
+    # the last loop it reads, so the (T, ...) cotangents it reads go early
+    for n in order:
+        b = block_of[n]
+        if b[0] != "bpost":
+            continue
+        last = max((block_of[i] for i in g.node(n).inputs), key=lambda x: index[x])
+        if last[0] in ("bloop", "bmid") and last[1] == b[1]:
+            block_of[n] = ("bmid", last[1], last[2])
+
     # a forward value only the backward pass reads (the concat(x, h[t-1]) a weight gradient
     # needs) is made where it is first needed, so it does not live through the loops
     batched = ("bpre", "bmid", "bpost", "btail")

@@ -1288,12 +1288,18 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # backward, between two loops, all steps at once (loop1)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
     dfc2_b_o_c = rt.sum_to(dadd_35_seq, (8, 1, 1), batched=False)
+    d_mul_2 = xp.multiply(dadd_35_seq, c_fc2_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 22528 * T_y * N)))
+    dfc2_w_co = rt.sum_to(d_mul_2, (8, 16, 16), batched=False)
     # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
     dfc2_b_g_c = rt.sum_to(dadd_32_seq, (8, 1, 1), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
     dfc2_b_i_c = rt.sum_to(dadd_31_seq, (8, 1, 1), batched=False)
+    d_mul_6 = xp.multiply(dadd_31_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 24576 * T_y * N)))
+    dfc2_w_ci = rt.sum_to(d_mul_6, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
     dfc2_b_f_c = rt.sum_to(dadd_29_seq, (8, 1, 1), batched=False)
+    d_mul_10 = xp.multiply(dadd_29_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 20480 * T_y * N)))
+    dfc2_w_cf = rt.sum_to(d_mul_10, (8, 16, 16), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     dfc2_W_h = rt.conv2d_grad_weight(B, h_fc2_buf[:-1], dz_fc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     d_conv_grad_input_2 = rt.conv2d_grad_input(B, dz_fc2_seq, fc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 18432 * T_y * N)))
@@ -1306,7 +1312,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     dfc2_b_f = dfc2_b_f_c.reshape((8,))
     # std.cell:21  weight b_i = bias(hidden)
     dfc2_b_i = dfc2_b_i_c.reshape((8,))
-    del dadd_32_seq, dz_fc2_seq, dz_fc2_buf  # not read again: let its memory go
+    del d_mul_10, d_mul_2, d_mul_6, dadd_29_seq, dadd_31_seq, dadd_32_seq, dadd_35_seq, dz_fc2_seq, dz_fc2_buf  # not read again: let its memory go
 
     # loop loop1.1: fc1.c, fc1.h, backward through time: t = T_y-1 ... 0
     dadd_26_seq = rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 26624 * T_y * N))
@@ -1429,12 +1435,18 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # backward, between two loops, all steps at once (loop1)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
     dfc1_b_o_c = rt.sum_to(dadd_26_seq, (8, 1, 1), batched=False)
+    d_mul_14 = xp.multiply(dadd_26_seq, c_fc1_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 8192 * T_y * N)))
+    dfc1_w_co = rt.sum_to(d_mul_14, (8, 16, 16), batched=False)
     # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
     dfc1_b_g_c = rt.sum_to(dadd_23_seq, (8, 1, 1), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
     dfc1_b_i_c = rt.sum_to(dadd_22_seq, (8, 1, 1), batched=False)
+    d_mul_18 = xp.multiply(dadd_22_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 10240 * T_y * N)))
+    dfc1_w_ci = rt.sum_to(d_mul_18, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
     dfc1_b_f_c = rt.sum_to(dadd_20_seq, (8, 1, 1), batched=False)
+    d_mul_22 = xp.multiply(dadd_20_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 12288 * T_y * N)))
+    dfc1_w_cf = rt.sum_to(d_mul_22, (8, 16, 16), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     dfc1_W_h = rt.conv2d_grad_weight(B, h_fc1_buf[:-1], dconv_4_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     # std.cell:24  weight b_o = bias(hidden)
@@ -1445,28 +1457,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     dfc1_b_f = dfc1_b_f_c.reshape((8,))
     # std.cell:21  weight b_i = bias(hidden)
     dfc1_b_i = dfc1_b_i_c.reshape((8,))
-    del dadd_23_seq, dconv_4_seq, dconv_4_buf  # not read again: let its memory go
-
-    # backward, after the loop: gradients summed over all steps (loop1)
-    # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_2 = xp.multiply(dadd_35_seq, c_fc2_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 6144 * T_y * N)))
-    dfc2_w_co = rt.sum_to(d_mul_2, (8, 16, 16), batched=False)
-    # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_6 = xp.multiply(dadd_31_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 10240 * T_y * N)))
-    dfc2_w_ci = rt.sum_to(d_mul_6, (8, 16, 16), batched=False)
-    # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_10 = xp.multiply(dadd_29_seq, c_fc2_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
-    dfc2_w_cf = rt.sum_to(d_mul_10, (8, 16, 16), batched=False)
-    # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_14 = xp.multiply(dadd_26_seq, c_fc1_buf[1:], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 2048 * T_y * N)))
-    dfc1_w_co = rt.sum_to(d_mul_14, (8, 16, 16), batched=False)
-    # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_18 = xp.multiply(dadd_22_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
-    dfc1_w_ci = rt.sum_to(d_mul_18, (8, 16, 16), batched=False)
-    # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_22 = xp.multiply(dadd_20_seq, c_fc1_buf[:-1], out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 8192 * T_y * N)))
-    dfc1_w_cf = rt.sum_to(d_mul_22, (8, 16, 16), batched=False)
-    del d_mul_10, d_mul_14, d_mul_18, d_mul_2, d_mul_22, d_mul_6, dadd_20_seq, dadd_22_seq, dadd_26_seq, dadd_29_seq, dadd_31_seq, dadd_35_seq  # not read again: let its memory go
+    del d_mul_14, d_mul_18, d_mul_22, dadd_20_seq, dadd_22_seq, dadd_23_seq, dadd_26_seq, dconv_4_seq, dconv_4_buf  # not read again: let its memory go
 
     # loop loop0.0: enc2.c, enc2.h, backward through time: t = T_x-1 ... 0
     dh_enc2_next = dh_fc2_init
@@ -1580,12 +1571,18 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # backward, between two loops, all steps at once (loop0)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
     denc2_b_o_c = rt.sum_to(dadd_17_seq, (8, 1, 1), batched=False)
+    d_mul_26 = xp.multiply(dadd_17_seq, c_enc2_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 20480 * T_x * N)))
+    denc2_w_co = rt.sum_to(d_mul_26, (8, 16, 16), batched=False)
     # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
     denc2_b_g_c = rt.sum_to(dadd_14_seq, (8, 1, 1), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
     denc2_b_i_c = rt.sum_to(dadd_13_seq, (8, 1, 1), batched=False)
+    d_mul_30 = xp.multiply(dadd_13_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 22528 * T_x * N)))
+    denc2_w_ci = rt.sum_to(d_mul_30, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
     denc2_b_f_c = rt.sum_to(dadd_11_seq, (8, 1, 1), batched=False)
+    d_mul_34 = xp.multiply(dadd_11_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 24576 * T_x * N)))
+    denc2_w_cf = rt.sum_to(d_mul_34, (8, 16, 16), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     denc2_W_h = rt.conv2d_grad_weight(B, h_enc2_buf[:-1], dz_enc2_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     d_conv_grad_input_5 = rt.conv2d_grad_input(B, dz_enc2_seq, enc2_W_x, (8, 16, 16), (1, 1), (1, 1), (1, 1), out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 18432 * T_x * N)))
@@ -1598,7 +1595,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     denc2_b_f = denc2_b_f_c.reshape((8,))
     # std.cell:21  weight b_i = bias(hidden)
     denc2_b_i = denc2_b_i_c.reshape((8,))
-    del dadd_14_seq, dz_enc2_seq, dz_enc2_buf  # not read again: let its memory go
+    del d_mul_26, d_mul_30, d_mul_34, dadd_11_seq, dadd_13_seq, dadd_14_seq, dadd_17_seq, dz_enc2_seq, dz_enc2_buf  # not read again: let its memory go
 
     # loop loop0.1: enc1.c, enc1.h, backward through time: t = T_x-1 ... 0
     dh_enc1_next = dh_fc1_init
@@ -1715,12 +1712,18 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     # backward, between two loops, all steps at once (loop0)
     # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
     denc1_b_o_c = rt.sum_to(dadd_8_seq, (8, 1, 1), batched=False)
+    d_mul_38 = xp.multiply(dadd_8_seq, c_enc1_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 8192 * T_x * N)))
+    denc1_w_co = rt.sum_to(d_mul_38, (8, 16, 16), batched=False)
     # std.cell:40  c = f * c[t-1] + i * tanh(z_g + b_g)
     denc1_b_g_c = rt.sum_to(dadd_5_seq, (8, 1, 1), batched=False)
     # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
     denc1_b_i_c = rt.sum_to(dadd_4_seq, (8, 1, 1), batched=False)
+    d_mul_42 = xp.multiply(dadd_4_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 10240 * T_x * N)))
+    denc1_w_ci = rt.sum_to(d_mul_42, (8, 16, 16), batched=False)
     # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
     denc1_b_f_c = rt.sum_to(dadd_2_seq, (8, 1, 1), batched=False)
+    d_mul_46 = xp.multiply(dadd_2_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 12288 * T_x * N)))
+    denc1_w_cf = rt.sum_to(d_mul_46, (8, 16, 16), batched=False)
     # std.cell:26  z = conv(x, W_x) + conv(h[t-1], W_h)
     denc1_W_h = rt.conv2d_grad_weight(B, h_enc1_buf[:-1], dz_enc1_seq, (32, 8, 3, 3), (1, 1), (1, 1), (1, 1))
     denc1_W_x = rt.conv2d_grad_weight(B, x, dz_enc1_seq, (32, 1, 3, 3), (1, 1), (1, 1), (1, 1))
@@ -1732,28 +1735,7 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     denc1_b_f = denc1_b_f_c.reshape((8,))
     # std.cell:21  weight b_i = bias(hidden)
     denc1_b_i = denc1_b_i_c.reshape((8,))
-    del dadd_5_seq, dz_enc1_seq, dz_enc1_buf  # not read again: let its memory go
-
-    # backward, after the loop: gradients summed over all steps (loop0)
-    # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_26 = xp.multiply(dadd_17_seq, c_enc2_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 0 * T_x * N)))
-    denc2_w_co = rt.sum_to(d_mul_26, (8, 16, 16), batched=False)
-    # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_30 = xp.multiply(dadd_13_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 2048 * T_x * N)))
-    denc2_w_ci = rt.sum_to(d_mul_30, (8, 16, 16), batched=False)
-    # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_34 = xp.multiply(dadd_11_seq, c_enc2_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 4096 * T_x * N)))
-    denc2_w_cf = rt.sum_to(d_mul_34, (8, 16, 16), batched=False)
-    # std.cell:34  o = sigmoid(z_o + w_co * c + b_o)
-    d_mul_38 = xp.multiply(dadd_8_seq, c_enc1_buf[1:], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 6144 * T_x * N)))
-    denc1_w_co = rt.sum_to(d_mul_38, (8, 16, 16), batched=False)
-    # std.cell:32  i = sigmoid(z_i + w_ci * c[t-1] + b_i)
-    d_mul_42 = xp.multiply(dadd_4_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 8192 * T_x * N)))
-    denc1_w_ci = rt.sum_to(d_mul_42, (8, 16, 16), batched=False)
-    # std.cell:33  f = sigmoid(z_f + w_cf * c[t-1] + b_f)
-    d_mul_46 = xp.multiply(dadd_2_seq, c_enc1_buf[:-1], out=rt.empty(xp, (T_x, N, 8, 16, 16), dtype, at=(arena_x, 10240 * T_x * N)))
-    denc1_w_cf = rt.sum_to(d_mul_46, (8, 16, 16), batched=False)
-    del d_mul_26, d_mul_30, d_mul_34, d_mul_38, d_mul_42, d_mul_46, dadd_11_seq, dadd_13_seq, dadd_17_seq, dadd_2_seq, dadd_4_seq, dadd_8_seq  # not read again: let its memory go
+    del d_mul_38, d_mul_42, d_mul_46, dadd_2_seq, dadd_4_seq, dadd_5_seq, dadd_8_seq, dz_enc1_seq, dz_enc1_buf  # not read again: let its memory go
 
     loss = float(loss)
     grads = {
