@@ -22,6 +22,13 @@ to copy as little as possible (timed with float32 on 2 cores):
 - Long sequences are cut into chunks of images whose im2col matrix fits the
   work budget, so a (T*N)-image batch never builds one huge matrix; chunks of
   the weight gradient are accumulated.
+- A convolution that keeps the image size (stride 1, `same` padding: every
+  ConvLSTM convolution) works on images flattened to H*W values: each kernel
+  tap is then a fixed offset, so im2col copies, and col2im adds, runs of H*W
+  values instead of runs of Wo (numpy's cost on small images is per run); a
+  0/1 mask zeroes what wraps round an image's edge (`same_flat`,
+  `im2col_flat`, `col2im_flat`). The small per-step plans (`_SmallConv`,
+  `_SmallGradInput`) lay whole images back to back the same way.
 - A 1x1 convolution with stride 1 and no padding is a matmul over channels
   and skips im2col entirely.
 - Work arrays (padded input, im2col matrix, its gradient) come from a
@@ -43,6 +50,10 @@ import numpy
 
 from convc.runtime.backend import Backend, Pair, check_conv2d_shapes
 
+# The widest image that im2col/col2im handle flat (`im2col_flat`): on wider images a row
+# is long enough already, and the mask's multiply costs more than the runs it saves
+# (32x32 images: a training step 8% slower flat; 16x16: 4% faster).
+FLAT_MAX_WIDTH = 16
 # Bytes of im2col matrix per chunk: big enough for efficient GEMMs, small
 # enough to keep the working set (and the step's peak memory) modest.
 WORK_BYTES = 4 << 20
@@ -99,6 +110,17 @@ class Workspace:
         if a is None:
             n, c, h, w = shape
             a = xp.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype=dtype)
+            self._flat[key] = a
+        return a
+
+    def flat_padded(self, xp, shape: tuple, slack: int, dtype):
+        """A kept (N, C, slack + H*W + slack) buffer whose slack is zeroed once (see
+        `im2col_flat`): only the middle is ever written."""
+        key = ("flat", tuple(shape), int(slack), xp.dtype(dtype).str, xp.__name__)
+        a = self._flat.get(key)
+        if a is None:
+            n, c, h, w = shape
+            a = xp.zeros((n, c, h * w + 2 * slack), dtype=dtype)
             self._flat[key] = a
         return a
 
@@ -174,6 +196,8 @@ def im2col(xp, x, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair, out_hw:
     gradient's GEMM). Row (c, i, j) of column (n, p, q) holds
     xpad[n, c, sh*p + dh*i, sw*q + dw*j].
     """
+    if x.shape[3] <= FLAT_MAX_WIDTH and same_flat(x.shape, kernel, stride, pad, dilation):
+        return im2col_flat(xp, x, kernel, pad, dilation, ws, images_first)
     n, c = x.shape[:2]
     kh, kw = kernel
     ho, wo = out_hw
@@ -200,6 +224,8 @@ def col2im(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair,
     done as one strided slice-add per kernel tap (kh*kw of them), each over
     all images, channels and output pixels at once.
     """
+    if dx.shape[3] <= FLAT_MAX_WIDTH and same_flat(dx.shape, kernel, stride, pad, dilation):
+        return col2im_flat(xp, dcol, dx, kernel, pad, dilation, ws, images_first=True)
     n, c, h, w = dx.shape
     kh, kw = kernel
     ho, wo = out_hw
@@ -243,6 +269,8 @@ def col2im_images_last(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dila
     The taps are added in the matrix's own (C, N, ...) order, into a padded
     accumulator, which is then copied into dx image by image.
     """
+    if dx.shape[3] <= FLAT_MAX_WIDTH and same_flat(dx.shape, kernel, stride, pad, dilation):
+        return col2im_flat(xp, dcol, dx, kernel, pad, dilation, ws, images_first=False)
     n, c, h, w = dx.shape
     kh, kw = kernel
     ho, wo = out_hw
@@ -259,6 +287,155 @@ def col2im_images_last(xp, dcol, dx, kernel: Pair, stride: Pair, pad: Pair, dila
             cols = slice(left, left + sw * (wo - 1) + 1, sw)
             acc[:, :, rows, cols] += d[:, i, j]
     dx[...] = acc[:, :, ph:ph + h, pw:pw + w].transpose(1, 0, 2, 3)
+    return dx
+
+
+# ------------------------------------------------ stride 1, output the input's size
+# When a convolution keeps the image size (stride 1, pad = dilation*(k-1)/2 on both
+# axes: every `same` convolution of a ConvLSTM), window (i, j) of output pixel s of an
+# image flattened to H*W values is input pixel s + (i*dh - ph)*W + (j*dw - pw): a
+# constant offset. With the image stored flat between two zero runs of
+# S = ph*W + pw values, each tap of im2col is then one contiguous run of H*W values
+# (per image and channel) instead of Ho runs of Wo, and each tap of col2im one add of
+# such a run: numpy's cost on small images is per run, not per value (a 16x16 image:
+# 16x fewer runs). The offsets are right vertically (what falls off the top or the
+# bottom reads, or lands in, the zero runs) but a horizontal offset wraps round into
+# the neighbouring row; those values are multiplied by 0 (a mask over the columns),
+# in the same pass that copies (im2col) or before the adds (col2im).
+
+
+def same_flat(x_shape: tuple, kernel: Pair, stride: Pair, pad: Pair, dilation: Pair) -> bool:
+    """Whether a convolution of this geometry can use the flat im2col/col2im."""
+    (kh, kw), (ph, pw), (dh, dw) = kernel, pad, dilation
+    return (tuple(stride) == (1, 1) and (kh, kw) != (1, 1) and dh * (kh - 1) == 2 * ph
+            and dw * (kw - 1) == 2 * pw)
+
+
+def column_mask(xp, w: int, hw: int, kw: int, pw: int, dw: int, dtype,
+                ws: Workspace | None = None):
+    """(kw, H*W): 1 where kernel column j of output pixel s reads inside the image's row."""
+    def make():
+        q = numpy.arange(hw) % w
+        m = numpy.stack([(q + (j * dw - pw) >= 0) & (q + (j * dw - pw) < w) for j in range(kw)])
+        return xp.asarray(m.astype(dtype))
+
+    if ws is None:
+        return make()
+    return ws.view(("colmask", w, hw, kw, pw, dw, xp.dtype(dtype).str, xp.__name__), make)
+
+
+def tap_mask(xp, h: int, w: int, kernel: Pair, pad: Pair, dilation: Pair, dtype):
+    """(kh, kw, H*W): 1 where tap (i, j) of output pixel s reads inside the image.
+
+    With it, images (and channels) can lie back to back in one flat buffer with a
+    single zero run at each end: what a tap reads across an edge is zeroed by the
+    mask, whichever neighbour it wraps into.
+    """
+    (kh, kw), (ph, pw), (dh, dw) = kernel, pad, dilation
+    y, x = numpy.divmod(numpy.arange(h * w), w)
+    m = numpy.empty((kh, kw, h * w), dtype=bool)
+    for i in range(kh):
+        for j in range(kw):
+            yy, xx = y + i * dh - ph, x + j * dw - pw
+            m[i, j] = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+    return xp.asarray(m.astype(dtype))
+
+
+def _flat_windows(xp, buf, kernel: Pair, dilation: Pair, w: int, hw: int, images_first: bool):
+    """Every window of a flat buffer (N, C, L): (N, C, kh, kw, H*W) or (C, kh, kw, N, H*W)."""
+    s_n, s_c, s_e = buf.strides
+    kh, kw = kernel
+    taps = (s_e * w * dilation[0], s_e * dilation[1])
+    n, c = buf.shape[:2]
+    if images_first:
+        shape, strides = (n, c, kh, kw, hw), (s_n, s_c) + taps + (s_e,)
+    else:
+        shape, strides = (c, kh, kw, n, hw), (s_c,) + taps + (s_n, s_e)
+    if xp is numpy and buf.flags.c_contiguous:
+        return numpy.ndarray(shape, buf.dtype, buffer=buf, strides=strides)
+    return xp.lib.stride_tricks.as_strided(buf, shape=shape, strides=strides)
+
+
+def im2col_flat(xp, x, kernel: Pair, pad: Pair, dilation: Pair, ws: Workspace | None = None,
+                images_first: bool = True):
+    """im2col of a `same_flat` convolution: (N, C*kh*kw, H*W) or (C*kh*kw, N*H*W).
+
+    The same matrix as `im2col`, in two passes of long runs: x into the middle of a
+    kept flat zero-padded buffer, then every window times the column mask.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    ph, pw = pad
+    hw = h * w
+    slack = ph * w + pw
+    if ws is None:
+        buf = xp.zeros((n, c, hw + 2 * slack), dtype=x.dtype)
+    else:
+        buf = ws.flat_padded(xp, x.shape, slack, x.dtype)
+    xp.copyto(buf[:, :, slack:slack + hw].reshape(n, c, h, w), x)
+    if ws is None:
+        win = _flat_windows(xp, buf, kernel, dilation, w, hw, images_first)
+    else:
+        key = ("flatwin", x.shape, slack, buf.dtype.str, xp.__name__, tuple(kernel),
+               tuple(dilation), images_first)
+        win = ws.view(key, lambda: _flat_windows(xp, buf, kernel, dilation, w, hw,
+                                                 images_first))
+    col = _scratch(xp, ws, "col", win.shape, x.dtype)
+    if pw == 0:
+        xp.copyto(col, win)
+    else:
+        mask = column_mask(xp, w, hw, kw, pw, dilation[1], x.dtype, ws)
+        xp.multiply(win, mask if images_first else mask.reshape(kw, 1, hw), out=col)
+    if images_first:
+        return col.reshape(n, c * kh * kw, hw)
+    return col.reshape(c * kh * kw, n * hw)
+
+
+def col2im_flat(xp, dcol, dx, kernel: Pair, pad: Pair, dilation: Pair,
+                ws: Workspace | None = None, images_first: bool = True):
+    """col2im of a `same_flat` convolution into dx (N, C, H, W); dcol is overwritten.
+
+    dcol: (N, C*kh*kw, H*W), or (C*kh*kw, N*H*W) with images_first=False. The
+    wrapping columns of dcol are zeroed (one multiply), then each tap is one add of
+    runs of H*W into a flat accumulator, at its offset: the centre tap, which covers
+    every pixel, is assigned first (no zero fill but the slack), the others added in
+    (i, j) order; the accumulator's middle is dx.
+    """
+    n, c, h, w = dx.shape
+    kh, kw = kernel
+    ph, pw = pad
+    dh, dw = dilation
+    hw = h * w
+    slack = ph * w + pw
+    if images_first:
+        d = dcol.reshape(n, c, kh, kw, hw)
+        acc = _scratch(xp, ws, "col2im", (n, c, hw + 2 * slack), dx.dtype)
+    else:
+        d = dcol.reshape(c, kh, kw, n, hw)
+        acc = _scratch(xp, ws, "col2im", (c, n, hw + 2 * slack), dx.dtype)
+    if pw:
+        mask = column_mask(xp, w, hw, kw, pw, dw, dx.dtype, ws)
+        xp.multiply(d, mask if images_first else mask.reshape(kw, 1, hw), out=d)
+    centre = (ph // dh, pw // dw) if ph % dh == 0 and pw % dw == 0 else None
+    if centre is None:
+        acc[...] = 0
+    else:
+        acc[..., :slack] = 0
+        acc[..., slack + hw:] = 0
+        tap = d[:, :, centre[0], centre[1]] if images_first else d[:, centre[0], centre[1]]
+        xp.copyto(acc[..., slack:slack + hw], tap)
+    for i in range(kh):
+        for j in range(kw):
+            if (i, j) == centre:
+                continue
+            at = slack + (i * dh - ph) * w + (j * dw - pw)
+            region = acc[..., at:at + hw]
+            xp.add(region, d[:, :, i, j] if images_first else d[:, i, j], out=region)
+    middle = acc[..., slack:slack + hw]
+    if images_first:
+        xp.copyto(dx, middle.reshape(n, c, h, w))
+    else:
+        xp.copyto(dx, middle.reshape(c, n, h, w).transpose(1, 0, 2, 3))
     return dx
 
 
@@ -422,6 +599,14 @@ class _SmallConv:
     This keeps the padded input, the windows view of it and the im2col
     matrix; a call copies x into the padding, the windows into the matrix,
     and runs the GEMM stack.
+
+    A `same_flat` geometry keeps instead every image back to back in one flat
+    buffer with a zero run of S = ph*W + pw values at each end: x goes in as
+    one run, and each tap of the windows of all images and channels is a
+    run of H*W values at a fixed offset, multiplied by `tap_mask` (what
+    crosses an edge of an image reads a neighbour's value, times 0). NumPy
+    calls cost per run (a few us for a non-contiguous call), not per value,
+    at these sizes.
     """
 
     LIMIT = 1 << 20  # bytes of im2col matrix
@@ -434,16 +619,32 @@ class _SmallConv:
         self.out_shape = (n, o, ho, wo)
         self.rows = (o, c * kh * kw)
         ph, pw = pad
-        self.padded = numpy.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
-        self.interior = self.padded[:, :, ph:ph + h, pw:pw + w]
-        self.windows = _windows(numpy, self.padded, n, c, (kh, kw), stride, dilation,
-                                self.out_hw, True)
+        self.mask = None
+        if same_flat(x_shape, (kh, kw), stride, pad, dilation):
+            hw = h * w
+            slack = ph * w + pw
+            flat = numpy.zeros(n * c * hw + 2 * slack, dtype=dtype)
+            self.padded = flat
+            self.interior = flat[slack:slack + n * c * hw].reshape(n, c, h, w)
+            e = flat.itemsize
+            self.windows = numpy.ndarray((n, c, kh, kw, hw), dtype, buffer=flat,
+                                         strides=(c * hw * e, hw * e, dilation[0] * w * e,
+                                                  dilation[1] * e, e))
+            self.mask = tap_mask(numpy, h, w, (kh, kw), pad, dilation, dtype)
+        else:
+            self.padded = numpy.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=dtype)
+            self.interior = self.padded[:, :, ph:ph + h, pw:pw + w]
+            self.windows = _windows(numpy, self.padded, n, c, (kh, kw), stride, dilation,
+                                    self.out_hw, True)
         self.col = numpy.empty(self.windows.shape, dtype=dtype)
         self.col3 = self.col.reshape(n, c * kh * kw, ho * wo)
 
     def __call__(self, x, w, out):
-        self.interior[...] = x
-        numpy.copyto(self.col, self.windows)
+        numpy.copyto(self.interior, x)
+        if self.mask is None:
+            numpy.copyto(self.col, self.windows)
+        else:
+            numpy.multiply(self.windows, self.mask, out=self.col)
         if out is None:
             out = numpy.empty(self.out_shape, dtype=x.dtype)
         y3 = _view(out, (self.out_shape[0], self.out_shape[1], -1))
@@ -457,9 +658,13 @@ class _SmallConv:
 class _SmallGradInput:
     """dx = col2im(W^T @ gy) of a small stride-1 `same` convolution, taps worked out once.
 
-    The GEMM writes the kept (N, C*kh*kw, HoWo) matrix; the centre tap is
-    assigned to dx and the other taps, views made once here, are added where
-    they land: kh*kw + 1 NumPy calls, no zero fill, no Python arithmetic.
+    The flat layout of `_SmallConv`, transposed: the kernel is copied with its
+    rows in (kh, kw, C) order, so that the GEMM's (N, kh*kw*C, H*W) result
+    holds each tap as one run of C*H*W values per image; `tap_mask` zeroes
+    what would cross an edge; the centre tap is assigned to the middle of a
+    kept flat accumulator (images back to back, a zero run of S values at
+    each end) and the other taps are added at their offsets; the middle is
+    dx. kh*kw + 6 NumPy calls, no Python arithmetic.
     """
 
     def __init__(self, gy_shape: tuple, w_shape: tuple, pad: Pair, dilation: Pair, dtype):
@@ -467,25 +672,33 @@ class _SmallGradInput:
         _, c, kh, kw = w_shape
         ph, pw = pad
         dh, dw = dilation
-        self.dcol = numpy.empty((n, c * kh * kw, ho * wo), dtype=dtype)
-        self.rows = (o, c * kh * kw)
-        self.g3 = (n, o, ho * wo)
-        d = self.dcol.reshape(n, c, kh, kw, ho, wo)
+        hw = ho * wo
+        slack = ph * wo + pw
+        self.wt = numpy.empty((kh, kw, c, o), dtype=dtype)  # W^T, rows in (kh, kw, C) order
+        self.wt2 = self.wt.reshape(kh * kw * c, o)
+        self.dcol = numpy.empty((n, kh * kw * c, hw), dtype=dtype)
+        self.g3 = (n, o, hw)
+        d = self.d = self.dcol.reshape(n, kh, kw, c * hw)
+        # the mask repeated over channels, so that one contiguous multiply applies it
+        mask = tap_mask(numpy, ho, wo, (kh, kw), pad, dilation, dtype).reshape(kh, kw, 1, hw)
+        self.mask = numpy.ascontiguousarray(numpy.broadcast_to(mask, (kh, kw, c, hw))).ravel()
+        self.dflat = self.dcol.reshape(-1) if n == 1 else self.dcol.reshape(n, -1)
+        size = n * c * hw
+        acc = numpy.empty(size + 2 * slack, dtype=dtype)
+        self.slack = [acc[:slack], acc[slack + size:]]
         i0, j0 = ph // dh, pw // dw
-        self.centre = d[:, :, i0, j0]
-        self.dx = numpy.empty(self.centre.shape, dtype=dtype)  # kept, so are the views of it
+
+        def region(at):
+            return acc[at:at + size].reshape(n, c * hw)
+
+        self.centre = (region(slack), d[:, i0, j0])
         self.taps = []
         for i in range(kh):
-            oy = i * dh - ph
-            y0, y1 = max(0, oy), min(ho, ho + oy)
             for j in range(kw):
-                if (i, j) == (i0, j0):
-                    continue
-                ox = j * dw - pw
-                x0, x1 = max(0, ox), min(wo, wo + ox)
-                if y0 < y1 and x0 < x1:
-                    self.taps.append((self.dx[:, :, y0:y1, x0:x1],
-                                      d[:, :, i, j, y0 - oy:y1 - oy, x0 - ox:x1 - ox]))
+                if (i, j) != (i0, j0):
+                    self.taps.append((region(slack + (i * dh - ph) * wo + (j * dw - pw)),
+                                      d[:, i, j]))
+        self.dx = acc[slack:slack + size].reshape(n, c, ho, wo)
 
     @staticmethod
     def fits(gy_shape, w_shape, x_shape, stride, pad, dilation) -> bool:
@@ -498,8 +711,12 @@ class _SmallGradInput:
                 and n * c * kh * kw * ho * wo * 4 <= _SmallConv.LIMIT and (kh, kw) != (1, 1))
 
     def __call__(self, gy, w, out):
-        numpy.matmul(w.reshape(self.rows).T, gy.reshape(self.g3), out=self.dcol)
-        numpy.copyto(self.dx, self.centre)
+        numpy.copyto(self.wt, w.transpose(2, 3, 1, 0))
+        numpy.matmul(self.wt2, gy.reshape(self.g3), out=self.dcol)
+        numpy.multiply(self.dflat, self.mask, out=self.dflat)
+        for part in self.slack:
+            part.fill(0)
+        numpy.copyto(*self.centre)
         for region, tap in self.taps:
             numpy.add(region, tap, out=region)
         if out is None:
