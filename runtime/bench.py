@@ -265,18 +265,19 @@ def time_model(mod, *, batch: int, frames: int, frames_out: int | None = None,
 def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup: int = 2,
         batch: int | None = None, frames: int | None = None, frames_out: int | None = None,
         min_time: float = 0.0, seed: int = 0, peak: bool = True, model: str | None = None,
-        lr: float = 0.01) -> dict:
+        lr: float = 0.01, recompute: int | None = None) -> dict:
     """Time one `.cell` file (spec) or the built-in configurations; returns a report dict.
 
     config: one of CONFIGS, a list of them, or None (all three when spec is None).
     threads: BLAS threads for the timed steps and the GEMM peak (None: leave as is).
+    recompute: compile with recompute=K (memory against compute).
     """
     import convc.api as api
 
     results = []
     with blas_threads(threads):
         if spec is not None:
-            mod = api.load(spec, model=model)
+            mod = api.load(spec, model=model, recompute=recompute)
             train = mod.MODEL.get("train", {})
             n = batch or int(train.get("batch_size", 8))
             t = frames or int(train.get("frames_in", 10))
@@ -293,14 +294,14 @@ def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup
                     raise ValueError(f"unknown benchmark configuration {name!r}; "
                                      f"choose from {', '.join(CONFIGS)}")
                 cfg = dict(CONFIGS[name], name=name)
-                mod = api.load(None, text=peer_cell_text(cfg))
+                mod = api.load(None, text=peer_cell_text(cfg), recompute=recompute)
                 r = time_model(mod, batch=batch or cfg["N"], frames=frames or cfg["T"],
                                steps=steps, warmup=warmup, min_time=min_time, seed=seed,
                                lr=lr)
                 r["name"] = name
                 r["config"] = cfg
                 results.append(r)
-    out = dict(results=results, threads=threads, machine=machine_info(),
+    out = dict(results=results, threads=threads, machine=machine_info(), recompute=recompute,
                date=time.strftime("%Y-%m-%d %H:%M"))
     if peak:
         out["gemm_peak"] = gemm_peak(threads or 2)
@@ -338,6 +339,8 @@ def format_report(report: dict) -> str:
                  f"threads {report.get('threads')}, load {' '.join(m.get('loadavg', []))}")
     if peak:
         lines.append(f"float32 GEMM peak ({peak['threads']} threads): {peak['gflops']:.1f} GFLOP/s")
+    if report.get("recompute"):
+        lines.append(f"compiled with recompute={report['recompute']}")
     lines.append("")
     head = (f"{'model':<14} {'N':>3} {'T':>4} {'median ms':>10} {'min ms':>9} {'GFLOP/step':>11} "
             f"{'GFLOP/s':>8} {'% peak':>7} {'step RSS MB':>12} {'peak RSS MB':>12} {'loss':>9}")
@@ -376,6 +379,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--frames-out", type=int, default=None,
                         help="target steps of a forecast model (default: --frames)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recompute", type=int, default=None, metavar="K",
+                        help="compile with recompute=K: forward values kept for windows of K "
+                             "steps, recomputed in the backward pass")
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
     return parser
@@ -385,7 +391,7 @@ def main_bench(args) -> int:
     report = run(spec=args.file, config=args.config, steps=args.steps, threads=args.threads,
                  warmup=args.warmup, batch=args.batch, frames=args.frames,
                  frames_out=args.frames_out, min_time=args.min_time, seed=args.seed,
-                 peak=not args.no_peak, model=args.model)
+                 peak=not args.no_peak, model=args.model, recompute=args.recompute)
     print(format_report(report))
     if args.json:
         with open(args.json, "w") as fh:

@@ -66,6 +66,16 @@ def test_run_on_a_cell_file():
     assert "gemm_peak" not in report
 
 
+def test_run_with_recompute_trains_the_same():
+    kw = dict(spec=ROOT / "examples" / "stack.cell", steps=2, warmup=0, threads=1, batch=2,
+              frames=5, peak=False)
+    plain = bench.run(**kw)["results"][0]
+    report = bench.run(recompute=2, **kw)
+    windowed = report["results"][0]
+    assert report["recompute"] == 2 and "recompute=2" in bench.format_report(report)
+    assert abs(windowed["loss_last"] - plain["loss_last"]) <= 1e-5 * abs(plain["loss_last"])
+
+
 def test_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(bench.CONFIGS, "tiny", TINY)
     out = tmp_path / "bench.json"
