@@ -29,6 +29,12 @@ arrives from after it) and the backward step t = 0 (nothing goes on to
 t = -1 except the initial states' gradients) are emitted as their own copies
 of the loop body with those zeros folded away and dead work dropped.
 
+recompute=K. loss_and_grad runs a forward loop in windows of K steps (a
+local function `<loop>_steps(start, stop)`); what only its backward loop
+reads is kept for one window (rows t % K) and each state's value at the start
+of every window is checkpointed; the backward loop, at the last step of each
+window, restores the checkpoint and runs the window again.
+
 Every buffer comes from `rt.empty`, whose poison mode fills it with NaN, and
 is written whole before it is read; gradients are never accumulated into a
 buffer that was not first assigned (tests/test_codegen.py walks the
