@@ -77,11 +77,22 @@ def hard_sigmoid(x, out=None):
     return xp.clip(out, 0.0, 1.0, out=out)
 
 
+def _strided(out) -> bool:
+    """Whether `out` is a strided view (a slice of a channel-major cotangent): passes that
+    read and write it cost twice those over a contiguous array, so the kernels below then
+    work in a contiguous temporary and write `out` only in their last pass."""
+    return not out.flags.c_contiguous
+
+
 def sigmoid_grad(y, g, out=None):
     """g*y*(1-y); `out` must not be `y` or `g`."""
     if out is None:
         return g * y * (1.0 - y)
     xp = array_module(out)
+    if _strided(out):
+        tmp = xp.subtract(1.0, y, dtype=out.dtype)
+        xp.multiply(tmp, y, out=tmp)
+        return xp.multiply(tmp, g, out=out)
     xp.subtract(1.0, y, out=out)
     xp.multiply(out, y, out=out)
     return xp.multiply(out, g, out=out)
@@ -92,6 +103,10 @@ def tanh_grad(y, g, out=None):
     if out is None:
         return g * (1.0 - y * y)
     xp = array_module(out)
+    if _strided(out):
+        tmp = xp.multiply(y, y, dtype=out.dtype)
+        xp.subtract(1.0, tmp, out=tmp)
+        return xp.multiply(tmp, g, out=out)
     xp.multiply(y, y, out=out)
     xp.subtract(1.0, out, out=out)
     return xp.multiply(out, g, out=out)

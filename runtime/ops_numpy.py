@@ -370,6 +370,8 @@ def im2col_flat(xp, x, kernel: Pair, pad: Pair, dilation: Pair, ws: Workspace | 
     ph, pw = pad
     hw = h * w
     slack = ph * w + pw
+    if not images_first:
+        return _im2col_flat_rows(xp, x, kernel, pad, dilation, ws)
     if ws is None:
         buf = xp.zeros((n, c, hw + 2 * slack), dtype=x.dtype)
     else:
@@ -390,6 +392,52 @@ def im2col_flat(xp, x, kernel: Pair, pad: Pair, dilation: Pair, ws: Workspace | 
         xp.multiply(win, mask if images_first else mask.reshape(kw, 1, hw), out=col)
     if images_first:
         return col.reshape(n, c * kh * kw, hw)
+    return col.reshape(c * kh * kw, n * hw)
+
+
+def _im2col_flat_rows(xp, x, kernel: Pair, pad: Pair, dilation: Pair,
+                      ws: Workspace | None = None):
+    """im2col_flat's (C*kh*kw, N*H*W) matrix, a row (c, i, j) one run of N*H*W values.
+
+    x goes channel-major, (C, N, H*W), into the middle of a kept flat buffer with
+    one zero run of S = ph*W + pw values at each end (a transposing copy); the
+    images of a channel then lie back to back, so row (c, i, j) of the matrix is
+    the run of N*H*W values at offset (i*dh - ph)*W + (j*dw - pw) from channel c's
+    start, times `tap_mask` tiled over the images (what crosses an edge of an
+    image, above, below or sideways, reads a neighbour's value, times 0): one
+    multiply of C*kh*kw long runs rather than C*kh*kw*N runs of H*W.
+    """
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    hw = h * w
+    slack = pad[0] * w + pad[1]
+    size = c * n * hw
+    if ws is None:
+        buf = xp.zeros(size + 2 * slack, dtype=x.dtype)
+    else:
+        buf = ws.flat_padded(xp, (1, 1, 1, size), slack, x.dtype).reshape(-1)
+    xp.copyto(buf[slack:slack + size].reshape(c, n, h, w), x.transpose(1, 0, 2, 3))
+    e = buf.itemsize
+    shape = (c, kh, kw, n * hw)
+    strides = (n * hw * e, dilation[0] * w * e, dilation[1] * e, e)
+
+    def windows():  # slack - ph*W - pw = 0: tap (0, 0) of channel 0 starts at buf[0]
+        if xp is numpy:
+            return numpy.ndarray(shape, buf.dtype, buffer=buf, strides=strides)
+        return xp.lib.stride_tricks.as_strided(buf, shape=shape, strides=strides)
+
+    def mask():
+        m = tap_mask(numpy, h, w, kernel, pad, dilation, numpy.dtype(x.dtype))
+        return xp.asarray(numpy.ascontiguousarray(numpy.tile(m, (1, 1, n))))
+
+    if ws is None:
+        win, m = windows(), mask()
+    else:
+        key = (x.shape, slack, buf.dtype.str, xp.__name__, tuple(kernel), tuple(dilation))
+        win = ws.view(("flatrows",) + key, windows)
+        m = ws.view(("flatrowmask",) + key, mask)
+    col = _scratch(xp, ws, "col", shape, x.dtype)
+    xp.multiply(win, m, out=col)
     return col.reshape(c * kh * kw, n * hw)
 
 
@@ -640,6 +688,10 @@ class _SmallConv:
                                     self.out_hw, True)
         self.col = numpy.empty(self.windows.shape, dtype=dtype)
         self.col3 = self.col.reshape(n, c * kh * kw, ho * wo)
+        # the (O, C*kh*kw) view of the last weight and the (N, O, Ho*Wo) view of the last
+        # `out`, kept: a time loop passes the same two arrays every step (views of them
+        # never go stale, whatever is written into them)
+        self._w = self._w2 = self._out = self._y3 = None
 
     def __call__(self, x, w, out):
         numpy.copyto(self.interior, x)
@@ -647,13 +699,20 @@ class _SmallConv:
             numpy.copyto(self.col, self.windows)
         else:
             numpy.multiply(self.windows, self.mask, out=self.col)
+        if w is not self._w:
+            self._w2 = w.reshape(self.rows)
+            self._w = w
         if out is None:
             out = numpy.empty(self.out_shape, dtype=x.dtype)
+        elif out is self._out:
+            numpy.matmul(self._w2, self.col3, out=self._y3)
+            return out
         y3 = _view(out, (self.out_shape[0], self.out_shape[1], -1))
         if y3 is None:
-            out[...] = numpy.matmul(w.reshape(self.rows), self.col3).reshape(self.out_shape)
+            out[...] = numpy.matmul(self._w2, self.col3).reshape(self.out_shape)
         else:
-            numpy.matmul(w.reshape(self.rows), self.col3, out=y3)
+            numpy.matmul(self._w2, self.col3, out=y3)
+            self._out, self._y3 = out, y3
         return out
 
 
@@ -662,11 +721,17 @@ class _SmallGradInput:
 
     The flat layout of `_SmallConv`, transposed: the kernel is copied with its
     rows in (kh, kw, C) order, so that the GEMM's (N, kh*kw*C, H*W) result
-    holds each tap as one run of C*H*W values per image; `tap_mask` zeroes
-    what would cross an edge; the centre tap is assigned to the middle of a
-    kept flat accumulator (images back to back, a zero run of S values at
-    each end) and the other taps are added at their offsets; the middle is
-    dx. kh*kw + 6 NumPy calls, no Python arithmetic.
+    holds each tap as one run of C*H*W values per image. Each tap's run, times
+    `tap_mask` (what would cross an edge of an image), goes into a segment of
+    its own of a kept buffer (N, kh*kw, R), R = C*H*W + 2*slack, shifted by the
+    tap's offset off = (i*dh - ph)*W + (j*dw - pw): dx[n, q] is then the sum
+    over segments k of buf[n, k, slack + q], one reduction straight into `out`.
+    The segments' zero margins are never written. The segments are in the order
+    that `col2im_flat` adds the taps in (the centre tap, which reaches every
+    pixel, first, then the others in (i, j) order), so the sums are the same to
+    the bit; the offsets being linear in i and j, the taps above, left of,
+    right of and below the centre each go in with one multiply through a strided
+    view. kh = kw = 3: eight NumPy calls, no Python arithmetic.
     """
 
     def __init__(self, gy_shape: tuple, w_shape: tuple, pad: Pair, dilation: Pair, dtype):
@@ -676,31 +741,44 @@ class _SmallGradInput:
         dh, dw = dilation
         hw = ho * wo
         slack = ph * wo + pw
+        size = c * hw
+        seg = size + 2 * slack
         self.wt = numpy.empty((kh, kw, c, o), dtype=dtype)  # W^T, rows in (kh, kw, C) order
         self.wt2 = self.wt.reshape(kh * kw * c, o)
         self.dcol = numpy.empty((n, kh * kw * c, hw), dtype=dtype)
+        d = self.dcol.reshape(n, kh, kw, size)
         self.g3 = (n, o, hw)
-        d = self.d = self.dcol.reshape(n, kh, kw, c * hw)
-        # the mask repeated over channels, so that one contiguous multiply applies it
+        # the mask repeated over channels, so that one contiguous operand applies it
         mask = tap_mask(numpy, ho, wo, (kh, kw), pad, dilation, dtype).reshape(kh, kw, 1, hw)
-        self.mask = numpy.ascontiguousarray(numpy.broadcast_to(mask, (kh, kw, c, hw))).ravel()
-        self.dflat = self.dcol.reshape(-1) if n == 1 else self.dcol.reshape(n, -1)
-        size = n * c * hw
-        acc = numpy.empty(size + 2 * slack, dtype=dtype)
-        self.slack = [acc[:slack], acc[slack + size:]]
+        mask = numpy.ascontiguousarray(
+            numpy.broadcast_to(mask, (kh, kw, c, hw))).reshape(kh, kw, size)
+        buf = numpy.zeros(n * kh * kw * seg, dtype=dtype)
+        e = buf.itemsize
         i0, j0 = ph // dh, pw // dw
+        centre = i0 * kw + j0
 
-        def region(at):
-            return acc[at:at + size].reshape(n, c * hw)
+        def segment(i, j):  # the segment of tap (i, j): the centre's first, then (i, j) order
+            r = i * kw + j
+            return 0 if r == centre else r + 1 if r < centre else r
 
-        self.centre = (region(slack), d[:, i0, j0])
-        self.taps = []
-        for i in range(kh):
-            for j in range(kw):
-                if (i, j) != (i0, j0):
-                    self.taps.append((region(slack + (i * dh - ph) * wo + (j * dw - pw)),
-                                      d[:, i, j]))
-        self.dx = acc[slack:slack + size].reshape(n, c, ho, wo)
+        self.parts = []  # (taps of dcol, their mask, where they go): one multiply each
+        for rows, cols in (((i0, i0 + 1), (j0, j0 + 1)), ((0, i0), (0, kw)),
+                           ((i0, i0 + 1), (0, j0)), ((i0, i0 + 1), (j0 + 1, kw)),
+                           ((i0 + 1, kh), (0, kw))):
+            (ia, ib), (ja, jb) = rows, cols
+            if ia >= ib or ja >= jb:
+                continue
+            at = segment(ia, ja) * seg + slack + (ia * dh - ph) * wo + (ja * dw - pw)
+            to = numpy.ndarray((n, ib - ia, jb - ja, size), dtype, buffer=buf, offset=at * e,
+                               strides=(kh * kw * seg * e, (kw * seg + dh * wo) * e,
+                                        (seg + dw) * e, e))
+            self.parts.append((d[:, ia:ib, ja:jb], mask[ia:ib, ja:jb], to))
+        # what every tap adds to pixel q of an image, in the order above
+        self.taps = numpy.ndarray((n, kh * kw, size), dtype, buffer=buf, offset=slack * e,
+                                  strides=(kh * kw * seg * e, seg * e, e))
+        self.x_shape = (n, c, ho, wo)
+        self.dx2 = (n, size)
+        self._out = self._o2 = None  # the last `out` and its (N, C*H*W) view (see _SmallConv)
 
     @staticmethod
     def fits(gy_shape, w_shape, x_shape, stride, pad, dilation) -> bool:
@@ -715,15 +793,19 @@ class _SmallGradInput:
     def __call__(self, gy, w, out):
         numpy.copyto(self.wt, w.transpose(2, 3, 1, 0))
         numpy.matmul(self.wt2, gy.reshape(self.g3), out=self.dcol)
-        numpy.multiply(self.dflat, self.mask, out=self.dflat)
-        for part in self.slack:
-            part.fill(0)
-        numpy.copyto(*self.centre)
-        for region, tap in self.taps:
-            numpy.add(region, tap, out=region)
+        for taps, mask, to in self.parts:
+            numpy.multiply(taps, mask, out=to)
         if out is None:
-            return self.dx.copy()
-        numpy.copyto(out, self.dx)
+            out = numpy.empty(self.x_shape, dtype=self.dcol.dtype)
+        elif out is self._out:
+            numpy.add.reduce(self.taps, axis=1, out=self._o2)
+            return out
+        dx2 = _view(out, self.dx2)
+        if dx2 is None:
+            out[...] = numpy.add.reduce(self.taps, axis=1).reshape(self.x_shape)
+        else:
+            numpy.add.reduce(self.taps, axis=1, out=dx2)
+            self._out, self._o2 = out, dx2
         return out
 
 
