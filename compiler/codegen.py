@@ -302,7 +302,10 @@ class Generator:
         o("from convc.runtime import kernels as rt")
         o("from convc.runtime import model as _model")
         o()
-        o(f"MODEL = {self.model_meta()!r}")
+        import pprint
+        for line in ("MODEL = " + pprint.pformat(self.model_meta(), width=99,
+                                                 sort_dicts=False)).splitlines():
+            o(line)
         o()
         o("PARAMS = MODEL['params']")
         o()
