@@ -160,3 +160,13 @@ def test_cli_train_with_recompute(capsys, tmp_path):
                      "4", "--frames-in", "4", "--out", str(out), "-q", "--recompute", "2"])
     assert code == 0, capsys.readouterr().err
     assert "loop0_steps" in (out / "model.py").read_text()
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("name", ["seed.cell", "encoder_forecaster.cell"])
+def test_sequences_shorter_than_a_window_and_debug_nans(name, T):
+    full = convc.load(ROOT / "examples" / name)
+    windowed = convc.load(ROOT / "examples" / name, recompute=3, debug_nans=True)
+    params = random_params(full)
+    inputs, targets = random_batch(full, N=2, T=T, T_out=T)
+    _same(full, windowed, params=params, inputs=inputs, targets=targets)
