@@ -646,6 +646,11 @@ class Generator:
         general = plan.variant(set(), roots)
         first = plan.variant(zero, roots) if zero else None
         plan.emit_buffers(o)
+        for n in sorted(self.window_values):
+            if self.window_values[n] == block and self.has_window_buffer(n):
+                rows = f"min({K}, {self.batched_t(n)})"
+                o(f"{n}_win = rt.empty(xp, {_seq_shape(rows, g.node(n).shape)}, dtype, "
+                  f"{self.keep_arg(n + '_win')})  # one window of steps")
         start, stop = "0", T
         if win:
             o()
@@ -712,9 +717,17 @@ class Generator:
                     args.append(i)
                 else:
                     args.append(f"{self.batched(i)}[start:stop]")
-            o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+            if self.has_window_buffer(n):
+                o(f"{n} = {_into(node.op, args, node.attrs, f'{n}_win[:stop - start]')}")
+            else:
+                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
             self.check(o, n, n, step=False, backward=False)
         o.last_loc = None
+
+    def has_window_buffer(self, n: str) -> bool:
+        """A window value written with out= into a kept (K, N, ...) buffer."""
+        return n in self.window_values and _writes_into(self.g.node(n).op) and \
+            self.g.node(n).op not in _VIEWS
 
     def window_inputs(self, L: tuple) -> set[str]:
         """Batched forward values that only loop L (or others of them) read: with
