@@ -79,12 +79,15 @@ class Workspace:
             v = self._views[key] = make()
         return v
 
-    def get(self, xp, purpose: str, shape: tuple, dtype):
+    def get(self, xp, purpose, shape: tuple, dtype):
+        """A scratch buffer of `shape`, kept per purpose (a name, or a tuple) and grown
+        when a larger one is asked for."""
         dtype = xp.dtype(dtype)
         size = 1
         for d in shape:
             size *= int(d)
-        key = (purpose, dtype.str, xp.__name__)
+        key = (purpose if isinstance(purpose, tuple) else (purpose,)) + \
+            (dtype.str, xp.__name__)
         flat = self._flat.get(key)
         if flat is None or flat.size < size:
             flat = xp.empty(max(size, 1), dtype=dtype)
@@ -93,38 +96,29 @@ class Workspace:
 
     def slot(self, xp, key: tuple, shape: tuple, dtype):
         """A slot of the generated code's memory plan (see kernels.empty), kept and reused."""
-        dtype = xp.dtype(dtype)
-        size = 1
-        for d in shape:
-            size *= int(d)
-        full = ("slot",) + tuple(key) + (dtype.str, xp.__name__)
-        flat = self._flat.get(full)
-        if flat is None or flat.size < size:
-            flat = xp.empty(max(size, 1), dtype=dtype)
-            self._flat[full] = flat
-        return flat[:size].reshape(shape)
+        return self.get(xp, ("slot",) + tuple(key), shape, dtype)
+
+    def _zeros(self, xp, key: tuple, shape: tuple, dtype):
+        """A kept buffer, zeroed when made: callers write only its middle."""
+        key = key + (xp.dtype(dtype).str, xp.__name__)
+        a = self._flat.get(key)
+        if a is None:
+            a = self._flat[key] = xp.zeros(shape, dtype=dtype)
+        return a
 
     def padded(self, xp, shape: tuple, pad: Pair, dtype):
         """A zero-padded buffer for images of one shape and padding, kept: only its
         interior is ever written, so its border is zeroed once."""
-        key = ("padded", tuple(shape), tuple(pad), xp.dtype(dtype).str, xp.__name__)
-        a = self._flat.get(key)
-        if a is None:
-            n, c, h, w = shape
-            a = xp.zeros((n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype=dtype)
-            self._flat[key] = a
-        return a
+        n, c, h, w = shape
+        return self._zeros(xp, ("padded", tuple(shape), tuple(pad)),
+                           (n, c, h + 2 * pad[0], w + 2 * pad[1]), dtype)
 
     def flat_padded(self, xp, shape: tuple, slack: int, dtype):
         """A kept (N, C, slack + H*W + slack) buffer whose slack is zeroed once (see
         `im2col_flat`): only the middle is ever written."""
-        key = ("flat", tuple(shape), int(slack), xp.dtype(dtype).str, xp.__name__)
-        a = self._flat.get(key)
-        if a is None:
-            n, c, h, w = shape
-            a = xp.zeros((n, c, h * w + 2 * slack), dtype=dtype)
-            self._flat[key] = a
-        return a
+        n, c, h, w = shape
+        return self._zeros(xp, ("flat", tuple(shape), int(slack)), (n, c, h * w + 2 * slack),
+                           dtype)
 
     def nbytes(self) -> int:
         return sum(int(a.nbytes) for a in self._flat.values())
