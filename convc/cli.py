@@ -20,6 +20,9 @@ import time
 from pathlib import Path
 
 from convc import __version__
+from convc.argtypes import nonneg_int as _nonneg_int
+from convc.argtypes import positive_float as _positive_float
+from convc.argtypes import positive_int as _positive_int
 from convc.errors import ConvcError, DataError
 
 EMITS = ("py", "ir", "dot", "json")
@@ -86,36 +89,6 @@ def _emits(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(
             f"unknown kind {', '.join(unknown) or '(none)'}; choose from {', '.join(EMITS)}")
     return list(dict.fromkeys(kinds))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _nonneg_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 # ---------------------------------------------------------------------------

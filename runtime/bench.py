@@ -364,22 +364,26 @@ def format_report(report: dict) -> str:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `convc bench`, for the command line to add to its sub-parser."""
+    from convc.argtypes import nonneg_int, positive_int
+
     parser.add_argument("file", metavar="FILE", nargs="?", default=None,
                         help="a .cell file to time (default: the peer yardstick's ConvLSTMs)")
     parser.add_argument("--model", default=None, help="which model of FILE (default: its last)")
     parser.add_argument("--config", action="append", choices=sorted(CONFIGS), default=None,
                         help="a built-in configuration (repeatable; default: all three)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--steps", type=positive_int, default=10,
+                        help="timed steps (default 10)")
+    parser.add_argument("--warmup", type=nonneg_int, default=2,
+                        help="untimed steps first (default 2)")
     parser.add_argument("--min-time", type=float, default=0.0,
                         help="keep timing until this many seconds (default 0)")
-    parser.add_argument("--threads", type=int, default=2, help="BLAS threads (default 2)")
-    parser.add_argument("--batch", type=int, default=None, help="sequences per step")
-    parser.add_argument("--frames", type=int, default=None, help="input steps T")
-    parser.add_argument("--frames-out", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=2, help="BLAS threads (default 2)")
+    parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step")
+    parser.add_argument("--frames", type=positive_int, default=None, help="input steps T")
+    parser.add_argument("--frames-out", type=positive_int, default=None,
                         help="target steps of a forecast model (default: --frames)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--recompute", type=int, default=None, metavar="K",
+    parser.add_argument("--seed", type=nonneg_int, default=0)
+    parser.add_argument("--recompute", type=positive_int, default=None, metavar="K",
                         help="compile with recompute=K: forward values kept for windows of K "
                              "steps, recomputed in the backward pass")
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")

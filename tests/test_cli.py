@@ -74,6 +74,10 @@ def test_version(capsys):
     ["train", SEED, "--steps", "0"],
     ["train", SEED, "--steps", "3", "--epochs", "1"],
     ["gradcheck", SEED, "--dirs", "many"],
+    ["compile", SEED, "--recompute", "0"],
+    ["summary", SEED, "--frames", "-1"],
+    ["bench", "--recompute", "0"],
+    ["bench", "--steps", "0"],
 ])
 def test_bad_arguments_exit_2_with_a_message(capsys, argv):
     code, _, err = run(capsys, *argv)
