@@ -1,4 +1,5 @@
-"""runtime/bench.py (`convc bench`), bench/peer_adapter.py and bench/gpu_check.py."""
+"""runtime/bench.py (`convc bench`), bench/peer_adapter.py, bench/gpu_check.py and
+bench/winograd_trial.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -176,3 +177,43 @@ def test_gpu_check_logic_runs_on_the_cpu_backend():
     finally:
         gc.CONFIG_SET.clear()
         gc.CONFIG_SET.update(monkey)
+
+
+# ---------------------------------------------------------------- winograd_trial
+
+@pytest.fixture(scope="module")
+def winograd_trial():
+    return _module(ROOT / "bench" / "winograd_trial.py", "convc_winograd_trial_test")
+
+
+@pytest.mark.parametrize("m, r", [(2, 5), (2, 3), (4, 3)])
+def test_winograd_transforms_compute_a_correlation(winograd_trial, m, r):
+    """A^T [(G g) * (B^T d)] is the valid correlation of d with g, for random d and g."""
+    at, g, bt = winograd_trial.transforms(m, r)
+    rng = np.random.default_rng(m * 10 + r)
+    d = rng.standard_normal(m + r - 1)
+    k = rng.standard_normal(r)
+    expected = np.correlate(d, k, mode="valid")
+    np.testing.assert_allclose(at @ ((g @ k) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_trial_kernels_agree_with_convc(winograd_trial):
+    """float64 to rounding against convc's direct kernels, also through the backend
+    subclass with strided (channel-major) gy and a slice of a larger output."""
+    assert winograd_trial.main(["--quick"]) == 0
+    rng = np.random.default_rng(5)
+    direct, wino = get_backend("cpu"), winograd_trial.WinogradBackend(min_channels=1)
+    x = rng.standard_normal((3, 6, 8, 8))
+    w = rng.standard_normal((10, 6, 5, 5))
+    gy = rng.standard_normal((10, 3, 8, 8)).transpose(1, 0, 2, 3)  # channel-major
+    geo = ((1, 1), (2, 2), (1, 1))
+    big = np.zeros((3, 14, 8, 8))
+    wino.conv2d(x, w, *geo, out=big[:, 2:12])
+    np.testing.assert_allclose(big[:, 2:12], direct.conv2d(x, w, *geo), rtol=1e-12, atol=1e-12)
+    assert not big[:, :2].any() and not big[:, 12:].any()
+    np.testing.assert_allclose(wino.conv2d_grad_input(gy, w, x.shape, *geo),
+                               direct.conv2d_grad_input(gy, w, x.shape, *geo),
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(wino.conv2d_grad_weight(x, gy, w.shape, *geo),
+                               direct.conv2d_grad_weight(x, gy, w.shape, *geo),
+                               rtol=1e-12, atol=1e-12)
