@@ -41,7 +41,9 @@ and the scatter are separate passes over memory, while the 36 per-position
 GEMMs (K = 64 channels, 128-256 columns) run at ~45-55 GFLOP/s on one thread
 against ~75 for the direct convolution's single large GEMM. A compiled kernel
 that transforms tiles in registers (as oneDNN and NNPACK do) would change
-this; plain NumPy does not.
+this; plain NumPy does not. Nor did Numba-compiled transforms around the same
+BLAS GEMMs (bench/RESULTS.md): -5% on the step at best, +20% with larger
+chunks, as the per-position GEMMs and the weight transform stay.
 """
 from __future__ import annotations
 
