@@ -276,7 +276,8 @@ class Winograd:
 
 class WinogradBackend(ops_numpy.NumpyBackend):
     """convc's NumPy backend with Winograd for the 5x5 stride-1 `same` convolutions
-    whose channel counts are both at least `min_channels`."""
+    whose channel counts are both at least `min_channels`, on batches of at least
+    `min_images` images."""
 
     def __init__(self, min_channels: int = 32, min_images: int = 1) -> None:
         super().__init__()
