@@ -584,9 +584,25 @@ def conv2d_grad_input(xp, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilati
     return out
 
 
+def _zero_images(xp, x) -> int:
+    """How many leading images of x (N, C, H, W) are all zero (NumPy; 0 for CuPy, which
+    would wait for the device to tell)."""
+    if xp is not numpy:
+        return 0
+    s = 0
+    while s < len(x) and not x[s].any():
+        s += 1
+    return s
+
+
 def conv2d_grad_weight(xp, x, gy, w_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
-                       ws: Workspace | None = None):
-    """dw = gy @ im2col(x)^T: GEMMs summing over images and output pixels together."""
+                       ws: Workspace | None = None, share=None):
+    """dw = gy @ im2col(x)^T: GEMMs summing over images and output pixels together.
+
+    share(pieces, ws), if given, runs the independent pieces of a weight
+    gradient cut by input channels (`kernels.Crew.share`: other threads may
+    take some); without it they run here in order.
+    """
     w_shape = tuple(w_shape)
     out_hw = check_conv2d_shapes(x.shape, w_shape, stride, pad, dilation)
     _check_gy(gy, x.shape, w_shape, out_hw)
@@ -608,11 +624,25 @@ def conv2d_grad_weight(xp, x, gy, w_shape: tuple, stride: Pair, pad: Pair, dilat
         # many images: cut the im2col matrix by input channels instead of by images, so
         # every GEMM still runs over all images and pixels (long enough to be efficient)
         # and writes its own columns of dw: no partial sums to add up
-        for c0 in range(0, c, group):
-            c1 = min(c, c0 + group)
-            col = im2col(xp, x[:, c0:c1], (kh, kw), stride, pad, dilation, out_hw, ws,
-                         images_first=False)
-            xp.matmul(rows, col.T, out=dw[:, c0 * taps:c1 * taps])
+        def piece(c0, c1):
+            def run(work):
+                # leading images whose channels c0:c1 are all zero (a zero initial state
+                # h[t-1] at t = 0, first in a (T*N, ...) sequence) add nothing: skipped
+                s = _zero_images(xp, x[:, c0:c1])
+                if s == n:
+                    dw[:, c0 * taps:c1 * taps] = 0
+                    return
+                col = im2col(xp, x[s:, c0:c1], (kh, kw), stride, pad, dilation, out_hw, work,
+                             images_first=False)
+                xp.matmul(rows[:, s * ho * wo:], col.T, out=dw[:, c0 * taps:c1 * taps])
+            return run
+
+        pieces = [piece(c0, min(c, c0 + group)) for c0 in range(0, c, group)]
+        if share is None:
+            for run in pieces:
+                run(ws)
+        else:
+            share(pieces, ws)
         return dw.reshape(w_shape)
     step = _chunk(n, k * ho * wo * x.itemsize)
     part = None
@@ -813,6 +843,7 @@ class NumpyBackend(Backend):
     def __init__(self) -> None:
         self.workspace = Workspace()
         self._small: dict = {}
+        self.crew = None  # the kernels.Crew of a sharded step this backend runs a shard of
 
     def _small_conv(self, x, w, stride, pad, dilation):
         """The kept plan of a small, padded convolution of x's geometry (None if not small)."""
@@ -864,7 +895,8 @@ class NumpyBackend(Backend):
     def conv2d_grad_weight(self, x, gy, w_shape: tuple, stride: Pair, pad: Pair,
                            dilation: Pair):
         return conv2d_grad_weight(self.xp, x, gy, w_shape, stride, pad, dilation,
-                                  ws=self.workspace)
+                                  ws=self.workspace,
+                                  share=None if self.crew is None else self.crew.share)
 
     def asnumpy(self, a) -> numpy.ndarray:
         return numpy.asarray(a)

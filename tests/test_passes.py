@@ -395,3 +395,122 @@ def test_one_gemm_convolutions_match_the_reference(pad, stride):
     np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w.shape, *args),
                                rtol=1e-10, atol=1e-10)
     assert ops_numpy.ONE_GEMM_ROWS <= 300
+
+
+# ---------------------------------------------------------------- weight gradients shared
+
+def _channel_group_case(dtype, seed=0):
+    """A weight gradient that takes the channel-group path (T*N*H*W >= 4096), in pieces."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((16, 64, 16, 16)).astype(dtype)
+    gy = np.ascontiguousarray(rng.standard_normal((8, 16, 16, 16)).astype(dtype))
+    return x, gy.transpose(1, 0, 2, 3), (8, 64, 3, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_pieces_taken_by_an_idle_thread_give_the_same_bits(dtype):
+    """A shard thread that is done takes pieces of another's weight gradient (kernels.Crew):
+    both threads run some, and the result is the one-thread result to the bit."""
+    import threading
+    import time
+
+    from convc.runtime import ops_numpy
+
+    x, gy, w_shape = _channel_group_case(dtype)
+    args = ((1, 1), (1, 1), (1, 1))
+    alone = ops_numpy.conv2d_grad_weight(np, x, gy, w_shape, *args, ws=ops_numpy.Workspace())
+    crew = kernels.Crew(2)
+    ran = []
+    owner = threading.get_ident()
+
+    def share(pieces, ws):
+        def tagged(run):
+            def go(work):
+                ran.append(threading.get_ident())
+                if threading.get_ident() == owner:
+                    time.sleep(0.02)  # the owner is slow: the helper must take some
+                run(work)
+            return go
+        crew.share([tagged(p) for p in pieces], ws)
+
+    helper = threading.Thread(target=crew.help, args=(ops_numpy.Workspace(),))
+    helper.start()
+    shared = ops_numpy.conv2d_grad_weight(np, x, gy, w_shape, *args,
+                                          ws=ops_numpy.Workspace(), share=share)
+    crew.help(ops_numpy.Workspace())  # the owner's shard is done too: the helper may leave
+    helper.join(timeout=10)
+    assert not helper.is_alive()
+    assert len(ran) >= 3 and owner in ran and set(ran) - {owner}, ran
+    assert np.array_equal(shared, alone)
+    np.testing.assert_allclose(alone, kernels.conv2d_grad_weight_ref(x, gy, w_shape, *args),
+                               rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3)
+
+
+def test_a_piece_that_fails_on_a_helper_raises_in_its_owner():
+    import threading
+
+    crew = kernels.Crew(2)
+    started = threading.Event()
+
+    def wait_then_help():
+        started.wait(5)
+        crew.help(None)
+
+    def good(ws):
+        started.set()  # the helper wakes while the owner is still in this piece...
+        import time
+        time.sleep(0.05)
+
+    def bad(ws):  # ...and takes this one, from the back
+        raise ValueError("piece failed")
+
+    helper = threading.Thread(target=wait_then_help)
+    helper.start()
+    with pytest.raises(ValueError, match="piece failed"):
+        crew.share([good, bad], None)
+    crew.help(None)
+    helper.join(timeout=10)
+    assert not helper.is_alive()
+
+
+def test_a_failing_shard_still_lets_the_others_finish():
+    """An exception in one shard ends that shard; the helper loop of the other one ends too."""
+    import threading
+
+    from convc.runtime.ops_numpy import NumpyBackend
+
+    crew = kernels.Crew(2)
+
+    def boom(*args, backend=None):
+        raise RuntimeError("shard failed")
+
+    def fine(*args, backend=None):
+        crew.share([lambda ws: None] * 3, backend.workspace)
+        return "ok"
+
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("b", kernels._shard(crew, fine,
+                                                                          NumpyBackend())))
+    t.start()
+    with pytest.raises(RuntimeError, match="shard failed"):
+        kernels._shard(crew, boom, NumpyBackend())
+    t.join(timeout=10)
+    assert out == {"b": "ok"}
+
+
+@pytest.mark.parametrize("zero", [0, 2, 5, 16])
+def test_weight_gradient_skips_leading_zero_images(zero):
+    """What a zero initial state h[t-1] contributes at t = 0 (leading all-zero images of a
+    channel group) is skipped; the gradient still equals the reference."""
+    from convc.runtime import ops_numpy
+
+    x, gy, w_shape = _channel_group_case(np.float64, seed=1)
+    x[:zero, 20:] = 0  # the state part of a concat(x, h[t-1]), zero at the first steps
+    args = ((1, 1), (1, 1), (1, 1))
+    assert ops_numpy._zero_images(np, x[:, 20:]) == zero
+    assert ops_numpy._zero_images(np, x[:, :20]) == 0
+    dw = ops_numpy.conv2d_grad_weight(np, x, gy, w_shape, *args, ws=ops_numpy.Workspace())
+    np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w_shape, *args),
+                               rtol=1e-10, atol=1e-10)
+    if zero == 16:
+        assert not dw[:, 20:].any()
