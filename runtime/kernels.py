@@ -589,12 +589,13 @@ class Crew:
                 task["pending"] -= 1
                 self._cond.notify_all()
 
-    def help(self, ws) -> None:
-        """This thread's shard is done: run others' pieces until every shard is done."""
+    def help(self, ws, leave: bool = False) -> None:
+        """This thread's shard is done: run others' pieces until every shard is done
+        (or, with leave=True, just stop counting as busy)."""
         with self._cond:
             self._busy -= 1
             self._cond.notify_all()
-        while True:
+        while not leave:
             with self._cond:
                 while True:
                     task = next((t for t in self._open if t["todo"]), None)
@@ -611,10 +612,14 @@ def _shard(crew: Crew, fn, backend, *args, **kwargs):
     """fn on one shard with `backend` in the crew, then help the other shards finish."""
     backend.crew = crew
     try:
-        return fn(*args, backend=backend, **kwargs)
+        result = fn(*args, backend=backend, **kwargs)
+    except BaseException:
+        crew.help(None, leave=True)  # no waiting for the others: the step has failed
+        raise
     finally:
         backend.crew = None
-        crew.help(backend.workspace)
+    crew.help(backend.workspace)
+    return result
 
 
 def _split(tree, bounds):
