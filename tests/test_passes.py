@@ -446,6 +446,37 @@ def test_weight_gradient_pieces_taken_by_an_idle_thread_give_the_same_bits(dtype
                                rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3)
 
 
+def test_a_thread_ahead_takes_open_pieces_of_the_one_behind():
+    """Having done its own pieces, a thread takes another shard's open ones before going on
+    with its own shard (so the thread ahead gives time to the one behind, midway)."""
+    import threading
+    import time
+
+    crew = kernels.Crew(2)
+    started = threading.Event()
+    ran_by = []
+
+    def behind_piece(ws):
+        ran_by.append(threading.current_thread().name)
+        started.set()
+        time.sleep(0.02)
+
+    def behind():
+        crew.share([behind_piece] * 8, None)
+        crew.help(None)
+
+    other = threading.Thread(target=behind, name="behind")
+    other.start()
+    assert started.wait(10)
+    mine = []
+    crew.share([lambda ws: mine.append(1)], None)  # returns once nothing is open
+    assert mine == [1]
+    assert threading.current_thread().name in ran_by  # it took some of the other's
+    crew.help(None)
+    other.join(timeout=10)
+    assert not other.is_alive() and len(ran_by) == 8
+
+
 def test_a_piece_that_fails_on_a_helper_raises_in_its_owner():
     import threading
 
