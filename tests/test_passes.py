@@ -459,7 +459,7 @@ def test_a_thread_ahead_takes_open_pieces_of_the_one_behind():
     def behind_piece(ws):
         ran_by.append(threading.current_thread().name)
         started.set()
-        time.sleep(0.02)
+        time.sleep(0.05)
 
     def behind():
         crew.share([behind_piece] * 8, None)
