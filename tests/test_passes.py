@@ -549,3 +549,38 @@ def test_weight_gradient_skips_leading_zero_images(zero):
                                rtol=1e-10, atol=1e-10)
     if zero == 16:
         assert not dw[:, 20:].any()
+
+
+def test_sharded_steps_that_share_weight_gradients_are_bitwise_reproducible():
+    """Two BLAS threads, weight gradients big enough to be cut into pieces that either
+    thread may run: which thread runs which piece changes from call to call, the bits
+    do not."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from convc.runtime import ops_numpy
+
+    mod = compile_text(peer_cell_text(dict(name="crew", N=4, T=8, Cin=2, H=16, hidden=30, k=3,
+                                           layers=2)))
+    params = random_params(mod, seed=11, dtype="float32")
+    inputs, targets = random_batch(mod, N=4, T=8, seed=11, dtype="float32")
+    pieces = []
+    real = ops_numpy.conv2d_grad_weight
+
+    def counting(*args, share=None, **kw):
+        if share is not None:
+            def counted(ps, ws):
+                pieces.append(len(ps))
+                share(ps, ws)
+            return real(*args, share=counted, **kw)
+        return real(*args, **kw)
+
+    ops_numpy.conv2d_grad_weight = counting
+    try:
+        with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):
+            runs = [mod.loss_and_grad(params, inputs, targets) for _ in range(4)]
+    finally:
+        ops_numpy.conv2d_grad_weight = real
+    assert pieces and max(pieces) >= 2, pieces  # the crew really had pieces to share
+    for loss, grads, finals in runs[1:]:
+        assert loss == runs[0][0]
+        for name in grads:
+            assert np.array_equal(grads[name], runs[0][1][name]), name
