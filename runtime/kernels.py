@@ -577,18 +577,20 @@ class Crew:
                     # this thread is ahead: the pieces another shard has open now go first
                     if task in self._open:
                         self._open.remove(task)
-                    of = next((t for t in self._open if t["todo"]), None)
+                    of, piece = self._take()
                     if of is None:
                         break
-                    piece = of["todo"].pop()
             self._run(of, piece, ws)
         with self._cond:
-            if task in self._open:
-                self._open.remove(task)
             while task["pending"]:
                 self._cond.wait()
         if task["error"] is not None:
             raise task["error"]
+
+    def _take(self):
+        """(task, piece) from the back of an open task, or (None, None); under the lock."""
+        task = next((t for t in self._open if t["todo"]), None)
+        return (None, None) if task is None else (task, task["todo"].pop())
 
     def _run(self, task: dict, piece, ws) -> None:
         try:
@@ -608,14 +610,12 @@ class Crew:
             self._cond.notify_all()
         while not leave:
             with self._cond:
-                while True:
-                    task = next((t for t in self._open if t["todo"]), None)
-                    if task is not None:
-                        piece = task["todo"].pop()
-                        break
+                task, piece = self._take()
+                while task is None:
                     if self._busy == 0:
                         return
                     self._cond.wait()
+                    task, piece = self._take()
             self._run(task, piece, ws)
 
 
