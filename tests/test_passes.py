@@ -374,27 +374,37 @@ def test_small_steps_run_whole_on_one_thread():
 
 # ---------------------------------------------------------------- kernels the plan relies on
 
-@pytest.mark.parametrize("pad, stride", [((2, 2), (1, 1)), ((1, 2), (2, 1))])
-def test_one_gemm_convolutions_match_the_reference(pad, stride):
-    """Many input rows (C*kh*kw >= 256): all images share a GEMM, gy read channel-major."""
+@pytest.mark.parametrize("pad, stride, dilation", [((2, 2), (1, 1), (1, 1)),
+                                                   ((4, 2), (1, 1), (2, 1)),
+                                                   ((1, 2), (2, 1), (1, 1))])
+def test_one_gemm_convolutions_match_the_reference(pad, stride, dilation):
+    """Many input rows (C*kh*kw >= 256): all images share a GEMM, gy read channel-major.
+    A `same` geometry takes the flat kernels with the images back to back (what a tap
+    reads across the top or bottom of one image is the next one's, masked)."""
     from convc.runtime import ops_numpy
     from convc.runtime.ops_numpy import NumpyBackend
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, 12, 9, 8))
-    w = rng.standard_normal((5, 12, 5, 5))  # 300 rows
+    w = rng.standard_normal((20, 12, 5, 5))  # 300 rows; gy too large for the turned-kernel path
     backend = NumpyBackend()
-    args = (stride, pad, (1, 1))
+    args = (stride, pad, dilation)
+    assert ops_numpy.same_flat(x.shape, (5, 5), *args) == (stride == (1, 1))
     y = backend.conv2d(x, w, *args)
     np.testing.assert_allclose(y, kernels.conv2d_ref(x, w, *args), rtol=1e-10, atol=1e-10)
-    gy_cm = rng.standard_normal((5, 3) + y.shape[2:])  # (O, N, Ho, Wo) memory, as dz is kept
+    gy_cm = rng.standard_normal((20, 3) + y.shape[2:])  # (O, N, Ho, Wo) memory, as dz is kept
     gy = gy_cm.transpose(1, 0, 2, 3)
     dx = backend.conv2d_grad_input(gy, w, x.shape, *args)
-    np.testing.assert_allclose(dx, kernels.conv2d_grad_input_ref(gy, w, x.shape, *args),
-                               rtol=1e-10, atol=1e-10)
+    dx_ref = kernels.conv2d_grad_input_ref(gy, w, x.shape, *args)
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
+    # the general kernel too (the backend takes a kept plan at this small size)
+    dx = ops_numpy.conv2d_grad_input(np, gy, w, x.shape, *args, ws=ops_numpy.Workspace())
+    np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
     dw = backend.conv2d_grad_weight(x, gy, w.shape, *args)
     np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w.shape, *args),
                                rtol=1e-10, atol=1e-10)
     assert ops_numpy.ONE_GEMM_ROWS <= 300
+    if stride == (1, 1):
+        assert gy.size * 25 * gy.itemsize > ops_numpy.FLIP_BYTES
 
 
 # ---------------------------------------------------------------- weight gradients shared
