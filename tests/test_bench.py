@@ -1,5 +1,5 @@
-"""runtime/bench.py (`convc bench`), bench/peer_adapter.py, bench/gpu_check.py and
-bench/winograd_trial.py."""
+"""runtime/bench.py (`convc bench`), bench/peer_adapter.py, bench/gpu_check.py,
+bench/gemm_floor.py and bench/winograd_trial.py."""
 from __future__ import annotations
 
 import importlib.util
@@ -177,6 +177,47 @@ def test_gpu_check_logic_runs_on_the_cpu_backend():
     finally:
         gc.CONFIG_SET.clear()
         gc.CONFIG_SET.update(monkey)
+
+
+# ---------------------------------------------------------------- gemm_floor
+
+@pytest.fixture(scope="module")
+def gemm_floor():
+    return _module(ROOT / "bench" / "gemm_floor.py", "convc_gemm_floor_test")
+
+
+def test_gemm_floor_records_each_threads_gemms_and_replays_them(gemm_floor):
+    """Calls in a worker thread are recorded under that thread; FLOPs count batched
+    products; the replay's operands have the recorded shapes and strides."""
+    import threading
+
+    a = np.ones((3, 4, 5), np.float32)
+    b = np.ones((5, 6), np.float32).T.copy().T  # an F-ordered operand
+    w = np.ones((8, 7))[:, 1:]  # a strided one
+
+    def step():
+        np.matmul(a, b)
+        t = threading.Thread(target=lambda: np.matmul(w, np.ones((6, 2)), out=np.empty((8, 2))))
+        t.start()
+        t.join()
+
+    matmul = np.matmul
+    calls, _ = gemm_floor.record(step)
+    assert np.matmul is matmul and len(calls) == 2  # put back
+    main = calls[threading.main_thread().ident]
+    (other,) = [v for k, v in calls.items() if k != threading.main_thread().ident]
+    assert gemm_floor.flops(main) == 2 * 3 * 4 * 5 * 6
+    assert gemm_floor.flops(other) == 2 * 8 * 6 * 2
+    ops = gemm_floor.operands(other, seed=0)
+    (wa, wb, wo), = ops
+    assert wa.shape == w.shape and wa.strides == w.strides and wo.shape == (8, 2)
+    gemm_floor.replay([gemm_floor.operands(main, 1), ops])  # every set in its own thread
+
+
+def test_gemm_floor_prints_the_steps_share(gemm_floor, capsys):
+    assert gemm_floor.main(["--config", "seed", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "training step" in out and "its GEMMs alone" in out and "GEMM share" in out
 
 
 # ---------------------------------------------------------------- winograd_trial
