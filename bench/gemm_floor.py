@@ -33,6 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from convc import api  # noqa: E402
+from convc.argtypes import positive_int  # noqa: E402
 from convc.runtime import bench  # noqa: E402
 
 
@@ -110,8 +111,8 @@ def replay(sets: list) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=sorted(bench.CONFIGS), default="shi2015")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--threads", type=positive_int, default=2)
+    p.add_argument("--rounds", type=positive_int, default=10)
     a = p.parse_args(argv)
 
     cfg = dict(bench.CONFIGS[a.config], name=a.config)
@@ -146,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{max(ts) * 1e3:.1f})")
 
     n_calls = sum(len(calls[k]) for k in order)
+    steps_per_axis = {ax: cfg["T"] for ax in mod.MODEL["axes"].values()}
+    nominal = bench.conv_flops(mod, steps_per_axis, cfg["N"])["total"]
     print(f"{a.config}: {n_calls} GEMMs a step on {len(sets)} thread(s), {done / 1e9:.2f} GFLOP "
-          f"done ({bench.conv_flops(mod, {ax: cfg['T'] for ax in mod.MODEL['axes'].values()}, cfg['N'])['total'] / 1e9:.2f} nominal); "
-          f"{a.rounds} rounds, BLAS threads {a.threads}")
+          f"done ({nominal / 1e9:.2f} nominal); {a.rounds} rounds, BLAS threads {a.threads}")
     print(f"  training step     {ms(steps)}")
     print(f"  its GEMMs alone   {ms(gemms)}  {done / statistics.median(gemms) / 1e9:.1f} GFLOP/s")
     share = statistics.median(gemms) / statistics.median(steps)
