@@ -251,6 +251,7 @@ def cmd_train(args) -> int:
     result = train(mod, out=out, device=args.device, conv=args.conv, resume=args.resume,
                    overwrite=args.overwrite, progress=False if args.quiet else None,
                    poison=True if args.poison else None, deterministic=args.deterministic,
+                   ignore_memory_limit=args.ignore_memory_limit,
                    **options)
     losses = result.losses
     if losses:
@@ -502,6 +503,9 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--poison", action="store_true",
                    help="fill every buffer with NaN before its first write; the results "
                         "must not change (a check that no memory is read unwritten)")
+    g.add_argument("--ignore-memory-limit", action="store_true",
+                   help="train even when the estimated memory of a step exceeds the "
+                        "machine's available memory")
     g.add_argument("--deterministic", action="store_true",
                    help="GPU: no TF32, no CUB/cuTENSOR reductions, for bitwise-repeatable "
                         "runs (the CPU is deterministic already)")

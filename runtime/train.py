@@ -1279,7 +1279,7 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
           eps: float | None = None, frames_in: int | None = None,
           frames_out: int | None = None, val_every: int | None = None,
           overwrite: bool = False, threads: int | None = None, poison: bool | None = None,
-          deterministic: bool = False) -> TrainResult:
+          deterministic: bool = False, ignore_memory_limit: bool = False) -> TrainResult:
     """Train a compiled model (from `convc.load` or `convc.api.import_generated`).
 
     Settings left as None come from the spec's `train { ... }` block, then
@@ -1318,6 +1318,10 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
         CPU training is already bitwise reproducible for a given thread
         count, and the flag changes nothing.
 
+    ignore_memory_limit: train even when the step's estimated memory
+        (`convc.runtime.memory.estimate`) exceeds the machine's available
+        memory; by default that is a ConvcError raised before allocating.
+
     Raises NonFiniteError when the loss or gradient stops being finite
     (after saving the last good step), DataError for data that does not
     fit the model, and TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C
@@ -1343,6 +1347,8 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     clips_array = clips if isinstance(clips, np.ndarray) else None
     if clips_array is not None:
         cfg["data"] = "<array>"
+    if not ignore_memory_limit:
+        _check_memory(mod.MODEL, cfg, clips_array)
     limits = _thread_limits(threads)
     with limits, _poison_mode(poison):
         trainer = _Trainer(mod, params, cfg, explicit=explicit, device=device, conv=conv,
@@ -1351,6 +1357,21 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
                            on_step=on_step, clips_array=clips_array,
                            deterministic=deterministic)
         return trainer.run()
+
+
+def _check_memory(model: dict, cfg: dict, clips_array) -> None:
+    """Refuse, before allocating anything, a run whose step cannot fit in memory."""
+    from convc.runtime import memory
+
+    fi, fo, length = _task_lengths(model, cfg)
+    data_values = 0
+    if clips_array is None and str(cfg["data"]) in GENERATED_DATA and model["inputs"]:
+        (shape,) = list(model["inputs"].values())[:1]
+        data_values = (cfg["clips"] or DEFAULT_CLIPS) * length * memory._numel(shape)
+    parts = memory.estimate(model, cfg["batch_size"], memory.step_steps(model, fi, fo),
+                            optimizer=cfg["optimizer"], momentum=cfg["momentum"],
+                            itemsize=np.dtype(cfg["dtype"]).itemsize, data_values=data_values)
+    memory.check_fits(parts, f"training {model['name']} with batch {cfg['batch_size']}")
 
 
 @contextlib.contextmanager
