@@ -359,6 +359,7 @@ def summary(mod) -> str:
     out.append("Per sample and time step. FLOPs count convolutions only (a multiply-add is 2);")
     out.append("a training step over T steps costs about 3 x T x FLOPs/step (forward and")
     out.append("backward) and keeps T x Activations/step (float32) for the backward pass.")
+    out += _memory_lines(mod.MODEL)
     docs = [(cell, (doc or "").strip().splitlines()[0] if doc else "")
             for cell, doc in sorted(low.cell_docs.items())]
     if docs:
@@ -366,6 +367,23 @@ def summary(mod) -> str:
         width = max(len(c) for c, _ in docs)
         out += [f"  {c.ljust(width)}  {d}".rstrip() for c, d in docs]
     return "\n".join(out) + "\n"
+
+
+def _memory_lines(model: dict) -> list[str]:
+    """The estimate train() checks before a run (runtime/memory.py), at the spec's settings."""
+    from convc.runtime import memory
+
+    tr = model.get("train", {})
+    batch = int(tr.get("batch_size") or 8)
+    fi = int(tr.get("frames_in") or 10)
+    fo = int(tr.get("frames_out") or 10) if model.get("task") == "forecast" else None
+    steps = memory.step_steps(model, fi, fo)
+    parts = memory.estimate(model, batch, steps, optimizer=tr.get("optimizer") or "adam",
+                            momentum=tr.get("momentum"))
+    detail = ", ".join(f"{k} {memory.fmt_bytes(v)}" for k, v in parts.items()
+                       if k != "total" and v)
+    return [f"Training step memory (batch {batch}, T = {_fmt_steps(steps)}): about "
+            f"{memory.fmt_bytes(parts['total'])} ({detail})"]
 
 
 # ---------------------------------------------------------------------------

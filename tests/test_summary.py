@@ -104,3 +104,21 @@ def test_several_instances_of_one_cell_get_their_own_rows():
     assert rows["fc2"].flops == 2 * per_conv
     # the same cell at the same sizes keeps the same activations per step
     assert rows["enc2"].activation_bytes == rows["fc2"].activation_bytes > 0
+
+
+def test_summary_shows_the_training_memory_estimate():
+    import convc
+    from convc.runtime import memory
+    from convc.runtime.summary import summary
+    from pathlib import Path
+
+    mod = convc.load(str(Path(__file__).resolve().parent.parent / "examples" / "seed.cell"))
+    M = mod.MODEL
+    batch = M["train"].get("batch_size") or 8
+    parts = memory.estimate(M, batch, memory.step_steps(M, M["train"].get("frames_in") or 10,
+                                                        None),
+                            optimizer=M["train"].get("optimizer") or "adam",
+                            momentum=M["train"].get("momentum"))
+    text = summary(mod)
+    assert f"Training step memory (batch {batch}," in text
+    assert f"about {memory.fmt_bytes(parts['total'])}" in text
