@@ -87,3 +87,18 @@ def test_the_override_trains_anyway(tmp_path, monkeypatch):
 def test_available_bytes_reads_meminfo():
     avail = memory.available_bytes()
     assert avail is None or avail > 0
+
+
+def test_cli_refuses_a_huge_input_and_writes_nothing(tmp_path, capsys):
+    from convc.cli import main
+
+    src = (EXAMPLES / "seed.cell").read_text()
+    src = src.replace("input x: [1, 16, 16]", "input x: [1, 100000, 100000]")
+    src = src.replace("target y: [1, 16, 16]", "target y: [1, 100000, 100000]")
+    spec = tmp_path / "wide.cell"
+    spec.write_text(src)
+    out = tmp_path / "run"
+    rc = main(["train", str(spec), "--steps", "1", "--out", str(out), "-q"])
+    assert rc != 0
+    assert "needs about" in capsys.readouterr().err
+    assert not out.exists()
