@@ -31,10 +31,20 @@ def _numel(shape) -> int:
 
 
 def step_steps(model: dict, frames_in: int, frames_out: int | None) -> dict:
-    """{axis: steps} of the model's loops for a task of frames_in (+ frames_out) frames."""
-    axes = list(dict.fromkeys(loop["axis"] for loop in model["loops"]))
-    return {a: (frames_in if i == 0 or frames_out is None else frames_out)
-            for i, a in enumerate(axes)}
+    """{axis: steps} of the model's time axes for a task of frames_in (+ frames_out) frames.
+
+    An input's axis runs frames_in steps, a forecast target's frames_out; a
+    loop's axis that no data names (a forecaster's) takes frames_out.
+    """
+    axis_of = model.get("axes", {})
+    later = frames_in if frames_out is None else frames_out
+    steps = {axis_of[n]: frames_in for n in model["inputs"] if n in axis_of}
+    for n in model["targets"]:
+        if n in axis_of:
+            steps.setdefault(axis_of[n], later)
+    for i, loop in enumerate(model["loops"]):
+        steps.setdefault(loop["axis"], frames_in if i == 0 and not steps else later)
+    return steps
 
 
 def estimate(model: dict, batch: int, steps, *, optimizer: str = "adam",

@@ -102,3 +102,16 @@ def test_cli_refuses_a_huge_input_and_writes_nothing(tmp_path, capsys):
     assert rc != 0
     assert "needs about" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_every_time_axis_gets_a_length(tmp_path):
+    """A model without loops (its arena is keyed by the data's axis) and a forecaster."""
+    spec = tmp_path / "plain.cell"
+    spec.write_text("model plain {\n    input x: [1, 8, 8]\n    target y: [1, 8, 8]\n"
+                    "    weight W = kernel(1, 1)\n    p = conv(x, W)\n    output p\n"
+                    "    loss mse(p, y)\n}\n")
+    for mod, fo in ((convc.load(spec), None),
+                    (convc.load(EXAMPLES / "encoder_forecaster.cell"), 3)):
+        steps = memory.step_steps(mod.MODEL, 4, fo)
+        assert set(mod.MODEL["memory"]["arena"]) <= set(steps)
+        assert memory.estimate(mod.MODEL, 2, steps)["total"] > 0
