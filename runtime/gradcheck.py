@@ -26,14 +26,13 @@ def directional_check(mod, params: dict, inputs: dict, targets: dict, *, n_dirs:
     `params` must be float64; `kw` goes to loss_and_grad (state=, bptt=).
     With bptt=k the loss whose gradient is checked is the truncated one: the
     reference treats the states at each window boundary as constants
-    (see `truncated_loss`), so the truncated gradient is exact for it.
+    (see `truncated_objective`), so the truncated gradient is exact for it.
     """
     rng = np.random.default_rng(seed)
     bptt = kw.pop("bptt", None)
     _, grads, _ = mod.loss_and_grad(params, inputs, targets, bptt=bptt, **kw)
     if bptt:
-        def loss(p):
-            return truncated_loss(mod, p, params, inputs, targets, bptt, **kw)
+        loss = truncated_objective(mod, params, inputs, targets, bptt, **kw)
     else:
         def loss(p):
             return _loss(mod, p, inputs, targets, **kw)
@@ -59,8 +58,8 @@ def directional_check(mod, params: dict, inputs: dict, targets: dict, *, n_dirs:
     return out
 
 
-def truncated_loss(mod, params, params0, inputs, targets, k, state=None):
-    """The loss as truncated BPTT with windows of k steps sees it.
+def truncated_objective(mod, params0, inputs, targets, k, state=None):
+    """The loss as truncated BPTT with windows of k steps sees it, as a function of params.
 
     The rule the generated backward loops follow (compiler/codegen.py,
     carry_step): on every time axis, each loop counts its own steps from 0,
@@ -77,37 +76,19 @@ def truncated_loss(mod, params, params0, inputs, targets, k, state=None):
     from convc.compiler import interp
 
     low = mod.compiled.lowered
-    plain = interp._state_value
-    key = (id(mod), id(params0), id(inputs), id(targets), k, id(state))
-    held = _HELD.get(key)
-    if held is None:
-        held = {}
+    held = {}
 
-        def record(g, node, t, *rest):
-            v = plain(g, node, t, *rest)
-            if t > 0 and t % k == 0:
-                held[(node.id, t)] = v
-            return v
-
-        interp._state_value = record
-        try:
-            interp.run_forward(low, params0, inputs, targets, state=state)
-        finally:
-            interp._state_value = plain
-        _HELD.clear()
-        _HELD[key] = held
-
-    def hold(g, node, t, *rest):
+    def record(nid, t, v):
         if t > 0 and t % k == 0:
-            return held[(node.id, t)]
-        return plain(g, node, t, *rest)
+            held[(nid, t)] = v
+        return v
 
-    interp._state_value = hold
-    try:
-        return interp.run_forward(low, params, inputs, targets, state=state)[2]
-    finally:
-        interp._state_value = plain
+    def hold(nid, t, v):
+        return held[(nid, t)] if t > 0 and t % k == 0 else v
 
+    interp.run_forward(low, params0, inputs, targets, state=state, hold=record)
 
-# the window-boundary states of the last unperturbed run (one check at a time)
-_HELD: dict = {}
+    def loss(params):
+        return interp.run_forward(low, params, inputs, targets, state=state, hold=hold)[2]
+
+    return loss
