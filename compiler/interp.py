@@ -95,13 +95,15 @@ def evaluate(graph: Graph, env: dict, wanted=None) -> dict:
 # ---------------------------------------------------------------- whole models
 
 def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None,
-                steps: dict | int | None = None, state: dict | None = None):
+                steps: dict | int | None = None, state: dict | None = None, hold=None):
     """A model's forward pass from its lowered graph, one step at a time.
 
     params: {name: array} in the layout the generated module uses;
     inputs / targets: {name: array (N, T, C, H, W)}; steps: the length of
     each axis no given sequence has (forecasting), an int or {axis: int};
-    state: {state name: array (N, C, H, W)} to start from.
+    state: {state name: array (N, C, H, W)} to start from; hold: called as
+    hold(state node id, t, value) on every state read, it returns the value
+    the step uses (truncated-BPTT references hold window starts constant).
 
     Returns (outputs, finals, loss): outputs {name: (N, T, ...)}, finals
     {state name: (N, ...)} and the summed loss (None without targets).
@@ -179,6 +181,8 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
                     v = np.asarray(data[data_nodes[nid]])[:, t]
                 elif node.op == "state":
                     v = _state_value(g, node, t, seq, static, state, n_batch)
+                    if hold is not None:
+                        v = hold(nid, t, v)
                 else:
                     v = apply_op(node, [value_at(i, t) for i in node.inputs])
                 seq[nid].append(v)

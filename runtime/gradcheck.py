@@ -26,14 +26,13 @@ def directional_check(mod, params: dict, inputs: dict, targets: dict, *, n_dirs:
     `params` must be float64; `kw` goes to loss_and_grad (state=, bptt=).
     With bptt=k the loss whose gradient is checked is the truncated one: the
     reference treats the states at each window boundary as constants
-    (see `truncated_loss`), so the truncated gradient is exact for it.
+    (see `truncated_objective`), so the truncated gradient is exact for it.
     """
     rng = np.random.default_rng(seed)
     bptt = kw.pop("bptt", None)
     _, grads, _ = mod.loss_and_grad(params, inputs, targets, bptt=bptt, **kw)
     if bptt:
-        def loss(p):
-            return truncated_loss(mod, p, params, inputs, targets, bptt, **kw)
+        loss = truncated_objective(mod, params, inputs, targets, bptt, **kw)
     else:
         def loss(p):
             return _loss(mod, p, inputs, targets, **kw)
@@ -59,26 +58,37 @@ def directional_check(mod, params: dict, inputs: dict, targets: dict, *, n_dirs:
     return out
 
 
-def truncated_loss(mod, params, params0, inputs, targets, k, state=None):
-    """The loss as truncated BPTT with windows of k steps sees it.
+def truncated_objective(mod, params0, inputs, targets, k, state=None):
+    """The loss as truncated BPTT with windows of k steps sees it, as a function of params.
 
-    The sequence is cut into windows [0, k), [k, 2k), ...; each window starts
-    from the states the unperturbed parameters `params0` reach at its start
-    (constants, so no gradient crosses a boundary), and the loss is the
-    step-weighted mean of the windows' losses. Valid for next-frame models
-    (one time axis) whose loss covers every step.
+    The rule the generated backward loops follow (compiler/codegen.py,
+    carry_step): on every time axis, each loop counts its own steps from 0,
+    and the cotangent of a state read at step t is cut when t % k == 0, t > 0;
+    so windows are [0, k), [k, 2k), ... of each loop's own axis. A loop's
+    initial states (zeros, learned, or an earlier loop's final states passed
+    by `init=`) are read at t = 0 and keep their gradient; losses (on all steps
+    or on `steps = last`) are the full model's. The reference is the model's
+    own step-by-step forward pass (compiler/interp.py) in which every state
+    read at a window start takes the value the unperturbed parameters
+    `params0` give it: constants, so no gradient crosses a boundary, for any
+    arrangement of loops, forecasters, `init=` chains and time axes.
     """
-    x_name = next(iter(inputs))
-    T = inputs[x_name].shape[1]
-    total = 0.0
-    start_state = state
-    for a in range(0, T, k):
-        b = min(a + k, T)
-        win_in = {n: v[:, a:b] for n, v in inputs.items()}
-        win_tg = {n: v[:, a:b] for n, v in targets.items()}
-        loss, _, _ = mod.loss_and_grad(params, win_in, win_tg, state=start_state)
-        total += loss * (b - a) / T
-        # the next window starts where the *unperturbed* run is after this one
-        _, final = mod.forward(params0, win_in, state=start_state)
-        start_state = final
-    return total
+    from convc.compiler import interp
+
+    low = mod.compiled.lowered
+    held = {}
+
+    def record(nid, t, v):
+        if t > 0 and t % k == 0:
+            held[(nid, t)] = v
+        return v
+
+    def hold(nid, t, v):
+        return held[(nid, t)] if t > 0 and t % k == 0 else v
+
+    interp.run_forward(low, params0, inputs, targets, state=state, hold=record)
+
+    def loss(params):
+        return interp.run_forward(low, params, inputs, targets, state=state, hold=hold)[2]
+
+    return loss
