@@ -119,6 +119,9 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     with stage("shapes"):
         infer_shapes(g, rep)
         rep.check()
+    with stage("passes"):
+        counts["fold_zero_channels"] = passes.fold_zero_channels(g)
+        counts["dce"] += passes.dce(g, roots)
     with stage("autodiff"):
         bw = differentiate(low)
         counts["bwd_dce"] = _prune_backward(low, bw)

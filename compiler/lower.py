@@ -487,16 +487,20 @@ class Lowerer:
             self.unify_axes(self.segments[seg].axis, steps_axis)
         inst.seg = seg
         self.segments[seg].cells.append(inst.name)
-        return self.elaborate(inst, inputs, init_from, seg, call.loc)
+        # an input not given is zeros with the channels of the frames the cell steps over
+        frames = self.g.node(src.id if steps_axis is not None else inputs[0].id).shape
+        return self.elaborate(inst, inputs, init_from, seg, call.loc, frames and frames[0])
 
-    def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc):
+    def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
+                  zero_channels: int | None = None):
         self.current_instance = inst.name
         try:
-            return self._elaborate(inst, inputs, init_from, seg, loc)
+            return self._elaborate(inst, inputs, init_from, seg, loc, zero_channels)
         finally:
             self.current_instance = None
 
-    def _elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc):
+    def _elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
+                   zero_channels: int | None):
         cell = inst.cell
         env: dict[str, object] = dict(inst.params)
         body = self.flatten(cell.body, env)
@@ -522,7 +526,12 @@ class Lowerer:
                            "given", loc)
             raise _Fail()
         for i, n in enumerate(input_names):
-            env[n] = inputs[i] if i < len(inputs) else Tensor(self.const(0.0, loc))
+            if i < len(inputs):
+                env[n] = inputs[i]
+            else:
+                # the scalar 0 wherever it broadcasts; `channels` for a concat to widen by
+                env[n] = Tensor(self.const(0.0, loc))
+                self.g.node(env[n].id).attrs["channels"] = zero_channels
         # state reads: the value at t-1
         reads: dict[str, str] = {}
         for name, st in states.items():
@@ -675,13 +684,21 @@ class Lowerer:
         if fname in ("sigmoid", "hard_sigmoid", "tanh", "relu"):
             return Tensor(self.node(fname, (args[0].id,), e.loc))
         if fname == "concat":
-            return Tensor(self.node("concat", [a.id for a in args], e.loc))
+            return self.concat(args, e.loc)
         if fname == "split":
             x, n = args[0], args[1] if len(args) > 1 else kwargs.get("n")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 self.rep.error("E205", "split(x, n) needs a positive integer n", e.loc)
                 raise _Fail()
-            shape = self.g.node(x.id).shape
+            xnode = self.g.node(x.id)
+            if xnode.op == "const" and "channels" in xnode.attrs:  # an input not given
+                c = xnode.attrs["channels"]
+                if c is not None and c % n == 0:
+                    parts = [self.const(0.0, e.loc) for _ in range(n)]
+                    for p in parts:
+                        self.g.node(p).attrs["channels"] = c // n
+                    return Tup([Tensor(p) for p in parts])
+            shape = xnode.shape
             c = shape[0] if shape else None
             if c is None:
                 self.rep.error("E303", "cannot infer the channels of the value to split", e.loc)
@@ -695,10 +712,48 @@ class Lowerer:
                         for i in range(n)])
         raise AssertionError(fname)
 
+    def concat(self, args, loc: Loc):
+        """concat, where the zeros of an input not given become zero channels of a neighbour.
+
+        concat(0, h) is pad_zeros(h, before=C0): the channels stay where they
+        are (a kernel over them has columns for the zeros), and a conv over it
+        later folds to a conv of h with the kernel's other columns
+        (passes.fold_zero_channels).
+        """
+        parts: list[list] = []  # [node id or None (all zeros so far), before, after]
+        pending = 0
+        for a in args:
+            node = self.g.node(a.id)
+            if node.op == "const" and node.attrs.get("value") == 0.0 and "channels" in node.attrs:
+                c = node.attrs["channels"]
+                if c is None:
+                    self.rep.error("E303", "cannot infer the channels of the zeros that stand "
+                                   "for an input not given; give the cell its input", loc)
+                    raise _Fail()
+                if parts:
+                    parts[-1][2] += c
+                else:
+                    pending += c
+                continue
+            parts.append([a.id, pending if not parts else 0, 0])
+            pending = 0
+        if not parts:  # only zeros: still the scalar 0, now that many channels wide
+            zero = self.const(0.0, loc)
+            self.g.node(zero).attrs["channels"] = pending
+            return Tensor(zero)
+        ids = []
+        for nid, before, after in parts:
+            if before or after:
+                nid = self.node("pad_zeros", (nid,), loc, before=before, after=after)
+            ids.append(nid)
+        if len(ids) == 1:
+            return Tensor(ids[0])
+        return Tensor(self.node("concat", ids, loc))
+
     def conv(self, e: A.Call, args, kwargs) -> str:
         x, w = args[0], args[1]
         if self.g.node(x.id).op == "const" and self.g.node(x.id).attrs["value"] == 0.0:
-            return x.id  # a cell run without input: its input convolutions are zero
+            return self.const(0.0, e.loc)  # a cell run without input: its input convs are 0
         wnode = self.g.node(w.id)
         if wnode.op != "param" or wnode.shape is None or len(wnode.shape) != 4:
             self.rep.error("E205", "the second argument of conv is a kernel weight "

@@ -342,6 +342,24 @@ defop(name="pad_channels", arity=1,
       ref=lambda g, start, total: K.pad_channels(g, start, total),
       doc="zeros except channels [start, start+C): the gradient of slice")
 
+def _pad_zeros_shape(shapes, attrs):
+    (x,) = shapes
+    if len(x) != 3:
+        raise ShapeError(f"expects a [C, H, W] value, got {fmt_shape(x)}")
+    c = None if x[0] is None else attrs["before"] + x[0] + attrs["after"]
+    return (c,) + tuple(x[1:])
+
+
+defop(name="pad_zeros", arity=1, shape=_pad_zeros_shape,
+      code=lambda a, at: (f"rt.pad_channels({a[0]}, {at['before']}, "
+                          f"{a[0]}.shape[-3] + {at['before'] + at['after']})"),
+      ref=lambda x, before, after: K.pad_channels(x, before, x.shape[1] + before + after),
+      vjp=(lambda b, n, g, i: b.op("slice", g, start=n.attrs["before"],
+                                   stop=n.attrs["before"] + b.shape_of(n.inputs[0])[0]),),
+      doc="`before` zero channels, the value, `after` zero channels: concat with the "
+          "zeros of an input not given (a forecaster's); folded away before a conv")
+
+
 def _kernel_part_shape(shapes, attrs):
     (w,) = shapes
     if len(w) != 4:

@@ -73,6 +73,53 @@ def fold_constants(g: Graph, roots: set[str]) -> int:
     return changed
 
 
+def fold_zero_channels(g: Graph) -> int:
+    """conv(pad_zeros(h), W) -> conv(h, W[:, before:before+C]): no work on the zeros.
+
+    pad_zeros stands for the zeros of an input a cell was not given (a
+    forecaster's) concatenated with its other values; the kernel keeps its
+    columns for them, which then see no use and get a zero gradient. A conv
+    over a concat with such parts becomes the sum of the convs of its other
+    parts, each with its columns of the kernel. Runs once shapes are known
+    (it needs each part's channels).
+    """
+    changed = 0
+    for nid in g.order():
+        node = g.node(nid)
+        if node.op != "conv":
+            continue
+        x = g.node(node.inputs[0])
+        parts = x.inputs if x.op == "concat" else (node.inputs[0],)
+        if not any(g.node(p).op == "pad_zeros" for p in parts):
+            continue
+        pieces, offset = [], 0  # (value, first kernel column)
+        for p in parts:
+            pn = g.node(p)
+            if pn.op == "pad_zeros":
+                pieces.append((pn.inputs[0], offset + pn.attrs["before"]))
+            else:
+                pieces.append((p, offset))
+            offset += pn.shape[0]
+        w = node.inputs[1]
+        conv_attrs = {k: v for k, v in node.attrs.items() if k != "_named"}
+        tags = {k: v for k, v in conv_attrs.items() if k.startswith("_")}
+        terms = []
+        for value, col in pieces:
+            ws = _kernel_slice(g, w, col, col + g.node(value).shape[0], f"{col}", node)
+            terms.append((value, ws))
+        if len(terms) == 1:
+            g.set_inputs(nid, terms[0])
+        else:
+            acc = _new(g, nid, "conv", terms[0], node, node.seg, **conv_attrs)
+            for value, ws in terms[1:-1]:
+                c = _new(g, nid, "conv", (value, ws), node, node.seg, **conv_attrs)
+                acc = _new(g, nid, "add", (acc, c), node, node.seg, **tags)
+            last = _new(g, nid, "conv", terms[-1], node, node.seg, **conv_attrs)
+            _rewrite(g, nid, "add", (acc, last))
+        changed += 1
+    return changed
+
+
 def _same_shape(g: Graph, node, i: int) -> bool:
     return tuple(g.node(node.inputs[i]).shape or ()) == tuple(node.shape or ()) and \
         (g.node(node.inputs[i]).seg is not None or node.seg is None)
