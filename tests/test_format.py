@@ -26,6 +26,17 @@ FILES = sorted((ROOT / "examples").glob("*.cell")) + sorted(
     (ROOT / "tests" / "bad_specs").rglob("*.cell"))
 
 
+SHIPPED = [p for p in FILES if "bad_specs" not in p.parts]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_files_are_in_canonical_form(path: Path):
+    """What a user reads first is what `convc fmt` writes: `convc fmt --check` passes."""
+    text = path.read_text(encoding="utf-8")
+    assert format_source(text, str(path)) == text, (
+        f"{path.relative_to(ROOT)} is not formatted: run `convc fmt --write` on it")
+
+
 def same_meaning(a: str, b: str) -> bool:
     return without_locs(parse(a, "f.cell")) == without_locs(parse(b, "f.cell"))
 

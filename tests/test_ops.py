@@ -146,6 +146,8 @@ VJP_CASES = [
     Case("concat", {"a": S(2, 4, 5)}, ("a", "a"), id="repeat"),
     Case("slice", {"x": S(8, 4, 5)}, ("x",), dict(start=2, stop=6), id="middle"),
     Case("slice", {"x": S(8, 4, 5)}, ("x",), dict(start=0, stop=8), id="all"),
+    Case("pad_zeros", {"x": S(3, 4, 5)}, ("x",), dict(before=2, after=1), id="both"),
+    Case("pad_zeros", {"x": S(3, 4, 5)}, ("x",), dict(before=0, after=4), id="after"),
     Case("reshape", {"b": S(4, lead="static")}, ("b",), dict(shape=(4, 1, 1)), id="bias"),
     Case("kernel_slice", {"w": S(4, 5, 3, 3, lead="static")}, ("w",), dict(start=1, stop=3)),
     Case("kernel_slice", {"w": S(4, 5, 3, 3, lead="static")}, ("w",), dict(start=0, stop=5),
