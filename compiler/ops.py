@@ -28,6 +28,17 @@ import numpy as np
 from convc.runtime import kernels as K
 
 
+def float_source(value) -> str:
+    """A float as Python source: its repr, or an expression for inf and nan, which have
+    no literal (a bare `inf` in generated code is a NameError)."""
+    v = float(value)
+    if v != v:
+        return "float('nan')"
+    if v in (float("inf"), float("-inf")):
+        return f"float({str(v)!r})"
+    return repr(v)
+
+
 class ShapeError(Exception):
     """Raised by shape rules; the caller turns it into a located diagnostic."""
 
@@ -129,7 +140,7 @@ def _const_shape(shapes, attrs):
 
 
 defop(name="const", shape=_const_shape, arity=0,
-      code=lambda a, at: repr(float(at["value"])),
+      code=lambda a, at: float_source(at["value"]),
       ref=lambda **at: np.asarray(at["value"], dtype=np.float64),
       doc="a scalar constant")
 
@@ -187,7 +198,7 @@ defop(name="neg", arity=1, elementwise=True, shape=_same,
       doc="negation")
 
 defop(name="scale", arity=1, elementwise=True, shape=_same,
-      code=lambda a, at: f"{a[0]} * {float(at['factor'])!r}",
+      code=lambda a, at: f"{a[0]} * {float_source(at['factor'])}",
       ref=lambda x, factor: x * factor,
       # (factor 1: the identity a state's update gets when its value is made outside the
       # loop; its cotangent passes through unchanged)
