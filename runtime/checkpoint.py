@@ -4,10 +4,11 @@ The promise is that a crash, a full disk or a kill at any moment never costs
 more than the steps since the last checkpoint, and never leaves a damaged
 file that is mistaken for a good one. Three mechanisms keep it:
 
-* **Atomic replace.** A checkpoint is written to a temporary file in the same
-  folder, flushed and fsync-ed, then renamed into place with ``os.replace``
-  (atomic on POSIX and Windows within one file system), and the folder is
-  fsync-ed so the rename itself survives a power cut. A reader therefore sees
+* **Atomic replace** (``convc.runtime.atomic``, shared by every file convc
+  writes). A checkpoint is written to a temporary file in the same folder,
+  flushed and fsync-ed, then renamed into place with ``os.replace`` (atomic
+  on POSIX and Windows within one file system), and the folder is fsync-ed
+  so the rename itself survives a power cut. A reader therefore sees
   either the old set of files or the new one, never half a file under a
   checkpoint name.
 * **A checksum.** The metadata entry holds a sha256 over every array's name,
@@ -40,6 +41,7 @@ from typing import Any, Callable
 import numpy as np
 
 from convc.errors import CheckpointError
+from convc.runtime.atomic import write_atomic
 from convc.runtime.optim import array_module
 
 FORMAT_VERSION = 1
@@ -121,33 +123,10 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable.
-
-    POSIX only: Windows cannot open a directory as a file, and NTFS journals
-    renames itself.
-    """
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove_quietly(path: Path) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
-
-
-def _discard_temp(path: Path) -> None:
-    """Remove a failed write's temp file; a failure here must not hide the original error."""
-    try:
-        os.unlink(path)
-    except OSError:
         pass
 
 
@@ -223,27 +202,13 @@ def save_checkpoint(folder: str | os.PathLike, step: int, arrays: dict[str, Any]
     except OSError as exc:
         raise CheckpointError(f"{final}: cannot create folder: {exc.strerror or exc}") from exc
 
-    # O_EXCL with a random name: never clobber a file we did not create.
-    # os.open (unlike mkstemp) lets the umask decide the permissions, as for
-    # any other file the user creates.
+    # A random temporary name the next save sweeps (TEMP_NAME) if this process dies.
     temp = folder / f".ckpt-{step:08d}-{secrets.token_hex(4)}.tmp"
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                     0o666)
-        with os.fdopen(fd, "wb") as stream:
-            np.savez(stream, **payload)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, final)
-        _fsync_folder(folder)
+        write_atomic(final, lambda stream: np.savez(stream, **payload), temporary=temp)
     except OSError as exc:
-        _discard_temp(temp)
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise CheckpointError(f"{final}: could not write checkpoint: {reason}") from exc
-    except BaseException:
-        # Not a disk problem (a bug, Ctrl-C): still leave no temp file behind.
-        _discard_temp(temp)
-        raise
 
     _prune(folder, final, keep)
     return final

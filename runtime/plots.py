@@ -4,8 +4,8 @@ matplotlib is optional (the "plot" extra), so it is imported inside the
 functions that draw. Figures are built with matplotlib's object API on an
 Agg canvas, never through pyplot: no global figure state, no GUI backend,
 and nothing changes for a caller who has pyplot open for their own plots.
-Files are written to a temporary name and renamed, so an interrupted run
-never leaves a half-written PNG where the last good one was.
+Files are written through convc.runtime.atomic, so an interrupted run or a
+full disk never leaves a half-written PNG where the last good one was.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from convc.errors import ConvcError
+from convc.runtime.atomic import write_atomic
 
 
 def _figure(width: float, height: float) -> Any:
@@ -35,16 +36,7 @@ def _figure(width: float, height: float) -> Any:
 def _save_atomically(figure: Any, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a named temporary beside the target (so os.replace is atomic), created with the
-    # usual 0666 & ~umask permissions rather than mkstemp's 0600
-    temporary = str(path.parent / f".{path.name}.{os.getpid()}.tmp")
-    os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
-    try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    write_atomic(path, lambda stream: figure.savefig(stream, format="png"))
     return path
 
 

@@ -35,8 +35,6 @@ import io
 import linecache
 import math
 import os
-import re
-import secrets
 import signal
 import sys
 import threading
@@ -90,7 +88,6 @@ GENERATED_DATA = ("synthetic", "synthetic:digits", "synthetic:shapes", "sklearn-
 LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "seconds")
 OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
-_STALE_TEMP = re.compile(r"^\.(log\.csv|model\.py)\.[0-9a-f]{8}\.tmp$")
 
 
 # ---------------------------------------------------------------------------
@@ -487,26 +484,6 @@ class Progress:
 # ---------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary name and a rename: never half a file.
-
-    os.open with mode 0o666 (not mkstemp's 0o600) lets the umask decide the
-    permissions, as for any other file the user creates.
-    """
-    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
-
-
 def _format_row(row: dict) -> list[str]:
     """A log row as CSV text; floats as repr so they read back bit for bit."""
     val = row.get("val_loss")
@@ -559,36 +536,33 @@ def _model_source(mod) -> str | None:
     return None
 
 
-def _prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool) -> Path:
+def _prepare_out(out: str | os.PathLike, resume: bool, overwrite: bool):
+    """Take the run folder `out`: lock it, check that it is empty or convc's, and (with
+    overwrite and without resume) remove the previous run's files, only those convc wrote.
+    Returns the locked RunFolder (convc.runtime.runfolder)."""
     from convc.runtime.checkpoint import list_checkpoints
+    from convc.runtime.runfolder import open_run_folder
 
-    folder = Path(out)
+    run, previous = open_run_folder(out, OUTPUT_NAMES, overwrite=overwrite,
+                                    version=_convc_version())
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConvcError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
-    if not folder.is_dir():
-        raise ConvcError(f"output folder {folder} is not a folder")
-    if not os.access(folder, os.W_OK):
-        raise ConvcError(f"output folder {folder} is not writable")
-    for entry in folder.iterdir():
-        # Temporary files of _write_atomic that a killed run left behind (checkpoint
-        # temporaries are swept by the next save_checkpoint).
-        if _STALE_TEMP.match(entry.name):
-            entry.unlink(missing_ok=True)
-    old = list_checkpoints(folder)
-    if old and not resume:
-        if not overwrite:
-            raise ConvcError(f"{folder} already holds a training run ({len(old)} checkpoint"
-                             f"{'s' if len(old) != 1 else ''}, newest {old[-1].name}); continue it "
-                             f"with --resume (resume=True), start again with --overwrite "
-                             f"(overwrite=True), or choose another folder")
-        for path in old:
-            path.unlink()
-    if overwrite and not resume:
-        for name in OUTPUT_NAMES:
-            (folder / name).unlink(missing_ok=True)
-    return folder
+        folder = run.path
+        old = list_checkpoints(folder)
+        if old and not resume:
+            if not overwrite:
+                raise ConvcError(f"{folder} already holds a training run ({len(old)} checkpoint"
+                                 f"{'s' if len(old) != 1 else ''}, newest {old[-1].name}); "
+                                 f"continue it with --resume (resume=True), start again with "
+                                 f"--overwrite (overwrite=True), or choose another folder")
+            for path in old:
+                path.unlink()
+        if overwrite and not resume:
+            for name in previous:
+                (folder / name).unlink(missing_ok=True)
+    except BaseException:
+        run.close()
+        raise
+    return run
 
 
 # ---------------------------------------------------------------------------
@@ -700,8 +674,8 @@ class _Trainer:
             self._restore(saved_cfg)
         # Only now, with the settings and the data known to be good, is the
         # folder created (or an old run in it removed, with overwrite=True).
-        if self.out is not None:
-            _prepare_out(self.out, resume, overwrite)
+        self.folder = _prepare_out(self.out, resume, overwrite) if self.out is not None \
+            else None
 
     # ------------------------------------------------------------ setup
     def _fit_batch_size(self) -> None:
@@ -800,7 +774,6 @@ class _Trainer:
                 _note(f"{log}: unreadable ({exc}); starting a new log")
                 rows = []
             self.history = rows
-        self._rewrite_log()
         self.progress.start = self.step
         self.progress.line(f"resuming from {path} (step {self.step}, epoch "
                            f"{self.batches.epoch})")
@@ -814,7 +787,7 @@ class _Trainer:
         writer.writerow(LOG_COLUMNS)
         for row in self.history:
             writer.writerow(_format_row(row))
-        _write_atomic(self.out / LOG_NAME, buffer.getvalue())
+        self.folder.write(LOG_NAME, buffer.getvalue())
 
     def _append_log(self, row: dict) -> None:
         if self.out is None:
@@ -971,12 +944,20 @@ class _Trainer:
 
     # ------------------------------------------------------------ the run
     def run(self) -> TrainResult:
+        """The run, holding the run folder's lock until it ends however it ends."""
+        try:
+            return self._run()
+        finally:
+            if self.folder is not None:
+                self.folder.close()
+
+    def _run(self) -> TrainResult:
         if self.out is not None:
             source = _model_source(self.mod)
             if source is not None:
-                _write_atomic(self.out / "model.py", source)
-            if self.resume_from is None:
-                self._rewrite_log()
+                self.folder.write("model.py", source)
+            # On resume: the log's rows up to the checkpoint's step (see _restore).
+            self._rewrite_log()
         cfg = self.cfg
         what = (f"{self.total} steps" + (f" ({cfg['epochs']} epochs)" if cfg["epochs"] else ""))
         self.progress.line(
@@ -1120,7 +1101,7 @@ class _Trainer:
             losses = [r["loss"] for r in rows]
             vals = [(r["step"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
             result.loss_png = plots.save_loss_png(
-                self.out / "loss.png", steps, losses,
+                self.folder.claim("loss.png"), steps, losses,
                 [s for s, _ in vals] or None, [v for _, v in vals] or None,
                 title=f"{self.model['name']}: training loss")
             xs, ys = (self.data.val_x, self.data.val_y) if self.has_val else \
@@ -1129,7 +1110,7 @@ class _Trainer:
                 self.mod, self.params, xs[:4], ys[:4], patch=self.data.patch,
                 frames_out=self.data.frames_out, backend=self.B)
             result.predictions_png = plots.save_frames_png(
-                self.out / "predictions.png", inputs, targets, preds,
+                self.folder.claim("predictions.png"), inputs, targets, preds,
                 title=f"{self.model['name']} after {self.step} steps "
                       f"({'validation' if self.has_val else 'training'} clips)")
         except (ConvcError, ValueError) as exc:

@@ -236,9 +236,12 @@ def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(cap
 
 def test_resume_with_nothing_to_resume_starts_from_step_zero(capsys, tmp_path):
     """A run killed before its first checkpoint is continued by starting it again."""
+    from convc.runtime.runfolder import open_run_folder
+
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "log.csv").write_text("step,epoch,loss,lr,grad_norm,val_loss,seconds\n1,0,0.6")
+    folder, _ = open_run_folder(out, T.OUTPUT_NAMES, overwrite=False, version="test")
+    folder.write("log.csv", "step,epoch,loss,lr,grad_norm,val_loss,seconds\n1,0,0.6")
+    folder.close()  # the killed run's folder: convc's manifest, half a log, no checkpoint
     code, _, err = run(capsys, "train", SEED, "--steps", "2", "--out", out, "--resume",
                        *TINY_ARGS)
     assert code == 0, err
