@@ -283,7 +283,8 @@ def cmd_predict(args) -> int:
 
     mod = _load(args)
     model = mod.MODEL
-    params, meta, where = load_checkpoint_params(args.checkpoint, model)
+    params, meta, where = load_checkpoint_params(args.checkpoint, model,
+                                                 allow_nonfinite=args.allow_nonfinite)
     run_config = (meta.get("user") or {}).get("config") or {}
     explicit = {"data": args.data, "clips": args.clips, "seed": args.seed}
     if args.clips is None and args.data in GENERATED_DATA:
@@ -457,7 +458,8 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation (defaults: the spec's train block, then built-in)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=_positive_int, metavar="N",
-                        help="optimizer steps (default 200)")
+                        help="optimizer steps (default 200); with --resume, the total the "
+                             "run ends at, not the number of steps to add")
     length.add_argument("--epochs", type=_positive_int, metavar="N", help="passes over the data")
     g.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 8")
     g.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "rmsprop"),
@@ -650,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clips", type=_positive_int, metavar="N",
                    help="sequences to generate (default 8) or keep from a file")
     p.add_argument("--seed", type=_nonneg_int, help="seed of generated data")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="use a checkpoint whose parameters hold NaN or Inf (refused otherwise)")
     _add_backend(p)
 
     p = command("eval", cmd_eval,

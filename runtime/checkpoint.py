@@ -335,3 +335,77 @@ def latest_valid_checkpoint(folder: str | os.PathLike,
             continue
         return path, arrays, meta
     return None
+
+
+# ---------------------------------------------------------------------------
+# What a training run's checkpoint must hold
+# ---------------------------------------------------------------------------
+# A checksum proves that a file is what was written, not who wrote it: a
+# forged file with a recomputed checksum loads. So every field a resume reads
+# is checked here, by type, range and shape, before any of it is used.
+
+def _is_int(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and np.isfinite(value))
+
+
+_POSITION_FIELDS = {"n": 1, "batch_size": 1, "seed": 0, "epoch": 0, "index": 0}
+
+
+def validate_run_meta(path: str | os.PathLike, arrays: dict[str, np.ndarray],
+                      meta: dict[str, Any]) -> None:
+    """Raise CheckpointError naming the first field of a training checkpoint that is
+    missing or malformed (``meta`` and ``arrays`` as ``load_checkpoint`` returns them)."""
+    def bad(field: str, expected: str, value: Any) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        return CheckpointError(f"{path}: metadata field {field} must be {expected}, "
+                               f"got {shown}")
+
+    if not _is_int(meta.get("step")):
+        raise bad("step", "an integer >= 0", meta.get("step"))
+    user = meta.get("user")
+    if not isinstance(user, dict):
+        raise bad("user", "a JSON object", user)
+    if not isinstance(user.get("model"), str):
+        raise bad("user.model", "a model name", user.get("model"))
+    position = user.get("data_position")
+    if not isinstance(position, dict):
+        raise bad("user.data_position", "an object with " + ", ".join(_POSITION_FIELDS),
+                  position)
+    for key, low in _POSITION_FIELDS.items():
+        if not _is_int(position.get(key), low):
+            raise bad(f"user.data_position.{key}", f"an integer >= {low}", position.get(key))
+    if position["index"] > position["n"]:
+        raise bad("user.data_position.index", f"at most n = {position['n']}", position["index"])
+    try:
+        np.random.PCG64().state = user.get("rng")
+    except (TypeError, ValueError, KeyError, OverflowError) as exc:
+        raise bad("user.rng", f"a NumPy PCG64 state ({type(exc).__name__}: {exc})",
+                  user.get("rng")) from None
+    if not _is_number(user.get("seconds", 0.0)) or user.get("seconds", 0.0) < 0:
+        raise bad("user.seconds", "a number of seconds >= 0", user.get("seconds"))
+    if not isinstance(user.get("config", {}), dict):
+        raise bad("user.config", "a JSON object", user.get("config"))
+    for key in ("best_val_loss",):
+        if user.get(key) is not None and not _is_number(user[key]):
+            raise bad(f"user.{key}", "a finite number or null", user[key])
+    for key in ("best_step",):
+        if user.get(key) is not None and not _is_int(user[key]):
+            raise bad(f"user.{key}", "an integer >= 0 or null", user[key])
+    if not _is_int(user.get("bad_validations", 0)):
+        raise bad("user.bad_validations", "an integer >= 0", user.get("bad_validations"))
+    # Counters and scalar schedule state are single numbers; the rest of the
+    # arrays (parameters, optimizer slots, carried states) are checked against
+    # the model's shapes where they are used.
+    for name in sorted(arrays):
+        group, _, entry = name.partition("/")
+        array = arrays[name]
+        if group == "sched" or (group == "optim" and entry == "t"):
+            if array.ndim != 0 or array.dtype.kind not in "iuf" or not np.isfinite(array):
+                raise CheckpointError(f"{path}: array {name} must be one finite number, got "
+                                      f"dtype {array.dtype}, shape {array.shape}")

@@ -718,6 +718,10 @@ class _Trainer:
                     f"is nothing to resume from; move them away, or start again with "
                     f"--overwrite")
             _note(f"{self.out} holds no checkpoint yet: starting the run from step 0")
+        else:
+            from convc.runtime.checkpoint import validate_run_meta
+
+            validate_run_meta(*found)
         return found
 
     def _restore(self, saved_cfg: dict) -> None:
@@ -1117,8 +1121,10 @@ class _Trainer:
             _note(f"skipping the PNGs: {exc}")
 
 
-def check_params(model: dict, params: dict, where: str) -> None:
-    """Raise CheckpointError unless `params` has exactly the model's names and shapes."""
+def check_params(model: dict, params: dict, where: str, allow_nonfinite: bool = False) -> None:
+    """Raise CheckpointError unless `params` has exactly the model's names and shapes,
+    and (unless `allow_nonfinite`) only finite values: a checksum proves a file is what
+    was written, not that what was written is usable."""
     specs = model["params"]
     missing = sorted(set(specs) - set(params))
     extra = sorted(set(params) - set(specs))
@@ -1130,9 +1136,16 @@ def check_params(model: dict, params: dict, where: str) -> None:
             raise CheckpointError(f"{where}: parameter {name} has shape "
                                   f"{tuple(params[name].shape)}, model {model['name']} "
                                   f"needs {tuple(specs[name]['shape'])}")
+        value = params[name]
+        if not allow_nonfinite and isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            if bad:
+                raise CheckpointError(f"{where}: parameter {name} has {bad} non-finite "
+                                      f"value{'s' if bad != 1 else ''} (NaN or Inf); refusing "
+                                      f"to use it (--allow-nonfinite loads it anyway)")
 
 
-def load_checkpoint_params(path: str | os.PathLike, model: dict
+def load_checkpoint_params(path: str | os.PathLike, model: dict, allow_nonfinite: bool = False
                            ) -> tuple[dict, dict, Path]:
     """(params, metadata, file) from a checkpoint file or a run folder (its newest valid one)."""
     from convc.runtime.checkpoint import latest_valid_checkpoint, load_checkpoint
@@ -1151,7 +1164,7 @@ def load_checkpoint_params(path: str | os.PathLike, model: dict
                               f"not {model['name']!r}")
     params = {key.partition("/")[2]: arrays[key] for key in sorted(arrays)
               if key.startswith("param/")}
-    check_params(model, params, str(path))
+    check_params(model, params, str(path), allow_nonfinite=allow_nonfinite)
     return params, meta, path
 
 

@@ -3,6 +3,8 @@
 import errno
 import os
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -297,3 +299,95 @@ def test_cupy_arrays_are_saved_as_numpy(tmp_path):
     arrays, _ = load_checkpoint(path)
     assert isinstance(arrays["param/w"], np.ndarray)
     assert arrays["param/w"].tolist() == list(range(6))
+
+
+# ---------------------------------------------------------------------------
+# Forged checkpoints: a valid checksum over bad contents
+# ---------------------------------------------------------------------------
+
+SEED_SPEC = Path(__file__).resolve().parent.parent / "examples" / "seed.cell"
+
+
+def _forge(src, dst, edit_meta=None, edit_arrays=None):
+    """Rewrite checkpoint src as dst with edited contents and a recomputed checksum."""
+    import json
+
+    arrays, meta = load_checkpoint(src)
+    meta.pop("checksum")
+    if edit_meta:
+        edit_meta(meta)
+    if edit_arrays:
+        edit_arrays(arrays)
+    meta["checksum"] = ckpt._checksum(arrays, meta)
+    payload = dict(arrays)
+    payload[ckpt.META_KEY] = np.frombuffer(ckpt._canonical_json(meta).encode(), dtype=np.uint8)
+    with open(dst, "wb") as stream:
+        np.savez(stream, **payload)
+
+
+@pytest.fixture(scope="module")
+def seed_run(tmp_path_factory):
+    from convc.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "seed"
+    assert main(["train", str(SEED_SPEC), "--steps", "2", "--clips", "8", "--out", str(out),
+                 "-q"]) == 0
+    return out
+
+
+def _set(path, value):
+    def edit(meta):
+        target = meta
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = value
+    return edit
+
+
+FORGERIES = {
+    "rng": (_set(("user", "rng"), {"bit_generator": "PCG64", "state": "garbage"}), None,
+            "user.rng"),
+    "data_position": (_set(("user", "data_position"), None), None, "user.data_position"),
+    "user_list": (_set(("user",), [1, 2]), None, "user"),
+    "seconds": (_set(("user", "seconds"), "ten"), None, "user.seconds"),
+    "schedule_2d": (None, lambda a: a.update({"sched/last_step": np.zeros((2, 2))}),
+                    "sched/last_step"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FORGERIES))
+def test_forged_checkpoint_is_refused_on_resume(seed_run, tmp_path, capsys, case):
+    import shutil
+
+    from convc.cli import main
+
+    edit_meta, edit_arrays, field = FORGERIES[case]
+    run = tmp_path / "run"
+    shutil.copytree(seed_run, run)
+    for old in list_checkpoints(run):
+        _forge(old, old, edit_meta, edit_arrays)
+    capsys.readouterr()
+    code = main(["train", str(SEED_SPEC), "--steps", "3", "--clips", "8", "--out", str(run),
+                 "--resume", "-q"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert field in err and "Traceback" not in err
+
+
+def test_nan_weights_are_refused_by_predict_unless_allowed(seed_run, tmp_path, capsys):
+    from convc.cli import main
+
+    src = list_checkpoints(seed_run)[-1]
+    forged = tmp_path / src.name
+
+    def poison(arrays):
+        name = sorted(k for k in arrays if k.startswith("param/"))[0]
+        arrays[name] = np.full_like(arrays[name], np.nan)
+    _forge(src, forged, edit_arrays=poison)
+    argv = ["predict", str(SEED_SPEC), "--checkpoint", str(forged), "--data", "synthetic",
+            "--clips", "2", "--out", str(tmp_path / "p")]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "non-finite" in err and "parameter " in err and "Traceback" not in err
+    assert main(argv + ["--allow-nonfinite"]) == 0
