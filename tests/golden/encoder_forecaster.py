@@ -346,7 +346,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     fc2_b_g_c = fc2_b_g.reshape((8, 1, 1))
     # std.cell:24  weight b_o = bias(hidden)
     fc2_b_o_c = fc2_b_o.reshape((8, 1, 1))
-    # encoder_forecaster.cell:21  weight b_out = bias(1)
+    # encoder_forecaster.cell:22  weight b_out = bias(1)
     b_out_c = b_out.reshape((1, 1, 1))
 
     # inputs
@@ -614,7 +614,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     del conv_5  # not read again: let its memory go
 
     # after the loop, all steps at once (loop1)
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
     conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
@@ -710,7 +710,7 @@ def loss(params, inputs, targets, state=None, backend=None):
     fc2_b_g_c = fc2_b_g.reshape((8, 1, 1))
     # std.cell:24  weight b_o = bias(hidden)
     fc2_b_o_c = fc2_b_o.reshape((8, 1, 1))
-    # encoder_forecaster.cell:21  weight b_out = bias(1)
+    # encoder_forecaster.cell:22  weight b_out = bias(1)
     b_out_c = b_out.reshape((1, 1, 1))
 
     # inputs
@@ -978,11 +978,11 @@ def loss(params, inputs, targets, state=None, backend=None):
     del conv_5  # not read again: let its memory go
 
     # after the loop, all steps at once (loop1)
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
     conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
-    # encoder_forecaster.cell:24  loss bce(pred, y)
+    # encoder_forecaster.cell:25  loss bce(pred, y)
     loss = rt.bce_logits(add_36, y, steps='all')
     del add_36, concat, conv_7  # not read again: let its memory go
 
@@ -1084,9 +1084,9 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     fc2_b_g_c = fc2_b_g.reshape((8, 1, 1))
     # std.cell:24  weight b_o = bias(hidden)
     fc2_b_o_c = fc2_b_o.reshape((8, 1, 1))
-    # encoder_forecaster.cell:21  weight b_out = bias(1)
+    # encoder_forecaster.cell:22  weight b_out = bias(1)
     b_out_c = b_out.reshape((1, 1, 1))
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     W_out_0_8 = W_out[:, 0:8]
     W_out_8_16 = W_out[:, 8:16]
 
@@ -1379,24 +1379,24 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     del conv_5  # not read again: let its memory go
 
     # after the loop, all steps at once (loop1)
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     concat = rt.concat([h_fc1_buf[1:], h_fc2_buf[1:]], out=rt.empty(xp, (T_y, N, 16, 16, 16), dtype, at=(arena_y, 0 * T_y * N)))
     conv_7 = rt.conv2d(B, concat, W_out, (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 1, 16, 16), dtype, at=(arena_y, 4096 * T_y * N)))
     add_36 = xp.add(conv_7, b_out_c, out=conv_7)  # in place: conv_7 is not read again
     pred = rt.sigmoid(add_36)
-    # encoder_forecaster.cell:24  loss bce(pred, y)
+    # encoder_forecaster.cell:25  loss bce(pred, y)
     loss = rt.bce_logits(add_36, y, steps='all')
     del conv_7  # not read again: let its memory go
 
     # backward, before the loop, all steps at once (loop1)
-    # encoder_forecaster.cell:24  loss bce(pred, y)
+    # encoder_forecaster.cell:25  loss bce(pred, y)
     dadd_36 = rt.bce_logits_grad(add_36, y, steps='all')
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     db_out_c = rt.sum_to(dadd_36, (1, 1, 1), batched=False)
     dW_out = rt.conv2d_grad_weight(B, concat, dadd_36, (1, 16, 1, 1), (1, 1), (0, 0), (1, 1))
-    # encoder_forecaster.cell:21  weight b_out = bias(1)
+    # encoder_forecaster.cell:22  weight b_out = bias(1)
     db_out = db_out_c.reshape((1,))
-    # encoder_forecaster.cell:22  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
+    # encoder_forecaster.cell:23  pred = sigmoid(conv(concat(g1, g2), W_out) + b_out)
     d_slice = rt.conv2d_grad_input(B, dadd_36, W_out_0_8, (8, 16, 16), (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 28672 * T_y * N)))
     d_slice_1 = rt.conv2d_grad_input(B, dadd_36, W_out_8_16, (8, 16, 16), (1, 1), (0, 0), (1, 1), out=rt.empty(xp, (T_y, N, 8, 16, 16), dtype, at=(arena_y, 30720 * T_y * N)))
     del add_36, concat, dadd_36  # not read again: let its memory go
