@@ -34,9 +34,9 @@ from .diagnostics import SOURCES, CellError, Diagnostic, Loc, normal_text, split
 MAX_DEPTH = 120
 
 # The largest spec read (E002), checked before it is read: parsing keeps the whole
-# token stream and tree, about 50 bytes per byte of text, so 1 MiB parses in well
-# under a second and 60 MB of memory, while a 50 MB file would need gigabytes.
-# The examples and the standard library are a few KiB each.
+# tree and then the AST, 150 to 350 bytes of memory per byte of text (a 1 MB spec of
+# examples/seed.cell copies: 143 MiB, 9 s on one slow core), so a 50 MB file would
+# need gigabytes. The examples and the standard library are a few KiB each.
 MAX_FILE_BYTES = 1 << 20
 MAX_PROGRAM_BYTES = 8 << 20  # one file with everything it imports
 
