@@ -98,9 +98,9 @@ def _emits(text: str) -> list[str]:
 
 def cmd_check(args) -> int:
     from convc.compiler.driver import check
-    from convc.spec.diagnostics import CellError, format_diagnostics, summary_line
+    from convc.spec.diagnostics import CellError, format_diagnostics, printable, summary_line
 
-    _require_file(args.file)
+    # a missing or unreadable file is diagnostic E001, in the form asked for, as any other
     try:
         diags = check(args.file, model=args.model)
     except CellError as exc:
@@ -115,7 +115,7 @@ def cmd_check(args) -> int:
     if diags:
         body = format_diagnostics(diags)
         print(body.rsplit("\n", 1)[0], file=sys.stderr)  # the summary line goes below
-    print(f"{args.file}: ok ({summary_line(diags)})")
+    print(f"{printable(args.file)}: ok ({summary_line(diags)})")
     return 0
 
 
@@ -188,21 +188,25 @@ def cmd_fmt(args) -> int:
             raise ConvcError("convc fmt is not available in this build "
                              "(convc.spec.format is missing)") from None
         raise
-    path = _require_file(args.file)
-    text = path.read_text(encoding="utf-8")
+    from convc.spec.diagnostics import printable
+    from convc.spec.parser import read_spec
+
+    path = Path(args.file)
+    text = read_spec(path)  # E001 / E002 as `check` reports them
     formatted = format_source(text, args.file)
+    name = printable(args.file)
     if args.check:
         if formatted != text:
-            print(f"{args.file}: would reformat", file=sys.stderr)
+            print(f"{name}: would reformat", file=sys.stderr)
             return 1
-        print(f"{args.file}: already formatted")
+        print(f"{name}: already formatted")
         return 0
     if args.write:
         if formatted != text:
             _write(path, formatted)
-            print(f"reformatted {args.file}")
+            print(f"reformatted {name}")
         else:
-            print(f"{args.file}: already formatted")
+            print(f"{name}: already formatted")
         return 0
     sys.stdout.write(formatted)
     return 0

@@ -31,6 +31,49 @@ class Loc:
 NOWHERE = Loc("<builtin>", 0, 0)
 
 
+def normal_text(text: str) -> str:
+    """A spec's text as every stage sees it: no byte-order mark, and every line ending
+    (`\\r\\n`, a lone `\\r`) written `\\n`, as Python's universal newlines read a file.
+
+    After this, `\\n` is the only line break: Lark counts lines by it, and
+    `split_lines` cuts by it, so a form feed or a U+2028 (which `str.splitlines`
+    also breaks at) stays inside its line everywhere.
+    """
+    if text.startswith("\ufeff"):  # editors on Windows write one; no column counts it
+        text = text[1:]
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a spec, numbered as locations number them (cut at `\\n` only)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the text ends in a newline: no empty line after it
+    return lines
+
+
+def printable(text: str) -> str:
+    """`text` with every character a terminal could act on written as an escape.
+
+    ESC, BEL, NUL, a carriage return, bidirectional overrides, ... become `\\x1b`,
+    `\\u202e`, so a spec (or a file name) cannot move the cursor, recolour the
+    output or draw lines of its own. Tabs are kept (carets line up under them);
+    printable non-ASCII letters are kept.
+    """
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\t" else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    n = ord(ch)
+    if n < 0x100:
+        return f"\\x{n:02x}"
+    if n < 0x10000:
+        return f"\\u{n:04x}"
+    return f"\\U{n:08x}"
+
+
 class SourceCache:
     """Text of every source file read in this run, so diagnostics can quote it."""
 
@@ -44,10 +87,11 @@ class SourceCache:
         return self._text.get(name)
 
     def line(self, name: str, lineno: int) -> str | None:
+        """Line `lineno` of a file, counted as `Loc` counts it (see `split_lines`)."""
         text = self._text.get(name)
         if text is None or lineno < 1:
             return None
-        lines = text.splitlines()
+        lines = split_lines(text)
         return lines[lineno - 1] if lineno <= len(lines) else None
 
 
@@ -65,28 +109,38 @@ class Diagnostic:
     notes: tuple[str, ...] = ()
 
     def format(self) -> str:
-        out = [f"{self.loc}: {self.severity}[{self.code}]: {self.message}"]
+        """The text form; whatever came from a file or its name goes through `printable`."""
+        out = [printable(f"{self.loc}: {self.severity}[{self.code}]: {self.message}")]
         src = SOURCES.line(self.loc.file, self.loc.line)
         if src is not None:
-            out.append("    " + src.rstrip("\n"))
+            out.append("    " + printable(src))
             col = max(self.loc.col, 1)
             width = 1
             if self.loc.end_col and self.loc.end_col > col:
                 width = self.loc.end_col - col
-            # keep tabs so the caret lines up under a tab-indented line
-            pad = "".join(ch if ch == "\t" else " " for ch in src[:col - 1])
+            # the caret goes under the escaped text: each character before it takes
+            # the columns its printed form takes (tabs are kept so tab indents line up)
+            pad = "".join(ch if ch == "\t" else " " * len(printable(ch))
+                          for ch in src[:col - 1])
+            width = max(len(printable(src[col - 1:col - 1 + width])), 1)
             out.append("    " + pad + "^" + "~" * (width - 1))
         for note in self.notes:
-            out.append(f"    note: {note}")
+            out.append(printable(f"    note: {note}"))
         return "\n".join(out)
 
     def to_json(self) -> dict:
-        """Everything the text form shows: the place, the message, the quoted source line."""
-        return dict(severity=self.severity, code=self.code, message=self.message,
-                    file=self.loc.file, line=self.loc.line, column=self.loc.col,
+        """Everything the text form shows: the place, the message, the quoted source line.
+
+        Strings are escaped as in the text form (`printable`), so a tool that prints
+        them prints no control characters; `line` and `column` count the file's own
+        characters.
+        """
+        src = SOURCES.line(self.loc.file, self.loc.line)
+        return dict(severity=self.severity, code=self.code, message=printable(self.message),
+                    file=printable(self.loc.file), line=self.loc.line, column=self.loc.col,
                     end_column=self.loc.end_col,
-                    source=SOURCES.line(self.loc.file, self.loc.line),
-                    notes=list(self.notes))
+                    source=None if src is None else printable(src),
+                    notes=[printable(n) for n in self.notes])
 
 
 class CellError(ConvcError):

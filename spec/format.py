@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ast as A
-from .parser import parse, tokens
+from .diagnostics import normal_text, split_lines
+from .parser import parse, read_spec, tokens
 
 INDENT = "    "
 MAX_ALIGN_PAD = 30  # trailing comments are not aligned across lines differing more in length
@@ -45,8 +46,11 @@ class Formatted:
 
 
 def format_source(text: str, file: str = "<string>") -> str:
-    """The canonical form of `text` (raises CellError when it does not parse)."""
-    text = text.replace("\r\n", "\n")
+    """The canonical form of `text` (raises CellError when it does not parse).
+
+    It is UTF-8 text with `\\n` line ends and no byte-order mark (see normal_text).
+    """
+    text = normal_text(text)
     module = parse(text, file)
     printer = _Printer(text, _comments(text))
     printer.module(module)
@@ -56,7 +60,7 @@ def format_source(text: str, file: str = "<string>") -> str:
 def format_file(path, write: bool = False, check: bool = False) -> Formatted:
     """Format one file. With `write`, rewrite it when it changes (never with `check`)."""
     p = Path(path)
-    original = p.read_text(encoding="utf-8")
+    original = read_spec(p)
     text = format_source(original, str(path))
     changed = text != original
     if write and changed and not check:
@@ -163,7 +167,7 @@ def _indent(line: str) -> int:
 
 class _Printer:
     def __init__(self, text: str, comments: list[_Comment]):
-        self.src = text.splitlines()
+        self.src = split_lines(text)
         self.comments = comments
         self.next_comment = 0
         self.out: list[str] = []

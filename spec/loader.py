@@ -3,6 +3,12 @@
 `import std` finds `std.cell` in the standard library shipped with convc
 (spec/stdlib/); `import "layers.cell"` is a path relative to the importing
 file. Imports are loaded once each; a cycle is an error naming the chain.
+
+A spec may come from someone else, so what an import can reach is narrow
+(docs/language.md, Imports): a relative path, to a regular file whose name,
+also after following links, ends in `.cell`, outside /proc, /sys and /dev.
+Anything else is refused before it is opened, so no error message can quote
+a file that is not a spec.
 """
 from __future__ import annotations
 
@@ -14,7 +20,10 @@ from pathlib import Path
 
 from . import ast as A
 from .diagnostics import SOURCES, CellError, Diagnostic, Loc, Reporter
-from .parser import parse
+from .parser import MAX_PROGRAM_BYTES, parse, read_spec
+
+# what the system shows as files but are not: reading them may leak or never end
+_SYSTEM_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
 
 
 def stdlib_dir() -> Path:
@@ -76,9 +85,20 @@ def _resolve(imp: A.Import, importer: Path) -> Path | None:
             p = importer.parent / imp.target
         else:
             p = stdlib_dir() / f"{imp.target}.cell"
-        return p.resolve() if p.is_file() else None
+        return p.resolve() if p.exists() else None
     except (OSError, ValueError):  # a name the OS refuses: too long, a NUL byte, ...
         return None
+
+
+def _refused(imp: A.Import, target: Path) -> str | None:
+    """Why a spec may not import the file `target` (resolved, links followed), or None."""
+    if any(target.is_relative_to(d) for d in _SYSTEM_DIRS):
+        return f"{target} is a system file, not a spec"
+    if not target.is_file():  # a folder, a pipe or a device: reading it may never end
+        return f"{_display(target)} is not a regular file"
+    if imp.is_path and (target.suffix != ".cell" or not imp.target.endswith(".cell")):
+        return f"{_display(target)} is not a .cell file"
+    return None
 
 
 def _not_found(imp: A.Import, importer: Path) -> str:
@@ -99,12 +119,24 @@ def _not_found(imp: A.Import, importer: Path) -> str:
     return msg
 
 
-def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[str]) -> None:
+def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[str],
+          size: list[int] | None = None) -> None:
+    """Load what `mod` imports; `size` counts the bytes of text read so far, over all files."""
     prog.modules[str(path)] = mod
+    if size is None:
+        size = [len((SOURCES.text(mod.file) or "").encode("utf-8", "surrogatepass"))]
     for imp in mod.imports:
+        if imp.is_path and Path(imp.target).is_absolute():
+            rep.error("E230", f"cannot import {imp.target!r}: an import names a file "
+                      "relative to the importing file, not an absolute path", imp.loc)
+            continue
         target = _resolve(imp, path)
         if target is None:
             rep.error("E230", _not_found(imp, path), imp.loc)
+            continue
+        why = _refused(imp, target)
+        if why is not None:
+            rep.error("E230", f"cannot import {imp.target!r}: {why}", imp.loc)
             continue
         key = str(target)
         if key in stack:
@@ -114,17 +146,24 @@ def _load(mod: A.Module, path: Path, prog: Program, rep: Reporter, stack: list[s
         if key in prog.modules:
             continue
         try:
-            text = target.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            rep.error("E230", f"cannot import {imp.target!r}: cannot read {_display(target)} "
-                      f"({e.__class__.__name__})", imp.loc)
+            text = read_spec(target)
+        except CellError as e:
+            (d,) = e.diagnostics
+            rep.error("E230" if d.code == "E001" else d.code,
+                      f"cannot import {imp.target!r}: {d.message}", imp.loc)
             continue
+        size[0] += len(text.encode("utf-8", "surrogatepass"))
+        if size[0] > MAX_PROGRAM_BYTES:
+            rep.error("E002", f"cannot import {imp.target!r}: a spec with its imports may have "
+                      f"at most {MAX_PROGRAM_BYTES} bytes ({MAX_PROGRAM_BYTES >> 20} MiB)",
+                      imp.loc)
+            return
         try:
             child = _parse_import(text, _display(target))
         except CellError as e:
             rep.diagnostics.extend(e.diagnostics)
             continue
-        _load(child, target, prog, rep, stack + [key])
+        _load(child, target, prog, rep, stack + [key], size)
 
 
 @lru_cache(maxsize=64)

@@ -27,11 +27,18 @@ from lark import Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
 
 from . import ast as A
-from .diagnostics import SOURCES, CellError, Diagnostic, Loc
+from .diagnostics import SOURCES, CellError, Diagnostic, Loc, normal_text, split_lines
 
 # Deeper expressions are refused with E112: the Transformer and the compiler
 # walk expressions recursively, and this keeps them far from Python's limit.
 MAX_DEPTH = 120
+
+# The largest spec read (E002), checked before it is read: parsing keeps the whole
+# tree and then the AST, 150 to 350 bytes of memory per byte of text (a 1 MB spec of
+# examples/seed.cell copies: 143 MiB, 9 s on one slow core), so a 50 MB file would
+# need gigabytes. The examples and the standard library are a few KiB each.
+MAX_FILE_BYTES = 1 << 20
+MAX_PROGRAM_BYTES = 8 << 20  # one file with everything it imports
 
 KEYWORDS = ("cell", "model", "import", "input", "target", "state", "weight", "output",
             "loss", "train", "if", "else", "true", "false")
@@ -483,7 +490,7 @@ def _pretty(term: str) -> str:
 
 
 def _end_loc(text: str, file: str) -> Loc:
-    lines = text.splitlines() or [""]
+    lines = split_lines(text) or [""]
     return Loc(file, len(lines), len(lines[-1]) + 1)
 
 
@@ -714,7 +721,10 @@ def _parse_items(text: str, file: str) -> list:
 
 def parse(text: str, file: str = "<string>") -> A.Module:
     """Parse one file's text; raises CellError listing every syntax error found."""
-    text = text.replace("\r\n", "\n")  # Windows line ends: no stray \r in docstrings
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_BYTES:
+        raise CellError([_too_large(file, size)])
+    text = normal_text(text)  # a BOM, Windows line ends: see normal_text
     SOURCES.add(file, text)
     try:
         return A.Module(file, tuple(_parse_items(text, file)))
@@ -744,14 +754,51 @@ def _recover(text: str, file: str, first: UnexpectedInput) -> list[Diagnostic]:
     return diags or [_syntax_diagnostic(first, text, file)]
 
 
-def parse_file(path) -> A.Module:
+def _too_large(file: str, size: int) -> Diagnostic:
+    return Diagnostic("error", "E002", f"{file} is {size} bytes; a spec file may have at most "
+                      f"{MAX_FILE_BYTES} bytes (1 MiB)", Loc(file, 0, 0))
+
+
+def read_spec(path) -> str:
+    """The text of a spec file (`normal_text`), or CellError: E001 when it is missing,
+    not a regular file, unreadable or not UTF-8 text, E002 when it is too large.
+
+    Its size is checked before it is read, and at most one byte more than the limit
+    is read, so neither a huge file nor one whose size the system does not report
+    (a pipe, /proc) is ever held in memory. The messages quote nothing from it.
+    """
     p = Path(path)
+
+    def error(code: str, message: str) -> CellError:
+        return CellError([Diagnostic("error", code, message, Loc(str(p), 0, 0))])
+
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CellError([Diagnostic("error", "E001", f"no such file: {p}",
-                                    Loc(str(p), 0, 0))]) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise CellError([Diagnostic("error", "E001", f"cannot read {p}: {e}",
-                                    Loc(str(p), 0, 0))]) from None
-    return parse(text, str(path))
+        if not p.exists():
+            raise error("E001", f"no such file: {p}")
+        if not p.is_file():  # a folder, a pipe or a device: reading it may never end
+            raise error("E001", f"not a regular file: {p}")
+        with p.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise error("E001", f"cannot read {p}: {e.strerror or e.__class__.__name__}") from None
+    except ValueError:  # a NUL byte in the name
+        raise error("E001", f"no such file: {p}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise CellError([_too_large(str(p), max(len(data), _size(p)))])
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise error("E001", f"cannot read {p}: not UTF-8 text (byte 0x{data[e.start]:02x} "
+                    f"at offset {e.start})") from None
+    return normal_text(text)
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
+def parse_file(path) -> A.Module:
+    return parse(read_spec(path), str(path))

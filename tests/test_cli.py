@@ -202,7 +202,7 @@ def test_doctor_runs(capsys):
     assert code == 0 and "numpy" in out and "python" in out
 
 
-@pytest.mark.parametrize("command", ["check", "compile", "summary", "train", "gradcheck"])
+@pytest.mark.parametrize("command", ["compile", "summary", "train", "gradcheck"])
 def test_missing_file_is_a_one_line_error(capsys, tmp_path, command):
     missing = str(tmp_path / "nope.cell")
     code, _, err = run(capsys, command, missing)
@@ -235,3 +235,39 @@ def test_console_script_and_module_entry_points(tmp_path):
     result = subprocess.run([sys.executable, "-m", "convc", "check", SEED],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "ok" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["check", "fmt"])
+def test_check_and_fmt_report_a_missing_file_as_e001(capsys, tmp_path, command):
+    missing = str(tmp_path / "nope.cell")
+    code, out, err = run(capsys, command, missing)
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"{missing}: error[E001]: no such file: {missing}", "1 error"]
+
+
+def test_check_json_reports_a_missing_file_on_stdout(capsys, tmp_path):
+    missing = str(tmp_path / "nope.cell")
+    code, out, _ = run(capsys, "check", missing, "--diagnostics-format", "json")
+    report = json.loads(out)
+    assert code == 1 and report["errors"] == 1
+    (d,) = report["diagnostics"]
+    assert (d["code"], d["file"], d["line"]) == ("E001", missing, 0)
+
+
+def test_fmt_of_a_file_that_is_not_utf8_is_e001_as_check_says(capsys, tmp_path):
+    bad = tmp_path / "latin1.cell"
+    bad.write_bytes(b"# caf\xe9\ncell A() {\n    input x\n    output x\n}\n")
+    answers = []
+    for command in ("check", "fmt"):
+        code, out, err = run(capsys, command, str(bad))
+        answers.append((code, err))
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 1 and "error[E001]" in answers[0][1] and "not UTF-8" in answers[0][1]
+
+
+def test_check_escapes_control_bytes_in_the_file_name(capsys, tmp_path):
+    name = tmp_path / "a\x1b[31m\x07.cell"
+    name.write_text(Path(SEED).read_text())
+    code, out, _ = run(capsys, "check", str(name))
+    assert code == 0 and "\x1b" not in out and "\x07" not in out
+    assert "a\\x1b[31m\\x07.cell: ok" in out

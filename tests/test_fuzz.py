@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 
 from convc.compiler.driver import check
-from convc.spec.diagnostics import CellError
+from convc.spec.diagnostics import CellError, format_diagnostics
 from convc.spec.parser import KEYWORDS, lark_parser, tokens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,6 +88,9 @@ def front_end(text: str) -> None:
         assert d.loc.line >= 1, d
         assert d.code[:1] in "EW" and d.code[1:].isdigit(), d
         assert d.format()
+    # nothing from the spec reaches a terminal raw, in either form
+    for printed in (format_diagnostics(diags), format_diagnostics(diags, "json")):
+        assert all(ch.isprintable() or ch in "\n\t" for ch in printed), printed
 
 
 # ---------------------------------------------------------------- (a) the grammar
@@ -135,6 +138,10 @@ _INSERTS = ["(", ")", "{", "}", "[", "]", ",", "=", "-", "h[t-1]", "[t-2]", "x[t
             "x =", "W =", "n =", ", init = x", ", steps = y", ", padding = 0", '-"s"',
             "uniform()", "(1, 2)", "1 / 0", "-true", "h[t]", "split(x, 2)"]
 _CHARS = list("(){}[],=+-*/:;\"'#@\n\t 0123456789.abcxyzt_")
+# bytes a hostile spec could use on a terminal or a line counter (issue 21): escape,
+# bell, NUL, carriage return, form feed, C1 CSI, a bidi override, a BOM, U+2028
+_CONTROL = list("\x1b\x07\x00\r\x0c\x9b\u202e\ufeff\u2028\x7f")
+_CHARS += _CONTROL
 
 
 @st.composite
@@ -193,6 +200,19 @@ def _mutate(text: str, kind: str, draw) -> str:
 @given(mutants())
 def test_mutated_specs(fuzz_counter, text):
     fuzz_counter["mutation"] += 1
+    front_end(text)
+
+
+@settings(max_examples=examples(0.5), **SETTINGS)
+@given(st.sampled_from(SEED_TEXTS), st.lists(st.tuples(st.integers(0, 10 ** 6),
+                                                      st.sampled_from(_CONTROL)),
+                                            min_size=1, max_size=4))
+def test_control_characters_anywhere(fuzz_counter, text, inserts):
+    """Control characters typed anywhere: located diagnostics, all printed escaped."""
+    fuzz_counter["control"] += 1
+    for pos, ch in inserts:
+        pos %= len(text) + 1
+        text = text[:pos] + ch + text[pos:]
     front_end(text)
 
 

@@ -15,7 +15,7 @@ from convc.spec import ast as A
 from convc.spec.diagnostics import CellError, format_diagnostics
 from convc.spec.format import format_source
 from convc.spec.loader import load_program, stdlib_dir
-from convc.spec.parser import parse
+from convc.spec.parser import MAX_FILE_BYTES, parse
 from test_fuzz import UNUSED_INPUT_BUG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -223,12 +223,16 @@ def test_doc_error_examples_are_what_convc_prints(tmp_path: Path, monkeypatch):
         if kind == "cell" and file is not None:
             pending[file] = body
             continue
-        if kind not in ("text", "json") or not (pending or body.startswith("missing.cell:")):
+        if kind not in ("text", "json") or not (pending or body.startswith(("missing.cell:",
+                                                                           "big.cell:"))):
             continue
         for f in tmp_path.glob("*.cell"):
             f.unlink()
         for name, text in pending.items():
             (tmp_path / name).write_text(text)
+        if body.startswith("big.cell:"):  # E002: a file one byte over the limit
+            (tmp_path / "big.cell").write_text("#" * MAX_FILE_BYTES + "\n")
+            pending = {"big.cell": ""}
         root = next(iter(pending), "missing.cell")
         # W002's example would also crash the compiler (see tests/test_fuzz.py)
         lower = not (UNUSED_INPUT_BUG and "W002" in body)
