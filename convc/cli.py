@@ -73,13 +73,16 @@ def _print_warnings(warnings) -> None:
             print(text, file=sys.stderr)
 
 
-def _write(path: Path, text: str) -> None:
-    try:
-        if path.parent != Path(""):
-            path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise ConvcError(f"cannot write {path}: {exc.strerror or exc}") from None
+def _inputs(mod) -> tuple[str, ...]:
+    """The files a compile read: the spec and everything it imports."""
+    return (mod.spec_path, *mod.compiled.program.modules)
+
+
+def _write(path: Path, content, mod) -> None:
+    """Write an output the user named, never over the spec, its imports or any .cell file."""
+    from convc.runtime.atomic import write_output
+
+    write_output(path, content, protected=_inputs(mod))
 
 
 def _emits(text: str) -> list[str]:
@@ -129,14 +132,14 @@ def cmd_compile(args) -> int:
                 print(f"# ---- {kind} ----")
             sys.stdout.write(texts[kind])
     elif len(args.emit) == 1:
-        _write(Path(args.output), texts[args.emit[0]])
+        _write(Path(args.output), texts[args.emit[0]], mod)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         out = Path(args.output)
         stem = out.with_suffix("") if out.suffix else out
         for kind in args.emit:
             path = stem.with_name(f"{stem.name}.{kind}")
-            _write(path, texts[kind])
+            _write(path, texts[kind], mod)
             print(f"wrote {path}", file=sys.stderr)
     if args.recompute:
         sys.stderr.write(_recompute_report(args, mod, 10, 1))
@@ -162,17 +165,20 @@ def cmd_graph(args) -> int:
     out = Path(args.output)
     kind = out.suffix.lower().lstrip(".")
     if kind in ("dot", "gv"):
-        _write(out, dot)
+        _write(out, dot, mod)
     elif kind in ("svg", "png", "pdf"):
         exe = shutil.which("dot")
         if exe is None:
             raise ConvcError(f"drawing {out.name} needs Graphviz's `dot` program, which is not "
                              f"on PATH; install Graphviz, or write DOT with -o "
                              f"{out.with_suffix('.dot')}")
-        result = subprocess.run([exe, f"-T{kind}", "-o", str(out)], input=dot, text=True,
+        # dot draws to a pipe; the picture is then written as every output is
+        result = subprocess.run([exe, f"-T{kind}"], input=dot.encode("utf-8"),
                                 capture_output=True)
         if result.returncode != 0:
-            raise ConvcError(f"dot failed drawing {out}: {result.stderr.strip()}")
+            raise ConvcError(f"dot failed drawing {out}: "
+                             f"{result.stderr.decode('utf-8', 'replace').strip()}")
+        _write(out, result.stdout, mod)
     else:
         raise ConvcError(f"{out}: unknown graph format {out.suffix or '(none)'}; use .dot, "
                          f".svg, .png or .pdf")
@@ -203,7 +209,13 @@ def cmd_fmt(args) -> int:
         return 0
     if args.write:
         if formatted != text:
-            _write(path, formatted)
+            from convc.runtime.atomic import write_atomic
+
+            try:  # the old text or the new one survives a crash or a full disk, never half
+                write_atomic(path, formatted)
+            except OSError as exc:
+                raise ConvcError(f"cannot write {path}: {exc.strerror or exc}; "
+                                 f"{name} is unchanged") from None
             print(f"reformatted {name}")
         else:
             print(f"{name}: already formatted")
@@ -319,7 +331,13 @@ def cmd_predict(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConvcError(f"cannot create {out}: {exc.strerror or exc}") from None
-    np.save(out / "predictions.npy", preds)
+    from convc.runtime.atomic import write_atomic
+
+    try:
+        write_atomic(out / "predictions.npy", lambda stream: np.save(stream, preds))
+    except OSError as exc:
+        raise ConvcError(f"cannot write {out / 'predictions.npy'}: "
+                         f"{exc.strerror or exc}") from None
     what = (f"{preds.shape[1]} frames after {fi} input frames" if forecast else
             f"the next frame at each of {fi} steps")
     print(f"predicted {what} for {len(preds)} sequences with {where} (step {meta.get('step')})")

@@ -103,3 +103,44 @@ def write_atomic(path: str | os.PathLike, content: Content, *,
         raise
     fsync_folder(path.parent)
     return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether a and b name one file: the same path after links, or the same inode."""
+    if Path(os.path.realpath(a)) == Path(os.path.realpath(b)):
+        return True
+    try:
+        return os.path.samefile(a, b)  # a hard link
+    except OSError:
+        return False
+
+
+def write_output(path: str | os.PathLike, content: Content, *,
+                 protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write a file the user named on the command line (``-o``, ``--json``).
+
+    It is refused, as a ConvcError that says why, when it would replace a
+    ``.cell`` file or one of ``protected`` (the spec being compiled and the
+    files it imports), compared after following links; otherwise its folder
+    is made and the file written with ``write_atomic``. An OSError becomes a
+    ConvcError naming the file.
+    """
+    from convc.errors import ConvcError
+
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    shown = str(path) if real.name == path.name and not path.is_symlink() else f"{path} (-> {real})"
+    if any(_same_file(real, Path(p)) for p in protected):
+        raise ConvcError(f"refusing to write {shown}: it is an input of this command "
+                         f"(choose another output file)")
+    if real.suffix == ".cell" or path.suffix == ".cell":
+        raise ConvcError(f"refusing to write {shown}: it is a .cell file, and convc never "
+                         f"replaces a spec with its output (choose another output file)")
+    if real.is_dir():
+        raise ConvcError(f"cannot write {path}: it is a folder")
+    try:
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, content)
+    except OSError as exc:
+        raise ConvcError(f"cannot write {path}: {exc.strerror or exc}") from None

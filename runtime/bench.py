@@ -398,8 +398,10 @@ def main_bench(args) -> int:
                  peak=not args.no_peak, model=args.model, recompute=args.recompute)
     print(format_report(report))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        from convc.runtime.atomic import write_output
+
+        write_output(args.json, json.dumps(report, indent=1),
+                     protected=tuple(str(p) for p in (getattr(args, "file", None),) if p))
     return 0
 
 

@@ -409,8 +409,11 @@ def run_eval(args) -> dict[str, Any]:
         plots.save_frames_png(args.png, shown[:, :fi], shown[:, fi:fi + fo], pred,
                               title=f"{mod.MODEL['name']} at step {meta.get('step')}")
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=True) + "\n",
-                                   encoding="utf-8")
+        from convc.runtime.atomic import write_output
+
+        write_output(args.json, json.dumps(results, indent=1, sort_keys=True) + "\n",
+                     protected=tuple(str(p) for p in (args.spec, args.checkpoint, args.data)
+                                     if p))
     return results
 
 

@@ -64,7 +64,9 @@ def format_file(path, write: bool = False, check: bool = False) -> Formatted:
     text = format_source(original, str(path))
     changed = text != original
     if write and changed and not check:
-        p.write_text(text, encoding="utf-8")
+        from convc.runtime.atomic import write_atomic
+
+        write_atomic(p, text)  # the old text or the new one survives a full disk, never half
     return Formatted(str(path), text, changed)
 
 

@@ -108,3 +108,90 @@ def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch, target):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.cell"]
     atomic.write_atomic(path, "new\n")
     assert path.read_text() == "new\n" and (path.stat().st_mode & 0o777) == 0o640
+
+
+# ---------------------------------------------------------------------------
+# Outputs named on the command line never replace a spec
+# ---------------------------------------------------------------------------
+
+
+def _spec_with_import(tmp_path: Path) -> tuple[Path, Path]:
+    lib = tmp_path / "lib.cell"
+    lib.write_text(SEED.read_text().split("model", 1)[0])
+    main = tmp_path / "own.cell"
+    main.write_text('import "lib.cell"\n' + "model" + SEED.read_text().split("model", 1)[1])
+    return main, lib
+
+
+@pytest.mark.parametrize("target", ["own.cell", "lib.cell", "other.cell", "link.dot",
+                                    "hard.dot"])
+def test_compile_never_overwrites_a_spec(capsys, tmp_path, target):
+    spec, lib = _spec_with_import(tmp_path)
+    (tmp_path / "other.cell").write_text("# someone's spec\n")
+    (tmp_path / "link.dot").symlink_to(spec)
+    os.link(lib, tmp_path / "hard.dot")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    for command in (["compile", spec, "-o", tmp_path / target],
+                    ["graph", spec, "-o", tmp_path / target]):
+        code, out, err = run(capsys, *command)
+        assert code == 1, err
+        if command[0] == "graph" and target.endswith(".cell"):
+            assert "unknown graph format" in err
+            continue
+        assert "refusing to write" in err and "Traceback" not in err
+        assert ("input of this command" in err) or (".cell file" in err)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_compile_writes_other_outputs_atomically(capsys, tmp_path, monkeypatch):
+    spec, _ = _spec_with_import(tmp_path)
+    out = tmp_path / "gen.py"
+    out.write_text("# the previous module\n")
+    real_write = os.write
+
+    def full(fd, data=b"", *rest):
+        real_write(fd, bytes(data)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    code, _, err = run(capsys, "compile", spec, "-o", out)
+    monkeypatch.undo()
+    assert code == 1 and "cannot write" in err and "No space left" in err
+    assert out.read_text() == "# the previous module\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gen.py", "lib.cell", "own.cell"]
+    code, _, err = run(capsys, "compile", spec, "-o", out)
+    assert code == 0 and out.read_text().startswith('"""')
+
+
+def test_fmt_write_on_a_full_disk_keeps_the_spec(capsys, tmp_path, monkeypatch):
+    spec = tmp_path / "messy.cell"
+    original = SEED.read_text().replace("\n\n", "\n\n\n\n")
+    spec.write_text(original)
+    real_write = os.write
+
+    def full(fd, data=b"", *rest):
+        real_write(fd, bytes(data)[:4096 if len(data) > 4096 else 1])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "write", full)
+    code, _, err = run(capsys, "fmt", "--write", spec)
+    monkeypatch.undo()
+    assert code == 1 and "No space left" in err and "unchanged" in err
+    assert spec.read_text() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["messy.cell"]
+    assert run(capsys, "fmt", "--write", spec)[0] == 0
+    assert run(capsys, "fmt", "--check", spec)[0] == 0
+
+
+def test_eval_json_never_overwrites_its_inputs(capsys, tmp_path):
+    spec = tmp_path / "seed.cell"
+    spec.write_text(SEED.read_text())
+    code, _, err = run(capsys, "train", spec, "--out", tmp_path / "run", *TINY_ARGS)
+    assert code == 0, err
+    ckpt = sorted((tmp_path / "run").glob("ckpt-*.npz"))[-1]
+    before = spec.read_bytes(), ckpt.read_bytes()
+    for target in (spec, ckpt):
+        code, _, err = run(capsys, "eval", spec, "--checkpoint", ckpt, "--data", "synthetic",
+                           "--clips", "4", "--json", target)
+        assert code == 1 and "refusing to write" in err, err
+    assert (spec.read_bytes(), ckpt.read_bytes()) == before
