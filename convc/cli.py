@@ -39,12 +39,12 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 def _require_file(path: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise ConvcError(f"{path}: no such file")
-    if not p.is_file():
-        raise ConvcError(f"{path}: not a file")
-    return p
+    """FILE, or the E001/E002 diagnostic `check` gives for it (missing, not a file,
+    unreadable, not UTF-8, too large), before any work starts."""
+    from convc.spec.parser import read_spec
+
+    read_spec(path)
+    return Path(path)
 
 
 def _add_recompute(p) -> None:
@@ -709,6 +709,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable_lines(text: str) -> str:
+    """An error message with control characters escaped (a file name or a value from a
+    file may hold them), its own line breaks kept."""
+    from convc.spec.diagnostics import printable
+
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status (0 ok, 1 error, 2 usage, 130 Ctrl-C,
     143 SIGTERM during training)."""
@@ -725,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_diagnostics(exc.diagnostics), file=sys.stderr)
         return 1
     except ConvcError as exc:
-        print(f"convc: error: {exc}", file=sys.stderr)
+        print(f"convc: error: {_printable_lines(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         # 128 + the signal, as a shell reports it: 130 for Ctrl-C, 143 for SIGTERM
@@ -739,7 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except OSError as exc:
         name = f"{exc.filename}: " if exc.filename else ""
-        print(f"convc: error: {name}{exc.strerror or exc}", file=sys.stderr)
+        print(f"convc: error: {_printable_lines(f'{name}{exc.strerror or exc}')}",
+              file=sys.stderr)
         return 1
 
 

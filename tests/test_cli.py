@@ -202,14 +202,6 @@ def test_doctor_runs(capsys):
     assert code == 0 and "numpy" in out and "python" in out
 
 
-@pytest.mark.parametrize("command", ["compile", "summary", "train", "gradcheck"])
-def test_missing_file_is_a_one_line_error(capsys, tmp_path, command):
-    missing = str(tmp_path / "nope.cell")
-    code, _, err = run(capsys, command, missing)
-    assert code == 1
-    assert err.strip() == f"convc: error: {missing}: no such file"
-
-
 def test_ctrl_c_exits_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
@@ -237,12 +229,31 @@ def test_console_script_and_module_entry_points(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["check", "fmt"])
-def test_check_and_fmt_report_a_missing_file_as_e001(capsys, tmp_path, command):
+@pytest.mark.parametrize("command", ["check", "fmt", "compile", "graph", "summary", "train",
+                                     "gradcheck", "bench"])
+def test_every_command_reports_a_missing_file_as_e001(capsys, tmp_path, command):
     missing = str(tmp_path / "nope.cell")
     code, out, err = run(capsys, command, missing)
     assert code == 1 and out == ""
     assert err.splitlines() == [f"{missing}: error[E001]: no such file: {missing}", "1 error"]
+
+
+@pytest.mark.parametrize("command", [["predict", "--checkpoint", "c.npz", "--data", "synthetic"],
+                                     ["eval", "--checkpoint", "c.npz"]])
+def test_predict_and_eval_report_a_missing_spec_as_e001(capsys, tmp_path, command):
+    missing = str(tmp_path / "nope.cell")
+    code, out, err = run(capsys, command[0], missing, *command[1:])
+    assert code == 1 and out == ""
+    assert err.splitlines() == [f"{missing}: error[E001]: no such file: {missing}", "1 error"]
+
+
+def test_control_characters_in_an_error_line_are_escaped(capsys, tmp_path):
+    spec = tmp_path / "seed.cell"
+    spec.write_text(Path(SEED).read_text())
+    code, _, err = run(capsys, "compile", str(spec), "-o", str(tmp_path / "x\x1b[2Jy.cell"))
+    assert code == 1 and "refusing to write" in err
+    assert "\x1b" not in err and "x\\x1b[2Jy.cell" in err
+
 
 
 def test_check_json_reports_a_missing_file_on_stdout(capsys, tmp_path):
