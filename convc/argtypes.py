@@ -1,22 +1,35 @@
-"""argparse types for counts and sizes: a bad value is a usage error naming it."""
+"""argparse types made from the settings schema (spec/settings.py).
+
+Every numeric option of every command is parsed by one of these, so a
+count of 0, a negative size, NaN, infinity or a 400-digit number is a usage
+error naming the option and what it may be (exit 2), the same way in every
+command and the same way a train block is checked.
+"""
 from __future__ import annotations
 
 import argparse
 
+from convc.spec.settings import COUNT, NONNEG, NONNEG_COUNT, POSITIVE, TRAIN, Setting
 
-def _checked(convert, ok, what: str):
-    """An argparse type: convert(text), then ok(value), else a usage error naming the text."""
+
+def argtype(setting: Setting):
+    """An argparse `type=` for `setting`; the function carries it as `.setting`."""
     def parse(text: str):
         try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
-        return value
+            return setting.parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.setting = setting
+    parse.__name__ = setting.describe()  # argparse names the type in some messages
     return parse
 
 
-positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
-nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
-positive_float = _checked(float, lambda v: v > 0, "a positive number")
+def train_type(name: str):
+    """The type of the train setting `name` (`--batch-size` is batch_size)."""
+    return argtype(TRAIN[name])
+
+
+positive_int = argtype(COUNT)
+nonneg_int = argtype(NONNEG_COUNT)
+positive_float = argtype(POSITIVE)
+nonneg_float = argtype(NONNEG)

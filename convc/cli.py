@@ -21,8 +21,8 @@ from pathlib import Path
 
 from convc import __version__
 from convc.argtypes import nonneg_int as _nonneg_int
-from convc.argtypes import positive_float as _positive_float
 from convc.argtypes import positive_int as _positive_int
+from convc.argtypes import train_type as _train_type
 from convc.errors import ConvcError, DataError
 
 EMITS = ("py", "ir", "dot", "json")
@@ -467,47 +467,47 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", help="synthetic (moving digits), synthetic:shapes, sklearn-digits, "
                                   "or a .npy/.npz clip file (N, T, [C,] H, W); default synthetic")
-    g.add_argument("--clips", type=_positive_int, metavar="N",
+    g.add_argument("--clips", type=_train_type("clips"), metavar="N",
                    help="sequences to generate (default 512) or to keep from a file")
-    g.add_argument("--size", type=_positive_int, metavar="PX",
+    g.add_argument("--size", type=_train_type("size"), metavar="PX",
                    help="frame size in pixels; fixed by the model, checked if given")
-    g.add_argument("--frames-in", type=_positive_int, metavar="T",
+    g.add_argument("--frames-in", type=_train_type("frames_in"), metavar="T",
                    help="input frames per sequence (default 10)")
-    g.add_argument("--frames-out", type=_positive_int, metavar="T",
+    g.add_argument("--frames-out", type=_train_type("frames_out"), metavar="T",
                    help="frames to predict, forecast models (default 10)")
-    g.add_argument("--val-fraction", type=float, metavar="F",
+    g.add_argument("--val-fraction", type=_train_type("val_fraction"), metavar="F",
                    help="share of the sequences held out for validation (default 0.1)")
     g = p.add_argument_group("optimisation (defaults: the spec's train block, then built-in)")
     length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_positive_int, metavar="N",
+    length.add_argument("--steps", type=_train_type("steps"), metavar="N",
                         help="optimizer steps (default 200); with --resume, the total the "
                              "run ends at, not the number of steps to add")
-    length.add_argument("--epochs", type=_positive_int, metavar="N", help="passes over the data")
-    g.add_argument("--batch-size", type=_positive_int, metavar="N", help="default 8")
+    length.add_argument("--epochs", type=_train_type("epochs"), metavar="N", help="passes over the data")
+    g.add_argument("--batch-size", type=_train_type("batch_size"), metavar="N", help="default 8")
     g.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "rmsprop"),
                    help="default adam")
-    g.add_argument("--lr", type=_positive_float, help="learning rate (default 1e-3)")
-    g.add_argument("--momentum", type=float, help="SGD/RMSProp momentum")
-    g.add_argument("--decay", type=float, help="RMSProp decay (PyTorch's alpha; default 0.9)")
-    g.add_argument("--eps", type=float, help="Adam/RMSProp epsilon")
-    g.add_argument("--weight-decay", type=float, help="L2 penalty added to the gradient")
+    g.add_argument("--lr", type=_train_type("lr"), help="learning rate (default 1e-3)")
+    g.add_argument("--momentum", type=_train_type("momentum"), help="SGD/RMSProp momentum")
+    g.add_argument("--decay", type=_train_type("decay"), help="RMSProp decay (PyTorch's alpha; default 0.9)")
+    g.add_argument("--eps", type=_train_type("eps"), help="Adam/RMSProp epsilon")
+    g.add_argument("--weight-decay", type=_train_type("weight_decay"), help="L2 penalty added to the gradient")
     g.add_argument("--schedule", metavar="NAME",
                    help="constant, step, cosine or plateau, with options as "
                         "'step:step_size=100,gamma=0.5'")
-    g.add_argument("--clip", type=_positive_float, metavar="MAX",
+    g.add_argument("--clip", type=_train_type("clip"), metavar="MAX",
                    help="clip the gradient to this global norm")
     g.add_argument("--clip-mode", choices=("global_norm", "value", "per_tensor_norm"),
                    help="how --clip clips (default global_norm)")
-    g.add_argument("--bptt", type=_positive_int, metavar="K",
+    g.add_argument("--bptt", type=_train_type("bptt"), metavar="K",
                    help="truncate backpropagation through time to windows of K steps")
     g.add_argument("--stateful", action=argparse.BooleanOptionalAction, default=None,
                    help="carry the final states of a batch into the next (reset every epoch)")
-    g.add_argument("--val-every", type=_positive_int, metavar="N",
+    g.add_argument("--val-every", type=_train_type("val_every"), metavar="N",
                    help="steps between validations (default: every epoch, or 10%% of steps)")
-    g.add_argument("--patience", type=_nonneg_int, metavar="N",
+    g.add_argument("--patience", type=_train_type("patience"), metavar="N",
                    help="stop after N validations without improvement")
     g.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
-    g.add_argument("--seed", type=_nonneg_int, help="seed of data, split, order and init "
+    g.add_argument("--seed", type=_train_type("seed"), help="seed of data, split, order and init "
                                                     "(default 0)")
     g = p.add_argument_group("run")
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/<model>)")

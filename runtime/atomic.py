@@ -115,16 +115,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def write_output(path: str | os.PathLike, content: Content, *,
-                 protected: tuple[str | os.PathLike, ...] = ()) -> Path:
-    """Write a file the user named on the command line (``-o``, ``--json``).
-
-    It is refused, as a ConvcError that says why, when it would replace a
-    ``.cell`` file or one of ``protected`` (the spec being compiled and the
-    files it imports), compared after following links; otherwise its folder
-    is made and the file written with ``write_atomic``. An OSError becomes a
-    ConvcError naming the file.
-    """
+def check_output(path: str | os.PathLike,
+                 protected: tuple[str | os.PathLike, ...] = ()) -> None:
+    """Refuse, as a ConvcError that says why, an output file the user named (``-o``,
+    ``--json``, ``--png``) that would replace a ``.cell`` file or one of ``protected``
+    (the spec being compiled, the files it imports, a checkpoint or data file the
+    command reads), compared after following links and by inode (hard links)."""
     from convc.errors import ConvcError
 
     path = Path(path)
@@ -138,6 +134,17 @@ def write_output(path: str | os.PathLike, content: Content, *,
                          f"replaces a spec with its output (choose another output file)")
     if real.is_dir():
         raise ConvcError(f"cannot write {path}: it is a folder")
+
+
+def write_output(path: str | os.PathLike, content: Content, *,
+                 protected: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write a file the user named on the command line: ``check_output``, then its
+    folder is made and the file written with ``write_atomic``. An OSError becomes a
+    ConvcError naming the file."""
+    from convc.errors import ConvcError
+
+    check_output(path, protected)
+    path = Path(path)
     try:
         if path.parent != Path(""):
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -364,7 +364,7 @@ def format_report(report: dict) -> str:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `convc bench`, for the command line to add to its sub-parser."""
-    from convc.argtypes import nonneg_int, positive_int
+    from convc.argtypes import nonneg_float, nonneg_int, positive_int
 
     parser.add_argument("file", metavar="FILE", nargs="?", default=None,
                         help="a .cell file to time (default: the peer yardstick's ConvLSTMs)")
@@ -375,7 +375,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="timed steps (default 10)")
     parser.add_argument("--warmup", type=nonneg_int, default=2,
                         help="untimed steps first (default 2)")
-    parser.add_argument("--min-time", type=float, default=0.0,
+    parser.add_argument("--min-time", type=nonneg_float, default=0.0,
                         help="keep timing until this many seconds (default 0)")
     parser.add_argument("--threads", type=positive_int, default=2, help="BLAS threads (default 2)")
     parser.add_argument("--batch", type=positive_int, default=None, help="sequences per step")

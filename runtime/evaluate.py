@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from convc.argtypes import train_type
 from convc.errors import CheckpointError, ConvcError, DataError
 from convc.runtime import data as D
 from convc.runtime import metrics
@@ -260,18 +261,18 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--data", default=None,
                         help="synthetic, synthetic:shapes, sklearn-digits or a .npy/.npz file "
                              "(default: the data the run trained on)")
-    parser.add_argument("--clips", type=int, default=None,
+    parser.add_argument("--clips", type=train_type("clips"), default=None,
                         help="sequences to generate or keep (default: as in the run)")
-    parser.add_argument("--seed", type=int, default=None,
+    parser.add_argument("--seed", type=train_type("seed"), default=None,
                         help="seed of generated data (default: as in the run)")
     parser.add_argument("--split", choices=("auto", "val", "all"), default="auto",
                         help="val: the run's held-out clips (its own data only); all: every "
                              "clip; auto (default): val on the run's own data, else all")
-    parser.add_argument("--frames-in", type=int, default=None,
+    parser.add_argument("--frames-in", type=train_type("frames_in"), default=None,
                         help="frames the model sees (default: as in the run, or 10)")
-    parser.add_argument("--frames-out", type=int, default=None,
+    parser.add_argument("--frames-out", type=train_type("frames_out"), default=None,
                         help="frames to predict (default: as in the run, or 10)")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=train_type("batch_size"), default=16)
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--conv", default="numpy", choices=("numpy", "chainer"))
     parser.add_argument("--json", default=None, metavar="FILE",
@@ -378,8 +379,12 @@ def evaluation_data(mod, run_config: dict, args, frames_in: int, frames_out: int
 def run_eval(args) -> dict[str, Any]:
     """`convc eval` without the printing: load, predict, score; returns the results."""
     import convc.api as api
+    from convc.runtime.atomic import check_output
     from convc.runtime.backend import get_backend
 
+    for out in (args.json, args.png):  # refused before the work, not after it
+        if out:
+            check_output(out, _inputs(args))
     mod = api.load(args.spec, model=args.model)
     params, meta, where = load_params(args.checkpoint)
     _check_params(mod, params, where)
@@ -412,9 +417,13 @@ def run_eval(args) -> dict[str, Any]:
         from convc.runtime.atomic import write_output
 
         write_output(args.json, json.dumps(results, indent=1, sort_keys=True) + "\n",
-                     protected=tuple(str(p) for p in (args.spec, args.checkpoint, args.data)
-                                     if p))
+                     protected=_inputs(args))
     return results
+
+
+def _inputs(args) -> tuple[str, ...]:
+    """The files `convc eval` reads, which its --json and --png never replace."""
+    return tuple(str(p) for p in (args.spec, args.checkpoint, args.data) if p)
 
 
 def main_eval(args) -> int:

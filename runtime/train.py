@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from convc.errors import CheckpointError, ConvcError, DataError, NonFiniteError
+from convc.spec.settings import TRAIN as TRAIN_SCHEMA
 
 # Built-in defaults, used where neither the spec nor the caller says otherwise.
 DEFAULTS: dict[str, Any] = {
@@ -191,26 +192,14 @@ def resolve_config(model_train: dict, explicit: dict, saved: dict | None = None)
 
 
 def _check_config(cfg: dict) -> None:
-    """Reject settings that cannot work, with the option's name in the message."""
-    for key in ("batch_size", "steps", "epochs", "bptt", "clips", "size", "val_every",
-                "frames_in", "frames_out"):
-        v = cfg[key]
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))
-                              or v < 1):
-            raise ConvcError(f"{key} must be a positive integer, got {v!r}")
-    if cfg["patience"] is not None and (not isinstance(cfg["patience"], int)
-                                        or cfg["patience"] < 0):
-        raise ConvcError(f"patience must be a non-negative integer, got {cfg['patience']!r}")
-    if not isinstance(cfg["seed"], int) or isinstance(cfg["seed"], bool) or cfg["seed"] < 0:
-        raise ConvcError(f"seed must be a non-negative integer, got {cfg['seed']!r}")
-    if cfg["dtype"] not in ("float32", "float64"):
-        raise ConvcError(f"dtype must be float32 or float64, got {cfg['dtype']!r}")
-    vf = cfg["val_fraction"]
-    if not isinstance(vf, (int, float)) or not 0.0 <= vf < 1.0:
-        raise ConvcError(f"val_fraction must be in [0, 1), got {vf!r}")
-    if cfg["clip"] is not None and not (isinstance(cfg["clip"], (int, float))
-                                        and cfg["clip"] > 0):
-        raise ConvcError(f"clip must be a positive number, got {cfg['clip']!r}")
+    """Reject settings that cannot work, with the setting's name and what it may be
+    (spec/settings.py, the schema the checker and the command line use too)."""
+    for key, setting in TRAIN_SCHEMA.items():
+        v = cfg.get(key)
+        if key == "data" or v is None:  # data: a name, a path or arrays, read by load_clips
+            continue
+        if setting.problem(v) is not None:
+            raise ConvcError(f"{key} must be {setting.describe()}, got {v!r}")
 
 
 def _parse_schedule(text: str) -> tuple[str, dict]:

@@ -60,15 +60,5 @@ APPLY_KEYWORDS = ("init", "steps")
 
 STATE_INITS = ("zeros", "learned")
 
-# training defaults a model may set in `train { ... }`, with their types
-TRAIN_SETTINGS: dict[str, type | tuple] = {
-    "optimizer": str, "lr": float, "momentum": float, "decay": float, "eps": float,
-    "weight_decay": float, "clip": float, "clip_mode": str, "bptt": int,
-    "batch_size": int, "epochs": int, "steps": int, "frames_in": int, "frames_out": int,
-    "schedule": str, "seed": int, "dtype": str, "val_fraction": float, "val_every": int,
-    "patience": int,
-    "data": str, "clips": int, "size": int, "stateful": bool,
-}
-
 RESERVED = set(FUNCTIONS) | set(WEIGHTS) | set(LOSSES) | {"t", "none", "same", "valid",
                                                           "zeros", "learned", "all", "last"}

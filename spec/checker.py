@@ -16,9 +16,10 @@ import difflib
 
 from . import ast as A
 from .builtins import (APPLY_KEYWORDS, FUNCTIONS, INITS, LOSS_STEPS, LOSSES, STATE_INITS,
-                       TRAIN_SETTINGS, WEIGHTS, Sig)
+                       WEIGHTS, Sig)
 from .diagnostics import Loc, Reporter
 from .loader import Program
+from .settings import TRAIN
 
 # bare words that are values, not names: `padding=same`, `init=glorot`, `steps=last`
 WORDS = {"same", "valid", "zeros", "ones", "glorot", "all", "last", "none", "uniform",
@@ -30,6 +31,15 @@ _SETTING_ALIASES = {"learning_rate": "lr", "optim": "optimizer", "batch": "batch
                     "grad_clip": "clip", "clip_norm": "clip", "iterations": "steps",
                     "max_steps": "steps", "n_epochs": "epochs", "l2": "weight_decay",
                     "rho": "decay", "epsilon": "eps", "random_seed": "seed"}
+
+
+def _setting_value(v):
+    """The Python value a train-block setting writes (`-1e-3` included), or None."""
+    if isinstance(v, (A.Num, A.Str, A.Bool)):
+        return v.value
+    if isinstance(v, A.Neg) and isinstance(v.operand, A.Num):
+        return -v.operand.value
+    return None
 
 
 def _suggest(name: str, candidates) -> str:
@@ -545,23 +555,20 @@ class _ModelChecker:
             if s.name in seen:
                 self.rep.error("E201", f"setting {s.name!r} given twice", s.loc)
             seen[s.name] = s
-            if s.name not in TRAIN_SETTINGS:
+            if s.name not in TRAIN:
                 hint = f"; did you mean {_SETTING_ALIASES[s.name]!r}?" \
-                    if s.name in _SETTING_ALIASES else _suggest(s.name, TRAIN_SETTINGS)
+                    if s.name in _SETTING_ALIASES else _suggest(s.name, TRAIN)
                 self.rep.error("E204", f"unknown training setting {s.name!r}{hint} (known: "
-                               f"{', '.join(sorted(TRAIN_SETTINGS))})", s.loc)
+                               f"{', '.join(sorted(TRAIN))})", s.loc)
                 continue
-            want = TRAIN_SETTINGS[s.name]
+            setting = TRAIN[s.name]
             v = s.value
-            if want is str and isinstance(v, A.Name):
+            if setting.kind is str and isinstance(v, A.Name):
                 self.rep.error("E205", f"setting {s.name!r} takes a string: write "
                                f"{s.name} = \"{v.id}\"", v.loc)
                 continue
-            ok = (want is str and isinstance(v, A.Str)) or \
-                 (want is bool and isinstance(v, A.Bool)) or \
-                 (want is int and isinstance(v, A.Num) and isinstance(v.value, int)) or \
-                 (want is float and (isinstance(v, A.Num) or
-                                     (isinstance(v, A.Neg) and isinstance(v.operand, A.Num))))
-            if not ok:
-                self.rep.error("E205", f"setting {s.name!r} takes a{'n' if want is int else ''} "
-                               f"{want.__name__}", v.loc)
+            value = _setting_value(v)
+            why = setting.problem(value) if value is not None else \
+                f"expected {setting.describe()}"
+            if why is not None:
+                self.rep.error("E205", f"setting {s.name!r}: {why}", v.loc)

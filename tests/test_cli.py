@@ -3,6 +3,7 @@
 Commands run in-process through `main([...])`; one test runs the installed
 console script in a subprocess to check the entry point itself.
 """
+import argparse
 import json
 import math
 import shutil
@@ -282,3 +283,71 @@ def test_check_escapes_control_bytes_in_the_file_name(capsys, tmp_path):
     code, out, _ = run(capsys, "check", str(name))
     assert code == 0 and "\x1b" not in out and "\x07" not in out
     assert "a\\x1b[31m\\x07.cell: ok" in out
+
+
+# ---------------------------------------------------------------------------
+# Every numeric option of every command comes from the one settings schema
+# ---------------------------------------------------------------------------
+
+
+def _subcommands():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices
+
+
+def _numeric_options():
+    for name, sub in sorted(_subcommands().items()):
+        base = [name]
+        for action in sub._actions:
+            if not action.option_strings and action.nargs is None:
+                base.append("x.cell")
+            elif action.option_strings and action.required:
+                base += [action.option_strings[0], "x"]
+        for action in sub._actions:
+            if action.option_strings and getattr(action.type, "setting", None) is not None:
+                yield name, base, action
+
+
+def _bad_values(setting):
+    if setting.kind is int:
+        bad = ["1.5", "x", "1" + "0" * 400, "nan"]
+        if setting.low is not None:
+            bad.append(str(int(setting.low) - 1))
+        return bad
+    bad = ["nan", "inf", "-inf", "1e999", "x"]
+    if setting.low is not None:
+        bad.append("-1")
+        if setting.open_low:
+            bad.append("0")
+    if setting.high is not None:
+        bad.append(str(setting.high + 1))
+    return bad
+
+
+def test_no_command_parses_a_number_outside_the_schema():
+    plain = []
+    for name, sub in sorted(_subcommands().items()):
+        for action in sub._actions:
+            if action.type in (int, float):
+                plain.append(f"{name} {action.option_strings[0]}")
+    assert plain == []
+    options = {(name, a.option_strings[0]) for name, _, a in _numeric_options()}
+    # the options issue reports named, and one of each kind, are there
+    assert {("eval", "--batch-size"), ("eval", "--frames-in"), ("eval", "--clips"),
+            ("train", "--lr"), ("train", "--val-fraction"), ("bench", "--min-time"),
+            ("gradcheck", "--dirs"), ("summary", "--frames")} <= options
+
+
+@pytest.mark.parametrize("name,base,action", list(_numeric_options()),
+                         ids=lambda v: v if isinstance(v, str) else
+                         getattr(v, "dest", None) or "")
+def test_a_bad_number_is_a_usage_error_in_every_command(capsys, name, base, action):
+    option = action.option_strings[0]
+    for bad in _bad_values(action.type.setting):
+        code, out, err = run(capsys, *base, option, bad)
+        assert code == 2, (name, option, bad, err)
+        assert option in err and "expected" in err and "Traceback" not in err
+    good = {int: "1", float: "0.5"}[action.type.setting.kind]
+    args = cli.build_parser().parse_args([*base, option, good])
+    assert getattr(args, action.dest) == action.type.setting.parse(good)

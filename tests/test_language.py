@@ -90,14 +90,14 @@ def test_every_kind_of_training_value(tmp_path: Path):
                 weight_decay = -0.0
                 epochs = 3
                 stateful = true
-                clip_mode = "norm"
+                clip_mode = "value"
             }
         }
         """))
     c = compile_model(spec)
     assert c.lowered.train == {"optimizer": "momentum", "lr": 0.01, "momentum": 0.9,
                                "weight_decay": -0.0, "epochs": 3, "stateful": True,
-                               "clip_mode": "norm"}
+                               "clip_mode": "value"}
 
 
 def test_relative_and_std_imports(tmp_path: Path):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from convc.errors import ConvcError
+from convc.runtime import train as T
 from convc.runtime.clip import (
     clip_by_global_norm,
     clip_by_value,
@@ -414,3 +415,24 @@ def test_clip_grads_dispatch():
         clip_grads(fresh(), "norm", 1.0)
     with pytest.raises(ConvcError, match="positive"):
         clip_grads(fresh(), "global_norm", 0.0)
+
+
+def test_the_settings_schema_names_what_the_runtime_has():
+    from convc.runtime import optim
+    from convc.runtime.clip import CLIP_METHODS
+    from convc.spec import settings
+
+    assert set(settings.OPTIMIZERS) == set(optim._OPTIMIZERS)
+    assert set(settings.SCHEDULES) == set(optim._SCHEDULES)
+    assert set(settings.CLIP_MODES) == {m for m in CLIP_METHODS if m}
+    assert set(settings.TRAIN) == set(T.DEFAULTS)
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 0), ("lr", float("nan")),
+                                       ("clip", float("inf")), ("steps", 10 ** 400),
+                                       ("optimizer", "sgdd"), ("momentum", -0.5),
+                                       ("val_fraction", 1.0), ("seed", True)])
+def test_train_refuses_what_the_schema_refuses(key, value):
+    cfg = dict(T.DEFAULTS, **{key: value})
+    with pytest.raises(ConvcError, match=f"^{key} must be "):
+        T._check_config(cfg)
