@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import functools
 import os
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -326,7 +328,8 @@ def _pick_npz_array(path: Path, key: str | None) -> np.ndarray:
             if key not in keys:
                 raise DataError(f"{path}: expected an array named {key!r}, found {keys}")
             return archive[key]
-    except (ValueError, OSError, EOFError) as exc:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        # a truncated or corrupt archive: its zip directory or a member is damaged
         raise DataError(f"{path}: not a readable .npz archive ({exc})") from exc
 
 
@@ -337,6 +340,11 @@ def _to_clip_set(raw: np.ndarray, where: str, dtype: Any) -> np.ndarray:
         raw = raw[:, :, None]
     if raw.ndim != 5:
         raise DataError(f"{where}: expected {expected}, found shape {raw.shape}")
+    empty = [name for name, n in zip(("sequences (N)", "frames (T)", "channels (C)",
+                                      "rows (H)", "columns (W)"), raw.shape) if n == 0]
+    if empty:
+        raise DataError(f"{where}: holds no data: zero {' and zero '.join(empty)} in shape "
+                        f"{raw.shape}")
     if raw.dtype == np.uint8:
         clips = raw.astype(dtype)
         clips *= clips.dtype.type(1.0 / 255.0)

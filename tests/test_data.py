@@ -1,6 +1,7 @@
 """Tests for convc.runtime.data: generators, loaders, patching, splits and batches."""
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +263,62 @@ def test_batches_resume_gives_identical_sequence():
         data.Batches.from_state(saved, n=20)
     with pytest.raises(DataError):
         data.Batches(3, batch_size=4)
+
+
+@pytest.mark.parametrize("shape", [(0, 11, 1, 16, 16), (4, 0, 1, 16, 16), (4, 11, 0, 16, 16),
+                                   (4, 11, 16, 0), (0, 11, 16, 16)])
+@pytest.mark.parametrize("suffix", [".npy", ".npz"])
+def test_an_empty_clip_array_is_a_data_error(tmp_path, shape, suffix):
+    path = tmp_path / f"empty{suffix}"
+    array = np.zeros(shape, np.float32)
+    np.save(path, array) if suffix == ".npy" else np.savez(path, clips=array)
+    with pytest.raises(DataError, match=r"holds no data: zero") as info:
+        data.load_data(str(path))
+    assert str(path) in str(info.value)
+
+
+def _truncations(tmp_path):
+    whole = tmp_path / "whole.npz"
+    rng = np.random.default_rng(0)
+    np.savez_compressed(whole, clips=rng.uniform(0, 1, (4, 11, 1, 16, 16)).astype(np.float32))
+    raw = whole.read_bytes()
+    for cut in (10, 100, len(raw) // 2, len(raw) - 30, len(raw) - 1):
+        path = tmp_path / f"cut{cut}.npz"
+        path.write_bytes(raw[:cut])
+        yield path
+    flipped = bytearray(raw)
+    middle = len(raw) // 2
+    flipped[middle:middle + 8] = bytes(255 - b for b in flipped[middle:middle + 8])
+    path = tmp_path / "flipped.npz"
+    path.write_bytes(bytes(flipped))
+    yield path
+
+
+def test_a_truncated_or_corrupt_npz_is_a_data_error(tmp_path):
+    for path in _truncations(tmp_path):
+        with pytest.raises(DataError, match="not a readable .npz archive") as info:
+            data.load_data(str(path))
+        assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["train", "predict"])
+def test_bad_data_files_end_in_one_clear_line(capsys, tmp_path, command):
+    from convc import cli
+
+    seed = Path(__file__).resolve().parents[1] / "examples" / "seed.cell"
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 11, 1, 16, 16), np.float32))
+    if command == "train":
+        extra = ["--out", str(tmp_path / "run"), "--steps", "1", "-q"]
+    else:  # a trained run to predict with
+        assert cli.main(["train", str(seed), "--out", str(tmp_path / "ok"), "--steps", "1",
+                         "--clips", "8", "--batch-size", "4", "--frames-in", "4", "-q"]) == 0
+        capsys.readouterr()
+        extra = ["--checkpoint", str(tmp_path / "ok"), "--out", str(tmp_path / "pred")]
+    for path in [empty, *_truncations(tmp_path)]:
+        code = cli.main([command, str(seed), "--data", str(path), *extra])
+        out, err = capsys.readouterr()
+        assert code == 1, (path, err)
+        assert err.startswith("convc: error: ") and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1 and str(path) in err
+    assert not (tmp_path / "pred").exists() and not list((tmp_path / "run").glob("ckpt-*"))
