@@ -798,6 +798,11 @@ class Lowerer:
         if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
             self.rep.error("E205", "a loss compares two sequences", call.loc)
             raise _Fail()
+        for value, a in zip(args, call.args):
+            if self.g.node(value.id).seg is None:
+                self.rep.error("E205", "a loss compares two sequences; this value is the "
+                               "same at every step (a weight or a constant)", a.loc)
+                raise _Fail()
         op = {"bce": "bce", "mse": "mse", "cross_entropy": "xent_logits"}[fname]
         nid = self.node(op, (pred.id, target.id), call.loc, base="loss", steps=steps)
         self.g.node(nid).seg = None  # a loss is a scalar over every step

@@ -255,6 +255,10 @@ def conv_out(size, k, stride, pad, dil, what="spatial size"):
     if size is None:
         return None
     out = (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+    if stride > size + 2 * pad:
+        raise ShapeError(f"stride {stride} is larger than the {what} {size}"
+                         f"{f' with padding {pad}' if pad else ''}: the output would be one "
+                         f"pixel, and the rest of the input never read")
     if out < 1:
         raise ShapeError(f"{what} {size} is too small for a {k}-wide kernel "
                          f"(stride {stride}, padding {pad}, dilation {dil})")
@@ -414,7 +418,12 @@ defop(name="sum_to", arity=1, shape=lambda s, at: tuple(at["shape"]),
 # element of the steps it covers. Its VJP is the seed of the backward pass.
 
 def _loss_shape(shapes, attrs):
-    broadcast(shapes)
+    """A loss compares prediction and target element by element: same shapes."""
+    pred, target = shapes
+    if len(pred) != len(target) or any(a is not None and b is not None and a != b
+                                       for a, b in zip(pred, target)):
+        raise ShapeError(f"the prediction is {fmt_shape(pred)} but the target "
+                         f"{fmt_shape(target)}; a loss compares them element by element")
     return ()
 
 

@@ -12,6 +12,7 @@ both shapes.
 from __future__ import annotations
 
 from convc.spec.diagnostics import Reporter
+from convc.spec.settings import MAX_INT
 
 from .ir import Graph
 from .ops import OPS, ShapeError, fmt_shape
@@ -126,6 +127,11 @@ def _report_unknown(g: Graph, rep: Reporter) -> None:
         return
     for nid in g.order():
         node = g.node(nid)
+        if node.shape is not None and any(d is not None and d > MAX_INT for d in node.shape):
+            label = node.attrs.get("name") or node.attrs.get("state") or nid
+            rep.error("E300", f"{label} would be {fmt_shape(node.shape)}: a dimension "
+                      f"above {MAX_INT} (2**63 - 1) cannot be held by an array", node.loc)
+            return
         if node.shape is None or any(d is None for d in node.shape):
             label = node.attrs.get("name") or node.attrs.get("state") or nid
             hint = "; a state takes its height and width from the cell's input or from init=" \

@@ -80,7 +80,7 @@ def fmt_bytes(n: float) -> str:
         if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.1f} TiB" if n < 1e6 else f"{n:.2g} TiB"
 
 
 def check_fits(parts: dict, what: str, available: int | None = None) -> None:

@@ -28,6 +28,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedTok
 
 from . import ast as A
 from .diagnostics import SOURCES, CellError, Diagnostic, Loc, normal_text, split_lines
+from .settings import MAX_INT
 
 # Deeper expressions are refused with E112: the Transformer and the compiler
 # walk expressions recursively, and this keeps them far from Python's limit.
@@ -561,7 +562,15 @@ class _ToAST(Transformer):
 
     # expressions
     def number(self, meta, c):
-        return A.Num(_number(str(c[0])), self._loc(meta))
+        text = str(c[0])
+        if text.isdigit() and len(text.lstrip("0")) >= len(str(MAX_INT)) and \
+                (len(text.lstrip("0")) > len(str(MAX_INT)) or int(text) > MAX_INT):
+            # before int(): Python refuses to convert more than 4300 digits at all
+            raise CellError([Diagnostic(
+                "error", "E205", f"the integer {_shorten(text)} is too large: numbers in a "
+                f"spec are at most {MAX_INT} (2**63 - 1, what an array dimension can hold)",
+                self._loc(meta))])
+        return A.Num(_number(text), self._loc(meta))
 
     def string(self, meta, c):
         return A.Str(_unquote(str(c[0])), self._loc(meta))
@@ -699,6 +708,11 @@ class _ToAST(Transformer):
 
     def start(self, meta, c):
         return list(c)
+
+
+def _shorten(digits: str) -> str:
+    digits = digits.lstrip("0")
+    return digits if len(digits) <= 24 else f"{digits[:10]}...({len(digits)} digits)"
 
 
 def _number(text: str) -> int | float:

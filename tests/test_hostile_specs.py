@@ -17,6 +17,7 @@ from convc.spec.parser import MAX_FILE_BYTES, MAX_PROGRAM_BYTES, parse
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL = "cell A() {\n    input x\n    output x\n}\n"
+SEED_TEXT = (ROOT / "examples" / "seed.cell").read_text()
 
 
 def _errors(path) -> list:
@@ -198,3 +199,14 @@ def test_imports_together_over_the_limit_are_refused(tmp_path: Path):
         "".join(f'import "part{i}.cell"\n' for i in range(n)) + CELL)
     diags = _errors(tmp_path / "main.cell")
     assert [d.code for d in diags] == ["E002"] and diags[0].loc.file.endswith("main.cell")
+
+
+@pytest.mark.parametrize("digits", [20, 400, 5000])
+def test_an_integer_no_array_can_hold_is_refused_at_its_line(digits):
+    text = SEED_TEXT.replace("hidden = 8", f"hidden = {'9' * digits}")
+    with pytest.raises(CellError) as info:
+        check(text=text, file="big.cell")
+    (d,) = info.value.diagnostics
+    assert (d.code, d.loc.line) == ("E205", SEED_TEXT[:SEED_TEXT.index("hidden = 8")]
+                                    .count("\n") + 1)
+    assert "too large" in d.message and len(d.message) < 200

@@ -267,3 +267,18 @@ def test_stdlib_cells_with_one_hidden_channel(cell: str):
         }}
         """)
     assert check(text=text, file=str(ROOT / "one.cell")) == []
+
+
+def test_the_training_settings_table_is_the_schema():
+    from convc.spec.settings import TRAIN
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "language.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[2].strip()
+            for line in doc.splitlines() if line.startswith("| `")
+            and line.split("|")[1].strip().strip("`") in TRAIN}
+    assert set(rows) == set(TRAIN)
+    for key, setting in TRAIN.items():
+        if setting.kind is str and setting.choices:
+            assert rows[key] == "one of " + ", ".join(f'`"{c}"`' for c in setting.choices)
+        else:
+            assert rows[key] == setting.describe(), key
