@@ -18,8 +18,11 @@ byte-identical output.
 """
 from __future__ import annotations
 
+import builtins
 import json
+import keyword
 import os
+import re
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -67,6 +70,31 @@ def _fmt_attr(v) -> str:
     return str(v)
 
 
+# Names the generated module uses for itself: the backend and its modules,
+# the functions' arguments and locals, the module's globals.
+CODE_NAMES = frozenset({
+    "B", "MODEL", "N", "PARAMS", "backend", "bptt", "dtype", "final", "forward", "grads",
+    "init_params", "inputs", "loss_and_grad", "loss_and_grad_shard", "lr", "name", "np",
+    "options", "outputs", "params", "rt", "seed", "sgd_step", "start", "state", "steps",
+    "stop", "t", "t0", "targets", "w", "xp", "math", "check_call",
+})
+# ... and the names it derives: work buffers w0, w1, ...; per-axis lengths T_x and
+# arenas arena_x; loop helpers; a value's buffers h_buf, h_seq, h_win, h_ckpt, h_final.
+_CODE_PATTERN = re.compile(r"w\d+|T_\w*|arena_\w*|loop\w*|_\w*|"
+                           r"\w+_(buf|seq|win|ckpt|final|steps)")
+
+
+def reserved(name: str) -> bool:
+    """Whether `name` cannot be a value's variable in generated code as it is: a Python
+    keyword or builtin, or a name of the generated code's own."""
+    return (keyword.iskeyword(name) or keyword.issoftkeyword(name)
+            or name in _BUILTINS or name in CODE_NAMES
+            or _CODE_PATTERN.fullmatch(name) is not None)
+
+
+_BUILTINS = frozenset(dir(builtins))
+
+
 class Graph:
     """A DiGraph of Nodes plus the bookkeeping the passes need."""
 
@@ -79,8 +107,15 @@ class Graph:
 
     # ---------------------------------------------------------------- building
     def fresh(self, base: str) -> str:
-        """A unique id starting with `base` (`h`, `h_1`, ...)."""
+        """A unique id starting with `base` (`h`, `h_1`, ...).
+
+        Ids are the generated module's variable names, so a base that the
+        generated code needs for itself (see `reserved`) gets a `_v` suffix:
+        a weight named `xp`, `B`, `range` or `w0` is the node `xp_v`.
+        """
         base = base.replace(".", "_")
+        if reserved(base):
+            base += "_v"
         if base not in self._names and base not in self.g:
             self._names[base] = 0
             return base

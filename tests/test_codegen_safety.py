@@ -85,3 +85,36 @@ def test_pwned_file_name_via_cli(tmp_path):
     mod = api.import_generated(tmp_path / "gen.py")
     assert not (tmp_path / "PWNED").exists()
     assert mod.MODEL["file"] == name
+
+
+# Names a spec may give its values that the generated code needs for itself:
+# Python keywords and builtins, the backend and module names, function arguments,
+# and the names codegen derives (work buffers, per-axis lengths, value buffers).
+CLASHING_NAMES = ["lambda", "None", "class", "match", "range", "len", "xp", "B", "rt", "np",
+                  "N", "MODEL", "params", "inputs", "steps", "grads", "dtype", "w", "w0", "w7",
+                  "T_x", "arena_x", "loop0_steps", "h_buf", "pred_seq", "c_ckpt", "_private"]
+
+
+def _renamed_seed(name: str) -> str:
+    """The seed model with its head weight called `name` and its prediction `name`_p."""
+    return SEED.replace("pred", f"{name}p").replace("W_y", name)
+
+
+@pytest.mark.parametrize("name", CLASHING_NAMES)
+def test_a_spec_name_the_generated_code_uses_computes_the_same(name):
+    import numpy as np
+
+    plain = api.load(None, text=SEED)
+    odd = api.load(None, text=_renamed_seed(name))
+    assert name in odd.MODEL["params"] and "W_y" not in odd.MODEL["params"]
+    rng = np.random.default_rng(0)
+    params = {k: rng.normal(0, 0.3, v.shape) for k, v in
+              sorted(plain.init_params(seed=0, dtype="float64").items())}
+    renamed = {(name if k == "W_y" else k): v for k, v in params.items()}
+    x = {"x": rng.uniform(0, 1, (2, 4, 1, 16, 16))}
+    y = {"y": rng.uniform(0, 1, (2, 4, 1, 16, 16))}
+    loss, grads, _ = plain.loss_and_grad(params, x, y)
+    loss2, grads2, _ = odd.loss_and_grad(renamed, x, y)
+    assert loss2 == loss
+    for k, g in grads.items():
+        assert np.array_equal(grads2[name if k == "W_y" else k], g)
