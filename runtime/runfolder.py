@@ -85,8 +85,11 @@ def _lock(folder: Path) -> int | None:
             raise ConvcError(f"{folder} is in use by another training run{who}; wait for it "
                              f"to finish, or choose another --out") from None
         raise ConvcError(f"cannot lock {folder}: {exc.strerror or exc}") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    try:  # who holds it, for the message a second trainer gets; the flock is the lock
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    except OSError:  # a full disk: the run then stops at its first real write
+        pass
     return fd
 
 
@@ -144,6 +147,7 @@ def open_run_folder(out: str | os.PathLike, outputs: tuple[str, ...], *, overwri
         raise ConvcError(f"output folder {folder} is not a folder")
     if not os.access(folder, os.W_OK):
         raise ConvcError(f"output folder {folder} is not writable")
+    had_lock_file = (folder / LOCK_NAME).exists()
     lock_fd = _lock(folder)
     try:
         manifest = read_manifest(folder)
@@ -182,6 +186,8 @@ def open_run_folder(out: str | os.PathLike, outputs: tuple[str, ...], *, overwri
         run._save_manifest()
     except BaseException:
         if lock_fd is not None:
+            if not had_lock_file:  # a refused folder is left as it was found
+                (folder / LOCK_NAME).unlink(missing_ok=True)
             os.close(lock_fd)
         raise
     return run, sorted(n for n in owned if n in outputs and n in present)

@@ -786,9 +786,21 @@ class _Trainer:
         if self.out is None:
             return
         path = self.out / LOG_NAME
+        line = io.StringIO()
+        csv.writer(line, lineterminator="\n").writerow(_format_row(row))
         try:
-            with open(path, "a", newline="", encoding="utf-8") as stream:
-                csv.writer(stream, lineterminator="\n").writerow(_format_row(row))
+            # Unbuffered, so that a full disk fails here with what was written known.
+            with open(path, "ab", buffering=0) as stream:
+                end = stream.seek(0, os.SEEK_END)
+                data = memoryview(line.getvalue().encode("utf-8"))
+                try:
+                    while data:
+                        data = data[stream.write(data):]
+                except OSError:
+                    # The disk took part of the row: cut it off, so the log still ends
+                    # with a whole row (--resume rewrites it from the checkpoint anyway).
+                    stream.truncate(end)
+                    raise
         except OSError as exc:
             raise ConvcError(f"training stopped at step {row['step']}: cannot write {path}: "
                              f"{exc.strerror or exc}. {self._newest_valid()}") from exc

@@ -41,8 +41,8 @@ def test_train_refuses_a_folder_with_user_files(capsys, tmp_path, extra):
     assert code == 1
     assert "would overwrite" in err and "log.csv" in err and "model.py" in err
     assert "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()
-            if p.name not in (LOCK_NAME, MANIFEST_NAME)} == before
+    # the folder exactly as it was: not even convc's lock file is left in it
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_train_refuses_a_project_folder(capsys, tmp_path):

@@ -508,7 +508,7 @@ def test_a_full_disk_while_appending_to_the_log_is_a_clear_error(seed, tmp_path,
     out = tmp_path / "run"
 
     def disk_full_on_step_3(path, mode="r", *args, **kwargs):
-        if mode == "a" and len(T.read_log(path)) == 2:
+        if "a" in mode and len(T.read_log(path)) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return open(path, mode, *args, **kwargs)
 
