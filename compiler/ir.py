@@ -216,6 +216,12 @@ class Graph:
         """Text form of the IR, one node a line, in schedule order."""
         return "\n".join(self.node(n).describe() for n in self.order())
 
+    # Graphviz reads a colour as an X11 name or #rrggbb / #rrggbbaa: a short #rgb
+    # such as "#eef" is "not a known color", drawn black with only a warning.
+    DOT_BACKWARD_COLOR = "firebrick"
+    DOT_PARAM_FILL = "#eeeeff"
+    DOT_STATE_EDGE_COLOR = "blue"
+
     def to_dot(self, title: str = "convc") -> str:
         lines = [f'digraph "{title}" {{', "  rankdir=TB;",
                  '  node [shape=box, fontname="monospace", fontsize=10];']
@@ -228,13 +234,15 @@ class Graph:
             for n in ids:
                 node = self.node(n)
                 shape = "x".join("?" if d is None else str(d) for d in (node.shape or ()))
-                color = ', color="firebrick"' if node.grad else ""
-                fill = ', style=filled, fillcolor="#eef"' if node.op == "param" else ""
+                color = f', color="{self.DOT_BACKWARD_COLOR}"' if node.grad else ""
+                fill = (f', style=filled, fillcolor="{self.DOT_PARAM_FILL}"'
+                        if node.op == "param" else "")
                 lines.append(f'    "{n}" [label="{n}\\n{node.op} {shape}"{color}{fill}];')
             if seg is not None:
                 lines.append("  }")
         for u, v, d in sorted(self.g.edges(data=True), key=lambda e: (e[0], e[1])):
-            style = ' [style=dashed, label="t+1", color="blue"]' if d["kind"] == "state" else ""
+            style = (f' [style=dashed, label="t+1", color="{self.DOT_STATE_EDGE_COLOR}"]'
+                     if d["kind"] == "state" else "")
             lines.append(f'  "{u}" -> "{v}"{style};')
         lines.append("}")
         return "\n".join(lines) + "\n"

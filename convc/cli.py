@@ -156,6 +156,14 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def _graphviz_messages(stderr: bytes) -> list[str]:
+    """What dot printed on stderr, one printable line each (control characters escaped)."""
+    from convc.spec.diagnostics import printable
+
+    text = stderr.decode("utf-8", "replace")
+    return [printable(line.rstrip()) for line in text.splitlines() if line.strip()]
+
+
 def cmd_graph(args) -> int:
     mod = _load(args)
     dot = mod.compiled.dot()
@@ -175,9 +183,18 @@ def cmd_graph(args) -> int:
         # dot draws to a pipe; the picture is then written as every output is
         result = subprocess.run([exe, f"-T{kind}"], input=dot.encode("utf-8"),
                                 capture_output=True)
+        messages = _graphviz_messages(result.stderr)
         if result.returncode != 0:
-            raise ConvcError(f"dot failed drawing {out}: "
-                             f"{result.stderr.decode('utf-8', 'replace').strip()}")
+            said = "; ".join(messages) or "it printed nothing"
+            raise ConvcError(f"Graphviz's dot ({exe}) failed drawing {out} (exit "
+                             f"{result.returncode}): {said}")
+        if not result.stdout:
+            raise ConvcError(f"Graphviz's dot ({exe}) drew nothing for {out}"
+                             + (f": {'; '.join(messages)}" if messages else ""))
+        # A warning (an unknown colour or font, say) still gives a picture, but
+        # one that may not look as meant: pass it on, marked as dot's.
+        for message in messages:
+            print(f"graphviz: {message}", file=sys.stderr)
         _write(out, result.stdout, mod)
     else:
         raise ConvcError(f"{out}: unknown graph format {out.suffix or '(none)'}; use .dot, "

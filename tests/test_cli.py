@@ -6,6 +6,7 @@ console script in a subprocess to check the entry point itself.
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -148,6 +149,95 @@ def test_graph_writes_dot_and_explains_missing_graphviz(capsys, tmp_path, monkey
     monkeypatch.setattr(shutil, "which", lambda name: None)
     code, _, err = run(capsys, "graph", SEED, "-o", str(tmp_path / "g.svg"))
     assert code == 1 and "Graphviz" in err and "g.dot" in err
+
+
+# Graphviz's X11 colour names (lib/common/color_names; the default colour scheme),
+# without the numbered variants (name1 ... name4, gray0 ... gray100) matched below.
+GRAPHVIZ_X11 = set("""
+aliceblue antiquewhite aquamarine azure beige bisque black blanchedalmond blue blueviolet
+brown burlywood cadetblue chartreuse chocolate coral cornflowerblue cornsilk crimson cyan
+darkgoldenrod darkgreen darkkhaki darkolivegreen darkorange darkorchid darksalmon
+darkseagreen darkslateblue darkslategray darkslategrey darkturquoise darkviolet deeppink
+deepskyblue dimgray dimgrey dodgerblue firebrick floralwhite forestgreen gainsboro
+ghostwhite gold goldenrod gray green greenyellow grey honeydew hotpink indianred indigo
+ivory khaki lavender lavenderblush lawngreen lemonchiffon lightblue lightcoral lightcyan
+lightgoldenrod lightgoldenrodyellow lightgray lightgrey lightpink lightsalmon
+lightseagreen lightskyblue lightslateblue lightslategray lightslategrey lightsteelblue
+lightyellow limegreen linen magenta maroon mediumaquamarine mediumblue mediumorchid
+mediumpurple mediumseagreen mediumslateblue mediumspringgreen mediumturquoise
+mediumvioletred midnightblue mintcream mistyrose moccasin navajowhite navy navyblue
+oldlace olivedrab orange orangered orchid palegoldenrod palegreen paleturquoise
+palevioletred papayawhip peachpuff peru pink plum powderblue purple red rosybrown
+royalblue saddlebrown salmon sandybrown seagreen seashell sienna skyblue slateblue
+slategray slategrey snow springgreen steelblue tan thistle tomato transparent turquoise
+violet violetred wheat white whitesmoke yellow yellowgreen
+""".split())
+
+
+def _graphviz_colour_ok(value: str) -> bool:
+    """Graphviz's colour syntax: #rrggbb or #rrggbbaa, or a name of the X11 scheme."""
+    import re
+
+    if value.startswith("#"):
+        return re.fullmatch(r"#[0-9a-fA-F]{6}([0-9a-fA-F]{2})?", value) is not None
+    name = value.lower()
+    numbered = re.fullmatch(r"([a-z]+?)([1-4])", name)
+    grey = re.fullmatch(r"gr[ae]y(\d{1,3})", name)
+    return (name in GRAPHVIZ_X11 or (numbered is not None and numbered.group(1) in GRAPHVIZ_X11)
+            or (grey is not None and int(grey.group(1)) <= 100))
+
+
+@pytest.mark.parametrize("spec", ["seed.cell", "encoder_forecaster.cell"])
+def test_graph_emits_only_colours_graphviz_knows(capsys, spec):
+    import re
+
+    assert not _graphviz_colour_ok("#eef") and _graphviz_colour_ok("#eeeeff")
+    code, dot, _ = run(capsys, "graph", str(ROOT / "examples" / spec))
+    assert code == 0
+    colours = re.findall(r'\b(?:color|fillcolor|fontcolor|bgcolor|pencolor)="([^"]*)"', dot)
+    # parameters (filled), backward nodes and state edges each carry one
+    assert len(set(colours)) >= 3, colours
+    assert [c for c in colours if not _graphviz_colour_ok(c)] == []
+    # no colour given without quotes either, where the regex above would miss it
+    assert not re.search(r"color=[^\"]", dot)
+
+
+def _fake_dot(tmp_path: Path, body: str) -> Path:
+    """A `dot` on PATH that needs no Graphviz: a shell script doing `body`."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    exe = bindir / "dot"
+    exe.write_text("#!/bin/sh\ncat > \"$(dirname \"$0\")/input.dot\"\n" + body)
+    exe.chmod(0o755)
+    return bindir
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the fake dot is a shell script")
+def test_graph_passes_graphviz_warnings_on(capsys, tmp_path, monkeypatch):
+    bindir = _fake_dot(tmp_path, "echo 'Warning: #eef is not a known color.' >&2\n"
+                                 "echo '<svg>fake</svg>'\n")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = tmp_path / "g.svg"
+    code, _, err = run(capsys, "graph", SEED, "-o", str(out))
+    assert code == 0, err
+    assert out.read_text() == "<svg>fake</svg>\n"
+    assert (bindir / "input.dot").read_text().startswith('digraph "seed"')
+    assert "graphviz: Warning: #eef is not a known color." in err.splitlines()
+    assert f"wrote {out}" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the fake dot is a shell script")
+def test_graph_reports_a_failing_dot_with_its_messages(capsys, tmp_path, monkeypatch):
+    bindir = _fake_dot(tmp_path, "echo 'Error: <stdin>: syntax error in line 1' >&2\nexit 3\n")
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
+    out = tmp_path / "g.png"
+    code, _, err = run(capsys, "graph", SEED, "-o", str(out))
+    assert code == 1 and not out.exists()
+    assert "dot" in err and "exit 3" in err and "syntax error in line 1" in err
+    # a dot that exits 0 but draws nothing is an error too, not an empty picture
+    (bindir / "dot").write_text("#!/bin/sh\ncat > /dev/null\n")
+    code, _, err = run(capsys, "graph", SEED, "-o", str(out))
+    assert code == 1 and not out.exists() and "drew nothing" in err
 
 
 def test_fmt_check_on_an_example(capsys):
