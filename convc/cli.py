@@ -286,15 +286,8 @@ def cmd_train(args) -> int:
                    poison=True if args.poison else None, deterministic=args.deterministic,
                    ignore_memory_limit=args.ignore_memory_limit,
                    **options)
-    losses = result.losses
-    if losses:
-        first = sum(losses[:10]) / len(losses[:10])
-        last = sum(losses[-10:]) / len(losses[-10:])
-        val = f", validation {result.val_losses[-1][1]:.4f}" if result.val_losses else ""
-        how = {"early_stopping": " (stopped early)", "callback": " (stopped)"}.get(
-            result.stopped, "")
-        print(f"trained {result.steps} steps{how} in {result.seconds:.1f} s: loss "
-              f"{first:.4f} -> {last:.4f} (mean of the first and last 10 steps){val}")
+    if result.history:
+        print(result.summary())
     print(f"wrote {result.out}/")
     descriptions = {"model": "the generated model (import with convc.api.import_generated)",
                     "log": "one row per step: loss, lr, grad_norm, val_loss",

@@ -95,6 +95,28 @@ OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
 # Results
 # ---------------------------------------------------------------------------
 
+# The summary line compares the mean loss of the first and of the last this
+# many logged steps (fewer when the run has fewer).
+SUMMARY_STEPS = 10
+
+
+def steps_label(first: int, last: int, count: int | None = None) -> str:
+    """Which steps a reported loss covers: "step 7", "mean of steps 3-12".
+
+    `count` is how many steps were averaged, when the range may have gaps.
+    The progress lines and the summary line say it in these same words.
+    """
+    if first == last:
+        return f"step {first}"
+    if count is not None and count != last - first + 1:
+        return f"mean of {count} logged steps from {first} to {last}"
+    return f"mean of steps {first}-{last}"
+
+
+def _mean_loss(rows: list[dict]) -> str:
+    mean = sum(row["loss"] for row in rows) / len(rows)
+    return f"{mean:.4f} ({steps_label(rows[0]['step'], rows[-1]['step'], len(rows))})"
+
 
 @dataclass
 class TrainResult:
@@ -125,6 +147,30 @@ class TrainResult:
     def val_losses(self) -> list[tuple[int, float]]:
         return [(row["step"], row["val_loss"]) for row in self.history
                 if row.get("val_loss") is not None]
+
+    def summary(self) -> str:
+        """One line: steps, time, the mean loss of the first and of the last
+        SUMMARY_STEPS logged steps (saying which steps), the last validation loss.
+
+        `convc train` prints it after training, e.g. "trained 25 steps in 0.5 s:
+        loss 0.6874 (mean of steps 1-10) -> 0.6431 (mean of steps 16-25),
+        validation 0.5486 (step 25)". A run of SUMMARY_STEPS steps or fewer has
+        one mean, of all its steps.
+        """
+        how = {"early_stopping": " (stopped early)", "callback": " (stopped)"}.get(
+            self.stopped, "")
+        head = f"trained {self.steps} steps{how} in {self.seconds:.1f} s"
+        rows = self.history
+        if not rows:
+            return f"{head}: no loss logged"
+        if len(rows) <= SUMMARY_STEPS:
+            loss = f"loss {_mean_loss(rows)}"
+        else:
+            loss = (f"loss {_mean_loss(rows[:SUMMARY_STEPS])} -> "
+                    f"{_mean_loss(rows[-SUMMARY_STEPS:])}")
+        val = self.val_losses
+        val_text = f", validation {val[-1][1]:.4f} (step {val[-1][0]})" if val else ""
+        return f"{head}: {loss}{val_text}"
 
     def paths(self) -> dict[str, Path]:
         """The files this run wrote, by kind (only those that exist)."""
@@ -403,7 +449,9 @@ class Progress:
 
     On a terminal the bar is redrawn at most ten times a second, and every
     10% it leaves a permanent line behind, so the falling loss stays on
-    screen. The loss shown in a permanent line is the mean since the last one.
+    screen. The loss in a permanent line is the mean over the steps since the
+    previous one, and the line says which ("loss 0.6183 (mean of steps 23-24)");
+    "val" is the latest validation loss, with the step it was measured at.
     """
 
     def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True,
@@ -418,7 +466,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.window: list[float] = []
+        self.window_first = 0  # the step of window[0]
         self.val: float | None = None
+        self.val_step: int | None = None
         self.bar_shown = False
 
     def _rate(self, step: int) -> tuple[float, float]:
@@ -431,16 +481,21 @@ class Progress:
     def update(self, step: int, loss: float, lr: float, val_loss: float | None = None) -> None:
         if not self.enabled:
             return
+        if not self.window:
+            self.window_first = step
         self.window.append(loss)
         if val_loss is not None:
-            self.val = val_loss
+            self.val, self.val_step = val_loss, step
         rate, eta = self._rate(step)
         if step % self.every == 0 or step == self.total or step == self.start + 1:
             mean = sum(self.window) / len(self.window)
+            covered = steps_label(self.window_first, step, len(self.window))
             self.window = []
-            val = f"  val {self.val:.4f}" if self.val is not None else ""
-            self.line(f"step {step:>{len(str(self.total))}}/{self.total}  loss {mean:.4f}{val}"
-                      f"  lr {lr:.3g}  {rate:.1f} steps/s  eta {_duration(eta)}")
+            val = (f"  val {self.val:.4f} (step {self.val_step})" if self.val is not None
+                   else "")
+            self.line(f"step {step:>{len(str(self.total))}}/{self.total}  loss {mean:.4f} "
+                      f"({covered}){val}  lr {lr:.3g}  {rate:.1f} steps/s  "
+                      f"eta {_duration(eta)}")
         elif self.tty and time.perf_counter() - self.last_draw > 0.1:
             self.last_draw = time.perf_counter()
             width = 24

@@ -312,6 +312,72 @@ def test_progress_prints_plain_lines_when_not_a_terminal(seed, capsys):
     assert capsys.readouterr().err == ""
 
 
+def _reported(text: str) -> list[tuple[float, int, int]]:
+    """(loss, first step, last step) of each "loss X (mean of steps a-b)", "-> X (step a)"."""
+    import re
+
+    found = []
+    for loss, a, b, one in re.findall(r"(?:loss|->) (\d+\.\d{4}) \((?:mean of steps (\d+)-(\d+)|"
+                                      r"step (\d+))\)", text):
+        first, last = (int(a), int(b)) if a else (int(one), int(one))
+        found.append((float(loss), first, last))
+    return found
+
+
+def _mean(rows, first, last):
+    losses = [r["loss"] for r in rows if first <= r["step"] <= last]
+    assert len(losses) == last - first + 1
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("steps", [4, 25])
+def test_reported_losses_say_which_steps_they_average(seed, tmp_path, capsys, steps):
+    """Progress lines and the summary name the steps each loss averages, and the
+    numbers are those means of log.csv: in train() and in `convc train` alike."""
+    from convc import cli
+
+    out = tmp_path / "py"
+    result = T.train(seed, steps=steps, progress=True, out=out, clips=16, batch_size=4,
+                     frames_in=4)
+    err = capsys.readouterr().err
+    rows = T.read_log(out / "log.csv")
+    lines = [line for line in err.splitlines() if line.startswith("step")]
+    progress = [_reported(line) for line in lines]
+    assert all(len(p) == 1 for p in progress), lines
+    spans = [p[0] for p in progress]
+    # the windows tile the run: each line averages the steps since the previous one
+    assert [first for _, first, _ in spans] == [1] + [last + 1 for _, _, last in spans[:-1]]
+    assert spans[-1][2] == steps
+    for (loss, first, last), line in zip(spans, lines):
+        assert loss == pytest.approx(_mean(rows, first, last), abs=5e-5), line
+        assert line.startswith(f"step {last:>{len(str(steps))}}/{steps}  "), line
+    val = [r for r in rows if r["val_loss"] is not None][-1]
+    assert f"val {val['val_loss']:.4f} (step {val['step']})" in lines[-1]
+
+    summary = result.summary()
+    reported = _reported(summary)
+    if steps <= T.SUMMARY_STEPS:
+        assert [(a, b) for _, a, b in reported] == [(1, steps)]
+        assert "->" not in summary
+    else:
+        assert [(a, b) for _, a, b in reported] == [(1, 10), (steps - 9, steps)]
+    for loss, first, last in reported:
+        assert loss == pytest.approx(_mean(rows, first, last), abs=5e-5)
+    assert summary.startswith(f"trained {steps} steps in ")
+    assert summary.endswith(f", validation {val['val_loss']:.4f} (step {val['step']})")
+
+    # the command line prints the same summary, from the same log
+    code = cli.main(["train", str(SEED_CELL), "--steps", str(steps), "--clips", "16",
+                     "--batch-size", "4", "--frames-in", "4", "--out", str(tmp_path / "cli"),
+                     "-q"])
+    stdout = capsys.readouterr().out
+    assert code == 0
+    cli_rows = T.read_log(tmp_path / "cli" / "log.csv")
+    assert [r["loss"] for r in cli_rows] == [r["loss"] for r in rows]
+    (line,) = [line for line in stdout.splitlines() if line.startswith("trained")]
+    assert line.split(" s: ", 1)[1] == summary.split(" s: ", 1)[1]
+
+
 def test_progress_on_a_terminal_redraws_one_line_and_keeps_every_tenth():
     import io
 
