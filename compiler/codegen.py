@@ -35,6 +35,11 @@ reads is kept for one window (rows t % K) and each state's value at the start
 of every window is checkpointed; the backward loop, at the last step of each
 window, restores the checkpoint and runs the window again.
 
+Arguments. Each entry point's first statement is `rt.check_call(MODEL, name, ...)`
+(runtime/calls.py): one check of params, inputs, targets, state= and steps=
+against the MODEL table, per call and never per step, so a wrong shape is an
+error naming the argument rather than a failure deep in a GEMM.
+
 Every buffer comes from `rt.empty`, whose poison mode fills it with NaN, and
 is written whole before it is read; gradients are never accumulated into a
 buffer that was not first assigned (tests/test_codegen.py walks the
@@ -441,14 +446,7 @@ class Generator:
                 o(f"T_{ax} = int(steps[{ax!r}] if isinstance(steps, dict) else steps)")
         src = next(iter(nodes.values()))
         o(f"N = {src}.shape[1]")
-        # every sequence of one axis must have the same length
-        seen = {}
-        for name, nid in nodes.items():
-            ax = low.axis_of[name]
-            if ax in seen:
-                o(f"rt.check_same_length({nid}, {seen[ax][1]}, {name!r}, {seen[ax][0]!r})")
-            else:
-                seen[ax] = (name, nid)
+        # (every shape and time length was checked by rt.check_call, the first statement)
 
     # ------------------------------------------------------------ blocks
     def emit_block(self, o: _Out, block: tuple, members: dict, state_arg: bool = True) -> None:
@@ -927,6 +925,7 @@ class Generator:
         o("    state: {state name: array (N, C, H, W)} to start from instead of the")
         o('    initial states (stateful inference)."""')
         o.indent()
+        o("rt.check_call(MODEL, 'forward', params, inputs, state=state, steps=steps)")
         self.prologue(o, with_targets=False)
         from .passes import live_nodes
         needed = live_nodes(self.g, list(low.outputs.values()) +
@@ -961,6 +960,7 @@ class Generator:
         o('    """The loss alone, without gradients (validation): the forward pass keeps only')
         o('    what the loss reads."""')
         o.indent()
+        o("rt.check_call(MODEL, 'loss', params, inputs, targets, state=state)")
         self.prologue(o, with_targets=True)
         from .passes import live_nodes
         needed = {n for n in live_nodes(self.g, list(low.losses)) if not self.g.node(n).grad}
@@ -1114,6 +1114,7 @@ class Generator:
         o("    gradient stops there: stateful training). On the CPU with several BLAS")
         o("    threads allowed, the batch is cut into that many shards that run")
         o('    side by side (rt.in_shards), each through loss_and_grad_shard."""')
+        o("    rt.check_call(MODEL, 'loss_and_grad', params, inputs, targets, state=state)")
         o("    return rt.in_shards(loss_and_grad_shard, params, inputs, targets, state=state,")
         o(f"                        bptt=bptt, backend=backend, work={self.step_flops()})")
         o()
@@ -1121,6 +1122,7 @@ class Generator:
         o("def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=None):")
         o('    """loss_and_grad for one batch (or one shard of it), in this thread."""')
         o.indent()
+        o("rt.check_call(MODEL, 'loss_and_grad_shard', params, inputs, targets, state=state)")
         self.prologue(o, with_targets=True)
         self.begin_function(self.s.stored)
         if self.recompute:

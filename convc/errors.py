@@ -36,3 +36,15 @@ class NonFiniteError(ConvcError):
                  step: int | None = None, direction: str | None = None):
         super().__init__(message)
         self.node, self.where, self.step, self.direction = node, where, step, direction
+
+
+class CallError(DataError, ValueError):
+    """A generated function (forward, loss, loss_and_grad) called with arguments that do not
+    fit its model: a missing or unknown input, target, parameter or state, a wrong shape,
+    a forecast without steps=. Raised by convc.runtime.calls.check_call, naming the argument,
+    what the model expects and what it was given. A ValueError too, for callers that expect
+    one from bad arguments."""
+
+
+class CallTypeError(CallError, TypeError):
+    """A CallError for an argument of the wrong kind: not a dict, not an array."""

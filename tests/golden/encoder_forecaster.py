@@ -266,6 +266,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     predict when the model forecasts (an int, or {axis: int});
     state: {state name: array (N, C, H, W)} to start from instead of the
     initial states (stateful inference)."""
+    rt.check_call(MODEL, 'forward', params, inputs, state=state, steps=steps)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_out'].dtype
@@ -629,6 +630,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 def loss(params, inputs, targets, state=None, backend=None):
     """The loss alone, without gradients (validation): the forward pass keeps only
     what the loss reads."""
+    rt.check_call(MODEL, 'loss', params, inputs, targets, state=state)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_out'].dtype
@@ -997,12 +999,14 @@ def loss_and_grad(params, inputs, targets, state=None, bptt=None, backend=None):
     gradient stops there: stateful training). On the CPU with several BLAS
     threads allowed, the batch is cut into that many shards that run
     side by side (rt.in_shards), each through loss_and_grad_shard."""
+    rt.check_call(MODEL, 'loss_and_grad', params, inputs, targets, state=state)
     return rt.in_shards(loss_and_grad_shard, params, inputs, targets, state=state,
                         bptt=bptt, backend=backend, work=7233536)
 
 
 def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=None):
     """loss_and_grad for one batch (or one shard of it), in this thread."""
+    rt.check_call(MODEL, 'loss_and_grad_shard', params, inputs, targets, state=state)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_out'].dtype

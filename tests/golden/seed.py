@@ -91,6 +91,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
     predict when the model forecasts (an int, or {axis: int});
     state: {state name: array (N, C, H, W)} to start from instead of the
     initial states (stateful inference)."""
+    rt.check_call(MODEL, 'forward', params, inputs, state=state, steps=steps)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_y'].dtype
@@ -198,6 +199,7 @@ def forward(params, inputs, steps=None, state=None, backend=None):
 def loss(params, inputs, targets, state=None, backend=None):
     """The loss alone, without gradients (validation): the forward pass keeps only
     what the loss reads."""
+    rt.check_call(MODEL, 'loss', params, inputs, targets, state=state)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_y'].dtype
@@ -212,7 +214,6 @@ def loss(params, inputs, targets, state=None, backend=None):
     y = rt.time_major(targets['y'], dtype, xp)
     T_x = x.shape[0]
     N = x.shape[1]
-    rt.check_same_length(y, x, 'y', 'x')
     arena_x = rt.arena(B, 'loss/x', 8192 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
@@ -311,12 +312,14 @@ def loss_and_grad(params, inputs, targets, state=None, bptt=None, backend=None):
     gradient stops there: stateful training). On the CPU with several BLAS
     threads allowed, the batch is cut into that many shards that run
     side by side (rt.in_shards), each through loss_and_grad_shard."""
+    rt.check_call(MODEL, 'loss_and_grad', params, inputs, targets, state=state)
     return rt.in_shards(loss_and_grad_shard, params, inputs, targets, state=state,
                         bptt=bptt, backend=backend, work=1331200)
 
 
 def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=None):
     """loss_and_grad for one batch (or one shard of it), in this thread."""
+    rt.check_call(MODEL, 'loss_and_grad_shard', params, inputs, targets, state=state)
     B = backend if backend is not None else _model.default_backend()
     xp = B.xp
     dtype = params['W_y'].dtype
@@ -331,7 +334,6 @@ def loss_and_grad_shard(params, inputs, targets, state=None, bptt=None, backend=
     y = rt.time_major(targets['y'], dtype, xp)
     T_x = x.shape[0]
     N = x.shape[1]
-    rt.check_same_length(y, x, 'y', 'x')
     arena_x = rt.arena(B, 'loss_and_grad/x', 28672 * T_x * N, dtype)  # the memory plan's (T, N, ...) buffers
 
     # parameters and constants
