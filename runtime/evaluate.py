@@ -9,7 +9,10 @@ The model sees the first `frames_in` frames of each clip and predicts the next
 summed over a frame's pixels and averaged over sequences and frames, SSIM,
 PSNR; pixels in [0, 1], OpenSTL's conventions) on *full* frames: a model that
 reads 4x4 patches (Shi et al. 2015) has its output unpatched first, so its
-numbers are comparable with any other model's on the same clips.
+numbers are comparable with any other model's on the same clips. SSIM is
+Wang et al.'s Gaussian-window SSIM unless `ssim_variant="uniform"` (`convc
+eval --ssim uniform`) asks for OpenSTL's (see runtime/metrics.py); every
+table and the JSON name the variant.
 
 A number alone says little, so the same metrics are computed for two
 predictions that need no learning:
@@ -145,29 +148,35 @@ def forecast_frames(mod, params: dict, inputs: np.ndarray, frames_out: int,
 # ---------------------------------------------------------------------------
 
 
-def score(pred: np.ndarray, true: np.ndarray) -> dict[str, Any]:
+def score(pred: np.ndarray, true: np.ndarray, ssim_variant: str = metrics.DEFAULT_SSIM
+          ) -> dict[str, Any]:
     """The four metrics and the MSE at each horizon, as plain Python numbers."""
-    result: dict[str, Any] = metrics.evaluate(pred, true)
+    result: dict[str, Any] = metrics.evaluate(pred, true, ssim_variant=ssim_variant)
     result["per_frame_mse"] = [float(v) for v in metrics.per_frame_mse(pred, true)]
     return result
 
 
 def evaluate_model(mod, params: dict, clips: np.ndarray, frames_in: int, frames_out: int,
                    patch: int | None = None, batch_size: int = 16,
-                   train_clips: np.ndarray | None = None, backend=None) -> dict[str, Any]:
+                   train_clips: np.ndarray | None = None, backend=None,
+                   ssim_variant: str = metrics.DEFAULT_SSIM) -> dict[str, Any]:
     """Score the model's forecasts on `clips` beside the two baselines.
 
     clips: full frames (N, L, C, H, W) in [0, 1] with L >= frames_in +
     frames_out; the first frames_in frames go in, the next frames_out are
     the truth. train_clips: the training clips (full frames), whose mean
     frame is the mean-frame baseline; without them the evaluated clips'
-    input frames stand in (`mean_frame_source` says which).
+    input frames stand in (`mean_frame_source` says which). ssim_variant:
+    "gaussian" (Wang et al., the default) or "uniform" (OpenSTL's), see
+    metrics.ssim.
 
     Returns {"model", "copy_last", "mean_frame"}, each a dict of "mse",
     "mae", "ssim", "psnr" and "per_frame_mse", plus "sequences",
-    "frames_in", "frames_out", "patch", "frame" [C, H, W] and
-    "mean_frame_source".
+    "frames_in", "frames_out", "patch", "frame" [C, H, W],
+    "mean_frame_source" and "ssim_variant" (metrics.ssim_info: the
+    variant's name, label, window, covariance and data range).
     """
+    ssim = metrics.ssim_info(ssim_variant)  # an unknown variant fails before the work
     clips = np.asarray(clips)
     if clips.ndim != 5 or len(clips) < 1:
         raise DataError(f"expected clips shaped (N, L, C, H, W) with N >= 1, "
@@ -195,21 +204,36 @@ def evaluate_model(mod, params: dict, clips: np.ndarray, frames_in: int, frames_
         mean_source, mean_of = "evaluated inputs", inputs
     mean_frame = metrics.baseline_mean_frame(mean_of, frames_out, n_sequences=len(clips))
     return {
-        "model": score(pred, truth),
-        "copy_last": score(copy_last, truth),
-        "mean_frame": score(mean_frame, truth),
+        "model": score(pred, truth, ssim_variant),
+        "copy_last": score(copy_last, truth, ssim_variant),
+        "mean_frame": score(mean_frame, truth, ssim_variant),
         "sequences": int(len(clips)),
         "frames_in": int(frames_in),
         "frames_out": int(frames_out),
         "patch": int(p),
         "frame": [int(d) for d in clips.shape[2:]],
         "mean_frame_source": mean_source,
+        "ssim_variant": ssim,
     }
 
 
+def ssim_label(results: dict[str, Any]) -> str:
+    """"SSIM (gaussian 11x11, sigma 1.5)" or "SSIM (uniform 7x7, as OpenSTL)": which
+    SSIM `results` hold (results from before the variants were named: the Gaussian)."""
+    return (results.get("ssim_variant") or metrics.ssim_info())["label"]
+
+
 def format_table(results: dict[str, Any], markdown: bool = False) -> str:
-    """The model and the baselines, one row each: MSE, MAE, SSIM, PSNR."""
-    header = ["prediction"] + [f"{m.upper()} ({BETTER[m]} is better)" for m in METRICS]
+    """The model and the baselines, one row each: MSE, MAE, SSIM, PSNR.
+
+    The SSIM column names its variant: "SSIM (gaussian 11x11, sigma 1.5;
+    higher is better)".
+    """
+    names = {m: m.upper() for m in METRICS}
+    names["ssim"] = ssim_label(results)
+    header = ["prediction"] + [f"{names[m][:-1]}; {BETTER[m]} is better)"
+                               if names[m].endswith(")") else
+                               f"{names[m]} ({BETTER[m]} is better)" for m in METRICS]
     rows = []
     for key, label in ROWS:
         r = results[key]
@@ -233,7 +257,8 @@ def describe(results: dict[str, Any]) -> str:
     patched = f"; the model reads {p}x{p} patches, scored unpatched" if p > 1 else ""
     return (f"{results['sequences']} sequences of {c}x{h}x{w} frames, {results['frames_in']} "
             f"in and {results['frames_out']} predicted{patched}; MSE and MAE summed over each "
-            f"frame's pixels; mean frame from the {results['mean_frame_source']}")
+            f"frame's pixels; {ssim_label(results)}; mean frame from the "
+            f"{results['mean_frame_source']}")
 
 
 def beats_baselines(results: dict[str, Any], on: tuple[str, ...] = ("mse", "ssim")) -> bool:
@@ -275,6 +300,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--batch-size", type=train_type("batch_size"), default=16)
     parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
     parser.add_argument("--conv", default="numpy", choices=("numpy", "chainer"))
+    parser.add_argument("--ssim", default=metrics.DEFAULT_SSIM, choices=metrics.SSIM_VARIANTS,
+                        help="gaussian (default): Wang et al.'s SSIM, an 11x11 Gaussian window "
+                             "of sigma 1.5, data range 1; uniform: OpenSTL's, scikit-image's "
+                             "default 7x7 uniform window with sample covariances and data "
+                             "range 2, to compare with OpenSTL's tables")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the results as JSON")
     parser.add_argument("--png", default=None, metavar="FILE",
@@ -402,7 +432,8 @@ def run_eval(args) -> dict[str, Any]:
     B = get_backend(args.device, args.conv)
     params = {name: B.asarray(value) for name, value in params.items()}
     results = evaluate_model(mod, params, clips, fi, fo, batch_size=args.batch_size,
-                             train_clips=train_clips, backend=B)
+                             train_clips=train_clips, backend=B,
+                             ssim_variant=getattr(args, "ssim", metrics.DEFAULT_SSIM))
     results.update({"checkpoint": str(where), "step": meta.get("step"), "data": chosen,
                     "model_name": mod.MODEL["name"]})
     if args.png:

@@ -192,6 +192,51 @@ def test_eval_command_prints_all_metrics_and_both_baselines(tiny, tmp_path, caps
     assert png.stat().st_size > 0
 
 
+@pytest.mark.parametrize("variant, label", [
+    ("gaussian", "SSIM (gaussian 11x11, sigma 1.5)"),
+    ("uniform", "SSIM (uniform 7x7, as OpenSTL)"),
+])
+def test_eval_names_the_ssim_variant_in_the_table_and_the_json(tiny, tmp_path, capsys,
+                                                              variant, label):
+    from convc.runtime import metrics
+
+    spec, mod = tiny
+    ckpt = _tiny_checkpoint(tmp_path / "run", mod, RUN)
+    out_json = tmp_path / "eval.json"
+    argv = [str(spec), "--checkpoint", str(ckpt), "--json", str(out_json), "--batch-size", "2"]
+    if variant != "gaussian":  # the default
+        argv += ["--ssim", variant]
+    assert E.main(argv) == 0
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("prediction"))
+    assert f"{label[:-1]}; higher is better)" in header
+    assert f"; {label};" in printed  # the line that says how the clips were scored
+    results = json.loads(out_json.read_text())
+    assert results["ssim_variant"] == metrics.ssim_info(variant)
+    assert results["ssim_variant"]["label"] == label
+    # the JSON's numbers are that variant's: the copy-last baseline, recomputed
+    parser = E.add_eval_arguments(__import__("argparse").ArgumentParser())
+    clips, _, _ = E.evaluation_data(mod, RUN, parser.parse_args(argv), 3, 2)
+    copy = metrics.baseline_copy_last(clips[:, :3], 2)
+    assert results["copy_last"]["ssim"] == pytest.approx(
+        metrics.ssim(copy, clips[:, 3:5], variant=variant), abs=1e-12)
+    other = "uniform" if variant == "gaussian" else "gaussian"
+    assert results["copy_last"]["ssim"] != pytest.approx(
+        metrics.ssim(copy, clips[:, 3:5], variant=other), abs=1e-6)
+    assert E.format_table(results, markdown=True).splitlines()[0].count(label[:-1]) == 1
+
+
+def test_eval_refuses_an_unknown_ssim_variant(tiny, tmp_path, capsys):
+    spec, mod = tiny
+    ckpt = _tiny_checkpoint(tmp_path / "run", mod, RUN)
+    with pytest.raises(SystemExit):
+        E.main([str(spec), "--checkpoint", str(ckpt), "--ssim", "box"])
+    assert "invalid choice: 'box'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown SSIM variant"):
+        E.evaluate_model(mod, mod.init_params(seed=0), _constant_clips([[0.1, 0.3]]), 1, 1,
+                         ssim_variant="box")
+
+
 def test_eval_holds_out_the_runs_validation_clips(tiny, tmp_path):
     spec, mod = tiny
     ckpt = _tiny_checkpoint(tmp_path / "run", mod, RUN)
