@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from convc.spec.checker import check_program
-from convc.spec.diagnostics import Diagnostic
+from convc.spec.diagnostics import CellError, Diagnostic, Reporter
 from convc.spec.loader import Program, load_program
 
 from . import passes
@@ -50,16 +50,63 @@ class Compiled:
 
 def check(path: str | Path | None = None, text: str | None = None, file: str | None = None,
           model: str | None = None, lower_models: bool = True) -> list[Diagnostic]:
-    """Every diagnostic for a file (raises CellError when there are errors)."""
+    """Every diagnostic for a file (raises CellError when there are errors).
+
+    Every model is lowered and its shapes inferred also after errors (of the
+    checker, or in another model or statement): what failed is skipped with
+    what depends on it (compiler/lower.py), so each independent error is
+    reported, once, and none that only follows from another.
+    """
     prog = load_program(path, text=text, file=file)
     rep = check_program(prog)
-    rep.diagnostics[:0] = getattr(prog, "warnings", [])
-    rep.check()
+    diags = list(getattr(prog, "warnings", [])) + rep.diagnostics
     if lower_models:
         names = [model] if model else [m.name for m in prog.root.models]
         for name in names:
-            c = compile_program(prog, name, checked=True)
-            rep.diagnostics.extend(c.warnings)
+            try:
+                if rep.has_errors:
+                    diags.extend(model_errors(prog, name))
+                    continue
+                c = compile_program(prog, name, checked=True)
+            except CellError as e:
+                diags.extend(e.diagnostics)
+                continue
+            diags.extend(c.warnings)
+    diags = unique(diags)
+    if any(d.severity == "error" for d in diags):
+        raise CellError(in_order(diags))
+    return diags
+
+
+def unique(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """Each diagnostic once (a cell used by two models, say, reports its error once)."""
+    seen, out = set(), []
+    for d in diags:
+        key = (d.severity, d.code, d.loc, d.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(d)
+    return out
+
+
+def in_order(diags: list[Diagnostic]) -> list[Diagnostic]:
+    """In source order, as they are printed (format_diagnostics)."""
+    return sorted(diags, key=lambda d: (d.loc.file, d.loc.line, d.loc.col, d.code))
+
+
+def model_errors(prog: Program, model: str | None, low: Lowered | None = None,
+                 ) -> list[Diagnostic]:
+    """What lowering and shape inference report for a model after errors elsewhere.
+
+    The graph holds only what lowered without error, so the shapes still to be
+    checked are those of the statements that worked; a shape left unknown is
+    not reported (what failed may be why).
+    """
+    if low is None:
+        low = lower(prog, model, strict=False)
+    rep = Reporter(list(low.diagnostics))
+    _run_passes(low)
+    infer_shapes(low.graph, rep, where=low.locate, report_unknown=False)
     return rep.diagnostics
 
 
@@ -100,28 +147,23 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         if not checked:
             rep = check_program(prog)
             rep.diagnostics[:0] = getattr(prog, "warnings", [])
-            rep.check()
+            if rep.has_errors:  # with the shape errors of what is right
+                raise CellError(in_order(unique(rep.diagnostics + model_errors(prog, model))))
             warnings = rep.warnings
     with stage("lower"):
-        low = lower(prog, model)
+        low = lower(prog, model, strict=False)
+        if any(d.severity == "error" for d in low.diagnostics):
+            raise CellError(in_order(unique(model_errors(prog, model, low))))
     g = low.graph
-    # unused inputs and targets stay: the data still has them, and MODEL lists them
-    roots = set(low.losses) | set(low.outputs.values()) | set(low.inputs.values()) | \
-        set(low.targets.values())
     with stage("passes"):
-        counts["fold"] = passes.fold_constants(g, roots)
-        counts["fuse_bce_logits"] = passes.fuse_bce_logits(g)
-        counts["cse"] = passes.cse(g)
-        counts["dce"] = passes.dce(g, roots)
-        _prune_params(low)
-    from convc.spec.diagnostics import Reporter
+        counts.update(_run_passes(low))
     rep = Reporter()
     with stage("shapes"):
-        infer_shapes(g, rep)
+        infer_shapes(g, rep, where=low.locate)
         rep.check()
     with stage("passes"):
         counts["fold_zero_channels"] = passes.fold_zero_channels(g)
-        counts["dce"] += passes.dce(g, roots)
+        counts["dce"] += passes.dce(g, _roots(low))
     with stage("autodiff"):
         bw = differentiate(low)
         counts["bwd_dce"] = _prune_backward(low, bw)
@@ -130,6 +172,22 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     with stage("codegen"):
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts)
+
+
+def _run_passes(low: Lowered) -> dict[str, int]:
+    """The passes before shape inference; how many rewrites each made."""
+    g, roots = low.graph, _roots(low)
+    counts = dict(fold=passes.fold_constants(g, roots),
+                  fuse_bce_logits=passes.fuse_bce_logits(g),
+                  cse=passes.cse(g), dce=passes.dce(g, roots))
+    _prune_params(low)
+    return counts
+
+
+def _roots(low: Lowered) -> set[str]:
+    # unused inputs and targets stay: the data still has them, and MODEL lists them
+    return set(low.losses) | set(low.outputs.values()) | set(low.inputs.values()) | \
+        set(low.targets.values())
 
 
 def _prune_params(low: Lowered) -> None:
@@ -160,6 +218,10 @@ def _prune_backward(low: Lowered, bw: Backward) -> int:
             if read in bw.read_cts:
                 stack.append(bw.read_cts[read])
             stack.extend(node.attrs.get("terminal", ()))
+        if node.op == "carry_out" and node.attrs["read"] in bw.carries:
+            # the backward loop that hands the read's cotangent on to t = 0 (also where its
+            # state's new value needs none: c = tanh(conv(x, W)) run without input)
+            stack.append(bw.carries[node.attrs["read"]])
     dead = [n for n in list(g.g.nodes) if g.node(n).grad and n not in live]
     for n in dead:
         g.remove(n)

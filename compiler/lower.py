@@ -12,16 +12,35 @@ input's axis) or forecasting (it has its own).
 Equations are lowered on demand, so a cell's equations may come in any
 order; a name reached again while it is being lowered is an instantaneous
 cycle (a state read without [t-1]).
+
+After an error lowering goes on: a statement that fails (or that the checker
+reported, `Program.broken`) leaves no nodes behind, and the names it would
+have defined hold a poison value (`_FAILED`) that fails whatever reads them
+without another word, so each independent error is reported once. Inside a
+cell the same holds per weight and per equation, and an application whose
+state updates or outputs failed fails as a whole (after one weight fails,
+the others are not tried: the parameters that sized it would fail them too).
+
+Where an error inside a cell is reported: a cell of the standard library
+(spec/stdlib/) is not the user's to fix, so an error located there is moved
+to the user's line that caused it, with the library line as a note (`Site`,
+`relocate`): a shape error to the application `h = l(x)`, where the shapes
+met, any other to the instance `l = ConvLSTM(hidden = 0)`, at the argument
+the failing line reads when that is clear. An error in a cell of another
+file the user wrote stays there, with notes naming the instance and its
+application.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 from convc.spec import ast as A
 from convc.spec.builtins import FUNCTIONS, LOSSES, WEIGHTS
-from convc.spec.checker import WORDS
-from convc.spec.diagnostics import CellError, Loc, Reporter
-from convc.spec.loader import Program
+from convc.spec.checker import WORDS, walk_expr
+from convc.spec.diagnostics import SOURCES, Loc, Reporter
+from convc.spec.loader import Program, stdlib_dir
 
 from .ir import Graph, Node
 from .ops import OPS, ShapeError, fmt_shape
@@ -66,6 +85,14 @@ class Lowered:
     cell_docs: dict[str, str | None]
     file: str
     warnings: list = field(default_factory=list)
+    sites: dict = field(default_factory=dict)  # instance -> Site
+    loc_owner: dict = field(default_factory=dict)  # Loc -> instance that first made a node there
+    diagnostics: list = field(default_factory=list)  # what lowering reported (strict=False)
+
+    def locate(self, code: str, node) -> tuple[Loc, tuple[str, ...]]:
+        """Where to report an error found later (shape inference) at `node`, and the notes."""
+        inst = node.attrs.get("_instance") or self.loc_owner.get(node.loc)
+        return relocate(code, node.loc, self.sites.get(inst))
 
     @property
     def task(self) -> str:
@@ -91,6 +118,99 @@ class Tup:
 
 
 @dataclass
+class Site:
+    """Where the user made an instance and applied it: what an error inside the cell is about."""
+
+    name: str  # the instance
+    cell: A.CellDef
+    defined: Loc  # the call `ConvLSTM(hidden = 0)`
+    args: dict  # parameter -> Loc of the argument that gave it (`hidden = 0`)
+    applied: Loc | None = None  # the call `l(x)`
+    here: object = None  # the cell's statement (or expression) being lowered now
+
+
+@lru_cache(maxsize=256)
+def _in_library(file: str, cwd: str) -> bool:
+    try:
+        return Path(cwd, file).resolve().is_relative_to(stdlib_dir().resolve())
+    except (OSError, ValueError):
+        return False
+
+
+def in_library(file: str) -> bool:
+    """Whether `file` (a Loc's file) is one of convc's own, spec/stdlib/*.cell."""
+    return _in_library(file, str(Path.cwd()))
+
+
+def _quote(loc: Loc) -> str:
+    src = SOURCES.line(loc.file, loc.line)
+    return f": `{src.strip()}`" if src and src.strip() else ""
+
+
+def relocate(code: str, loc: Loc, site: Site | None) -> tuple[Loc, tuple[str, ...]]:
+    """The place to report an error found at `loc` while lowering `site`'s cell, and notes.
+
+    In the user's own file: unchanged. In the standard library: moved to the user's
+    line (a shape error, E3xx, to the application; any other to the instance, at
+    the argument it is about when that is clear), the library line as a note. In
+    another file the user wrote: unchanged, with notes naming the instance.
+    """
+    if site is None or loc.file == site.defined.file or in_library(site.defined.file):
+        return loc, ()
+    separate = site.applied is None or site.applied.file != site.defined.file or \
+        site.applied.line != site.defined.line
+    defined = f"{site.name!r} is defined at {site.defined}{_quote(site.defined)}"
+    if in_library(loc.file):
+        notes = [f"in {site.cell.name}, at {loc}{_quote(loc)}"]
+        if code.startswith("E3") and site.applied is not None:
+            if separate:
+                notes.append(defined)
+            return site.applied, tuple(notes)
+        return _blamed_argument(loc, site), tuple(notes)
+    notes = []
+    if site.applied is not None:
+        notes.append(f"in {site.name!r}, applied at {site.applied}{_quote(site.applied)}")
+    if separate:
+        notes.append(defined)
+    return loc, tuple(notes)
+
+
+def _blamed_argument(loc: Loc, site: Site) -> Loc:
+    """The argument of the instance an error at `loc` is about, else the instance's call.
+
+    The names the failing part of the cell's statement reads (and, for a weight it
+    reads, the names of the weight's declaration) that the user gave a value for:
+    when that is exactly one argument, it is the culprit.
+    """
+    here = site.here
+    if here is None:
+        return site.defined
+    root = {A.WeightDecl: lambda st: st.value, A.Equation: lambda st: st.value,
+            A.If: lambda st: st.cond}.get(type(here), lambda e: e)(here)
+    part = next((x for x in walk_expr(root) if getattr(x, "loc", None) == loc), root)
+    names = _names(part)
+    weights = {st.name: st for st in _statements(site.cell.body) if isinstance(st, A.WeightDecl)}
+    for reach in (names, names | {n for w in names & set(weights)
+                                  for n in _names(weights[w].value)}):
+        given = [p for p in site.args if p in reach]
+        if given:
+            return site.args[given[0]] if len(given) == 1 else site.defined
+    return site.defined
+
+
+def _names(e) -> set[str]:
+    return {x.id for x in walk_expr(e) if isinstance(x, A.Name)}
+
+
+def _statements(body):
+    for st in body:
+        yield st
+        if isinstance(st, A.If):
+            yield from _statements(st.then)
+            yield from _statements(st.orelse)
+
+
+@dataclass
 class Instance:
     name: str
     cell: A.CellDef
@@ -100,6 +220,8 @@ class Instance:
     seg: str | None = None
     finals: dict = field(default_factory=dict)  # state name -> update node id
     weights: dict = field(default_factory=dict)  # weight name -> node (shared across uses)
+    site: Site | None = None
+    failed: bool = False  # its application reported an error: nothing may start from it
 
 
 class _Fail(Exception):
@@ -109,12 +231,41 @@ class _Fail(Exception):
 _FAILED = object()  # the value of a name whose definition already reported an error
 
 
+class _SiteReporter(Reporter):
+    """A Reporter that moves an error inside an instantiated cell to the user's line."""
+
+    def __init__(self, low: "Lowerer") -> None:
+        super().__init__()
+        self.low = low
+        self.moved: set[Loc] = set()  # user lines that library errors were moved to
+
+    def error(self, code: str, message: str, loc: Loc, *notes: str) -> None:
+        new, more = relocate(code, loc, self.low.site)
+        if new != loc and in_library(loc.file):
+            if new in self.moved:  # one mistake of the user's, seen again further in
+                return
+            self.moved.add(new)
+        super().error(code, message, new, *notes, *more)
+
+
+def _defines(st) -> tuple[str, ...]:
+    """The names a model or cell statement defines."""
+    if isinstance(st, A.Equation):
+        return st.targets
+    if isinstance(st, (A.SeqDecl, A.WeightDecl)):
+        return (st.name,)
+    return ()
+
+
 class Lowerer:
     def __init__(self, prog: Program, model: A.ModelDef):
         self.prog = prog
         self.model = model
         self.g = Graph()
-        self.rep = Reporter()
+        self.rep = _SiteReporter(self)
+        self.broken = prog.broken  # statements the checker reported: skipped without a word
+        self.site: Site | None = None  # the instance whose cell is being lowered, if any
+        self.loc_owner: dict[Loc, str] = {}
         self.segments: dict[str, Segment] = {}
         self.axis_parent: dict[str, str] = {}
         self.params: dict[str, ParamSpec] = {}
@@ -165,6 +316,8 @@ class Lowerer:
         inputs = tuple(inputs)
         if self.current_instance is not None:
             attrs.setdefault("_instance", self.current_instance)
+        if self.site is not None:
+            self.loc_owner.setdefault(loc, self.site.name)
         if seg == -1:
             seg = self.join_segments([self.g.node(i).seg for i in inputs], loc)
         nid = self.g.fresh(base or op)
@@ -173,6 +326,7 @@ class Lowerer:
         try:
             node.shape = OPS[op].shape([self.g.node(i).shape for i in inputs], attrs)
         except ShapeError as e:
+            self.g.remove(nid)  # what stays in the graph has a shape (lowering goes on)
             shapes = [fmt_shape(self.g.node(i).shape) for i in inputs]
             msg = f"{_opname(op)}: {e}"
             if not all(s in msg for s in shapes):  # say what met, when the rule did not
@@ -195,24 +349,45 @@ class Lowerer:
         return self.node("const", (), loc, base="c", seg=None, value=float(value))
 
     # ------------------------------------------------------------ the model
-    def run(self) -> Lowered:
+    def run(self, strict: bool = True) -> Lowered:
+        """The lowered model; with strict=False also after errors (in `.diagnostics`)."""
         env: dict[str, object] = {}
         for st in self.model.body:
+            if id(st) in self.broken:  # the checker reported it
+                for n in _defines(st):
+                    env[n] = _FAILED
+                continue
+            mark = self.g._counter
             try:
                 self.model_stmt(st, env)
             except _Fail:
                 # names this statement would have defined: quietly unusable from now on
-                for n in getattr(st, "targets", ()):
+                for n in _defines(st):
                     env[n] = _FAILED
+                self._drop_nodes_after(mark)
                 continue
-        self.rep.check()
+        if strict:
+            self.rep.check()
         for seg in self.segments.values():
             seg.axis = self.axis(seg.axis)
         return Lowered(self.model.name, self.model.doc, self.g, list(self.segments.values()),
                        self.params, self.inputs, self.targets, self.outputs, self.losses,
                        {n: self.axis(n) for n in list(self.inputs) + list(self.targets)},
                        self.train, {k: v.cell.name for k, v in self.instances.items()},
-                       self.cell_docs, self.model.loc.file)
+                       self.cell_docs, self.model.loc.file,
+                       sites={k: v.site for k, v in self.instances.items() if v.site},
+                       loc_owner=self.loc_owner, diagnostics=list(self.rep.diagnostics))
+
+    def _drop_nodes_after(self, mark: int) -> None:
+        """Remove what a failed statement built: the graph stays one of the statements that
+        worked, for the checks that follow (parameters and loops of the removed nodes are
+        pruned with them, see driver._prune_params)."""
+        for nid in [n for n in self.g.g.nodes if self.g.node(n).order > mark]:
+            self.g.remove(nid)
+        for name in [n for n, p in self.params.items() if p.node not in self.g]:
+            del self.params[name]
+        for seg in self.segments.values():
+            seg.states = [r for r in seg.states if r in self.g]
 
     def model_stmt(self, st, env) -> None:
         if isinstance(st, A.SeqDecl):
@@ -325,6 +500,8 @@ class Lowerer:
         if isinstance(e, A.Bool):
             return e.value
         if isinstance(e, A.Name):
+            if env.get(e.id) is _FAILED:
+                raise _Fail()
             if e.id in env and not isinstance(env[e.id], (Tensor, Tup, Instance)):
                 return env[e.id]
             if e.id in WORDS:
@@ -379,6 +556,7 @@ class Lowerer:
         kind = call.func_name
         for key in ("out", "channels"):
             if key in args and not _positive_int(args[key]):
+                self._at(_argument(call, sig, key))
                 self.rep.error("E205", f"{key} must be a positive integer, got {args[key]!r}",
                                call.loc)
                 raise _Fail()
@@ -388,6 +566,7 @@ class Lowerer:
                 size = (size, size)
             if not (isinstance(size, tuple) and len(size) == 2 and
                     all(_positive_int(v) for v in size)):
+                self._at(_argument(call, sig, "size"))
                 self.rep.error("E205", "size must be a positive integer or a pair (h, w), got "
                                f"{args['size']!r}", call.loc)
                 raise _Fail()
@@ -415,20 +594,30 @@ class Lowerer:
 
     # ------------------------------------------------------------ cells
     def instantiate(self, call: A.Call, cell: A.CellDef, name: str, env) -> Instance:
+        if id(cell) in self.broken:  # its parameters or declarations were reported
+            raise _Fail()
         values: dict = {}
         names = [p.name for p in cell.params]
+        args: dict[str, Loc] = {}
         for p, a in zip(names, call.args):
             values[p] = self.const_value(a, env)
+            args[p] = a.loc
         for kw in call.kwargs:
             values[kw.name] = self.const_value(kw.value, env)
+            args[kw.name] = kw.loc
+        site = Site(name, cell, call.loc, args)
         for p in cell.params:
             if p.name not in values:
                 if p.default is None:
                     self.rep.error("E206", f"{cell.name} needs a value for parameter "
                                    f"{p.name!r}", call.loc)
                     raise _Fail()
-                values[p.name] = self.const_value(p.default, values)
-        inst = Instance(name, cell, values, call.loc)
+                self.site, site.here = site, p.default
+                try:
+                    values[p.name] = self.const_value(p.default, values)
+                finally:
+                    self.site = site.here = None
+        inst = Instance(name, cell, values, call.loc, site=site)
         if name in self.instances:
             self.rep.error("E201", f"{name!r} is already defined", call.loc)
             raise _Fail()
@@ -442,6 +631,15 @@ class Lowerer:
                            f"instance to apply it again", call.loc)
             raise _Fail()
         inst.applied = True
+        if inst.site is not None:
+            inst.site.applied = call.loc
+        try:
+            return self._apply(inst, call, env)
+        except _Fail:
+            inst.failed = True
+            raise
+
+    def _apply(self, inst: Instance, call: A.Call, env):
         inputs = [self.expr(a, env, model=True) for a in call.args]
         for x, a in zip(inputs, call.args):
             if not isinstance(x, Tensor) or self.g.node(x.id).seg is None:
@@ -451,6 +649,8 @@ class Lowerer:
         init_from = None
         if "init" in kw:
             src = env.get(kw["init"].value.id) if isinstance(kw["init"].value, A.Name) else None
+            if src is _FAILED or isinstance(src, Instance) and src.failed:
+                raise _Fail()  # reported where it failed
             if not isinstance(src, Instance) or not src.applied or src is inst:
                 self.rep.error("E205", "init= names a cell applied earlier", kw["init"].value.loc)
                 raise _Fail()
@@ -494,10 +694,21 @@ class Lowerer:
     def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
                   zero_channels: int | None = None):
         self.current_instance = inst.name
+        self.site = inst.site
+        if self.site is not None:
+            self.site.here = None
         try:
             return self._elaborate(inst, inputs, init_from, seg, loc, zero_channels)
         finally:
             self.current_instance = None
+            if self.site is not None:
+                self.site.here = None
+            self.site = None
+
+    def _at(self, here) -> None:
+        """Say which statement of the cell is being lowered (for `_blamed_argument`)."""
+        if self.site is not None:
+            self.site.here = here
 
     def _elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
                    zero_channels: int | None):
@@ -508,17 +719,30 @@ class Lowerer:
         states: dict[str, A.StateDecl] = {}
         outputs: list[tuple[str, Loc]] = []
         input_names: list[str] = []
+        # a state update or an output failed: the application fails once all is checked
+        # (a weight or an equation they do not read may fail alone)
+        failed = False
+        bad_weight = False
         for st in body:
             if isinstance(st, A.InputDecl):
                 input_names.extend(st.names)
             elif isinstance(st, A.StateDecl):
                 states[st.name] = st
             elif isinstance(st, A.WeightDecl):
-                env[st.name] = self.weight(st, env, prefix=inst.name)
+                self._at(st)
+                try:
+                    # after one weight the parameters do not fit, the others would say so too
+                    if id(st) in self.broken or bad_weight:
+                        raise _Fail()
+                    env[st.name] = self.weight(st, env, prefix=inst.name)
+                except _Fail:
+                    env[st.name] = _FAILED
+                    bad_weight = True
             elif isinstance(st, A.Equation):
                 for i, t in enumerate(st.targets):
                     eqs[t] = (st, i)
             elif isinstance(st, A.OutputDecl):
+                failed |= id(st) in self.broken
                 outputs.extend(zip(st.names, st.locs))
         if len(inputs) > len(input_names):
             self.rep.error("E203", f"{cell.name} takes {len(input_names)} input"
@@ -559,27 +783,43 @@ class Lowerer:
         for name, st in states.items():
             if name not in eqs:
                 continue
-            upd = scope.value(name, st.loc)
-            if not isinstance(upd, Tensor):
-                self.rep.error("E205", f"state {name!r} must be a tensor", st.loc)
-                raise _Fail()
-            upd_node = self.g.node(upd.id)
-            if upd_node.op in ("state", "param", "const", "input") or upd_node.seg != seg:
-                # the state's new value must be a node of this loop that the read can point at
-                ident = self.node("scale", (upd.id,), st.loc, base=f"{name}_{inst.name}",
-                                  seg=seg, factor=1.0, keep=True)
-                upd = Tensor(ident)
-                cur[name] = upd
-            self.g.link_state(reads[name], upd.id)
-            inst.finals[name] = upd.id
+            try:
+                self._update(inst, scope, name, st, reads, cur, seg)
+            except _Fail:
+                failed = True
         # every equation is lowered, even when no output needs it, to report its errors
         for name in eqs:
-            scope.value(name, eqs[name][0].loc)
+            try:
+                scope.value(name, eqs[name][0].loc)
+            except _Fail:
+                pass  # reported; what reads it fails too
         result = []
         for n, oloc in outputs:
-            v = scope.value(n, oloc)
-            result.append(v)
+            try:
+                result.append(scope.value(n, oloc))
+            except _Fail:
+                failed = True
+        if failed:
+            raise _Fail()  # each error was reported where it is; what uses the result is not
         return result[0] if len(result) == 1 else Tup(result)
+
+    def _update(self, inst: Instance, scope: "_CellScope", name: str, st: A.StateDecl,
+                reads, cur, seg: str) -> None:
+        """Lower a state's equation and link it to the state's read at t-1."""
+        upd = scope.value(name, st.loc)
+        if not isinstance(upd, Tensor):
+            self._at(st)
+            self.rep.error("E205", f"state {name!r} must be a tensor", st.loc)
+            raise _Fail()
+        upd_node = self.g.node(upd.id)
+        if upd_node.op in ("state", "param", "const", "input") or upd_node.seg != seg:
+            # the state's new value must be a node of this loop that the read can point at
+            ident = self.node("scale", (upd.id,), st.loc, base=f"{name}_{inst.name}",
+                              seg=seg, factor=1.0, keep=True)
+            upd = Tensor(ident)
+            cur[name] = upd
+        self.g.link_state(reads[name], upd.id)
+        inst.finals[name] = upd.id
 
     def flatten(self, body, env) -> list:
         """Statements with `if` resolved from the cell's parameter values."""
@@ -588,6 +828,7 @@ class Lowerer:
         while stack:
             st = stack.pop()
             if isinstance(st, A.If):
+                self._at(st)
                 cond = self.const_value(st.cond, env)
                 if not isinstance(cond, bool):
                     self.rep.error("E205", f"an if condition is true or false, got {cond!r}",
@@ -819,10 +1060,16 @@ class _CellScope:
 
     def value(self, name: str, loc: Loc):
         if name in self.cur:
+            if self.cur[name] is _FAILED:  # its equation reported an error
+                raise _Fail()
             return self.cur[name]
         if name in self.eqs:
             st, idx = self.eqs[name]
             key = st.targets
+            if id(st) in self.low.broken:  # the checker reported it
+                for t in st.targets:
+                    self.cur[t] = _FAILED
+                raise _Fail()
             if key in self.busy:
                 start = next((i for i, (_, k) in enumerate(self.path) if k == key), 0)
                 chain = " -> ".join([n for n, _ in self.path[start:]] + [name])
@@ -833,39 +1080,59 @@ class _CellScope:
                 raise _Fail()
             self.busy.add(key)
             self.path.append((name, key))
+            outer = self.low.site.here if self.low.site else None
             try:
-                result = self.low.expr(st.value, self.env, scope=self)
+                self.low._at(st)
+                self._lower(st, name)
+            except _Fail:
+                for t in st.targets:  # every read of it fails quietly from now on
+                    self.cur[t] = _FAILED
+                raise
             finally:
                 self.busy.discard(key)
                 self.path.pop()
-            if len(st.targets) == 1:
-                self.low.rename(result, st.targets[0], self.inst.name)
-                self.cur[name] = result
-            else:
-                items = result.items if isinstance(result, Tup) else [result]
-                if len(items) != len(st.targets):
-                    self.low.rep.error("E203", f"{len(st.targets)} names on the left but "
-                                       f"{len(items)} values on the right", st.loc)
-                    raise _Fail()
-                for t, v in zip(st.targets, items):
-                    self.low.rename(v, t, self.inst.name)
-                    self.cur[t] = v
+                self.low._at(outer)
             return self.cur[name]
         if name in self.reads:
             self.low.rep.error("E210", f"state {name!r} has no equation", loc)
             raise _Fail()
         if name in self.env:
+            if self.env[name] is _FAILED:  # a weight whose declaration reported an error
+                raise _Fail()
             return self.env[name]
         if name in WORDS:
             return name
         self.low.rep.error("E200", f"unknown name {name!r}", loc)
         raise _Fail()
 
+    def _lower(self, st: A.Equation, name: str) -> None:
+        result = self.low.expr(st.value, self.env, scope=self)
+        if len(st.targets) == 1:
+            self.low.rename(result, st.targets[0], self.inst.name)
+            self.cur[name] = result
+            return
+        items = result.items if isinstance(result, Tup) else [result]
+        if len(items) != len(st.targets):
+            self.low.rep.error("E203", f"{len(st.targets)} names on the left but "
+                               f"{len(items)} values on the right", st.loc)
+            raise _Fail()
+        for t, v in zip(st.targets, items):
+            self.low.rename(v, t, self.inst.name)
+            self.cur[t] = v
+
     def delayed(self, e: A.Delayed):
         if e.name not in self.reads:
             self.low.rep.error("E222", f"{e.name!r} is not a state", e.loc)
             raise _Fail()
         return Tensor(self.reads[e.name])
+
+
+def _argument(call: A.Call, sig, key: str):
+    """The expression that gives a weight's argument `key` (for `_blamed_argument`)."""
+    i = sig.positional.index(key) if key in sig.positional else len(call.args)
+    if i < len(call.args):
+        return call.args[i]
+    return next((k.value for k in call.kwargs if k.name == key), call)
 
 
 def _positive_int(v) -> bool:
@@ -876,8 +1143,10 @@ def _opname(op: str) -> str:
     return {"add": "+", "sub": "-", "mul": "*"}.get(op, op)
 
 
-def lower(prog: Program, model_name: str | None = None) -> Lowered:
+def lower(prog: Program, model_name: str | None = None, strict: bool = True) -> Lowered:
+    """The model's graph; raises CellError on errors, unless strict=False: then the graph
+    holds what lowered without error and `.diagnostics` every error (see the module doc)."""
     model = prog.model(model_name)
     low = Lowerer(prog, model)
     low._renamed = {}
-    return low.run()
+    return low.run(strict)

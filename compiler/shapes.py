@@ -7,7 +7,8 @@ come from what it is applied to, a per-pixel bias or peephole's height and
 width from the value it meets. This pass repeats the shape rules in
 topological order, writing those dimensions back, until nothing changes; a
 mismatch is reported at the `.cell` line of the op that caused it, with
-both shapes.
+both shapes (or, for an op inside a standard-library cell, at the user's
+line that applied the cell: `where`, see lower.relocate).
 """
 from __future__ import annotations
 
@@ -48,21 +49,36 @@ def _param_of(g: Graph, nid: str):
     return None
 
 
-def infer_shapes(g: Graph, rep: Reporter, max_rounds: int = 8) -> None:
+def _here(code: str, node) -> tuple:
+    return node.loc, ()
+
+
+def _error(rep: Reporter, where, code: str, message: str, node) -> None:
+    loc, notes = where(code, node)
+    rep.error(code, message, loc, *notes)
+
+
+def infer_shapes(g: Graph, rep: Reporter, max_rounds: int = 8, where=None,
+                 report_unknown: bool = True) -> None:
+    """Fill in every shape; `where(code, node)` gives the place and notes to report an
+    error at `node` with (default: the node's own line). report_unknown=False says
+    nothing of shapes left unknown (after other errors, what is missing may be why)."""
     from . import ops
+    where = where or _here
     try:
-        _infer(g, rep, max_rounds)
+        _infer(g, rep, max_rounds, where)
         if not rep.has_errors and any(
                 g.node(n).shape is None or None in g.node(n).shape for n in g.order()):
             # what is still unknown only ever met dimensions of 1: take them as 1
             ops.UNKNOWN_MEETING_ONE_IS_ONE = True
-            _infer(g, rep, max_rounds)
+            _infer(g, rep, max_rounds, where)
     finally:
         ops.UNKNOWN_MEETING_ONE_IS_ONE = False
-    _report_unknown(g, rep)
+    if report_unknown:
+        _report_unknown(g, rep, where)
 
 
-def _infer(g: Graph, rep: Reporter, max_rounds: int) -> None:
+def _infer(g: Graph, rep: Reporter, max_rounds: int, where=_here) -> None:
     order = g.order()
     for _ in range(max_rounds):
         changed = False
@@ -115,27 +131,34 @@ def _infer(g: Graph, rep: Reporter, max_rounds: int) -> None:
                             changed = True
             except ShapeError as e:
                 what = {"add": "+", "sub": "-", "mul": "*"}.get(node.op, node.op)
-                ins = ", ".join(f"{i} {fmt_shape(g.node(i).shape)}" for i in node.inputs)
-                rep.error("E300", f"shape mismatch in {what}: {e} (operands: {ins})", node.loc)
+                ins = "operands: " + ", ".join(f"{i} {fmt_shape(g.node(i).shape)}"
+                                               for i in node.inputs)
+                if node.op == "state":  # its value at t-1 against its new value or its start
+                    what = f"state {node.attrs.get('state', nid)}"
+                    ins = ", ".join(f"{role} {v} {fmt_shape(g.node(v).shape)}"
+                                    for role, v in (("new value", node.attrs.get("update")),
+                                                    ("start", node.attrs.get("init_from")))
+                                    if v is not None)
+                _error(rep, where, "E300", f"shape mismatch in {what}: {e} ({ins})", node)
                 return
         if not changed:
             break
 
 
-def _report_unknown(g: Graph, rep: Reporter) -> None:
+def _report_unknown(g: Graph, rep: Reporter, where=_here) -> None:
     if rep.has_errors:
         return
     for nid in g.order():
         node = g.node(nid)
         if node.shape is not None and any(d is not None and d > MAX_INT for d in node.shape):
             label = node.attrs.get("name") or node.attrs.get("state") or nid
-            rep.error("E300", f"{label} would be {fmt_shape(node.shape)}: a dimension "
-                      f"above {MAX_INT} (2**63 - 1) cannot be held by an array", node.loc)
+            _error(rep, where, "E300", f"{label} would be {fmt_shape(node.shape)}: a "
+                   f"dimension above {MAX_INT} (2**63 - 1) cannot be held by an array", node)
             return
         if node.shape is None or any(d is None for d in node.shape):
             label = node.attrs.get("name") or node.attrs.get("state") or nid
             hint = "; a state takes its height and width from the cell's input or from init=" \
                 if node.op == "state" else ""
-            rep.error("E303", f"cannot infer the shape of {label} (got {fmt_shape(node.shape)})"
-                      f"{hint}", node.loc)
+            _error(rep, where, "E303", f"cannot infer the shape of {label} (got "
+                   f"{fmt_shape(node.shape)}){hint}", node)
             return

@@ -9,6 +9,11 @@ run reports them all, and a name whose definition failed is not reported
 again where it is used. Shape and time checks need the graph and live in
 the compiler (compiler/lower.py, compiler/shapes.py), with the same
 diagnostics.
+
+Lowering runs after errors here too, to find the shape errors in what is
+right: `prog.broken` holds the `id()` of every statement an error was
+reported in (and of every cell whose parameters or declarations are wrong),
+and lowering skips exactly those, and what depends on them, without a word.
 """
 from __future__ import annotations
 
@@ -49,13 +54,32 @@ def _suggest(name: str, candidates) -> str:
 
 def check_program(prog: Program) -> Reporter:
     rep = Reporter()
+    prog.broken = set()
     for mod in prog.modules.values():
         for item in mod.items:
             if isinstance(item, A.CellDef):
-                _CellChecker(item, rep).run()
+                _CellChecker(item, rep, prog.broken).run()
             elif isinstance(item, A.ModelDef):
                 _ModelChecker(item, prog, rep).run()
     return rep
+
+
+class _Errors:
+    """`with _Errors(rep, broken, st):` adds `id(st)` to `broken` if an error is reported inside."""
+
+    def __init__(self, rep: Reporter, broken: set[int], item) -> None:
+        self.rep, self.broken, self.item = rep, broken, item
+
+    def __enter__(self):
+        self.n = _n_errors(self.rep)
+
+    def __exit__(self, *exc):
+        if _n_errors(self.rep) > self.n:
+            self.broken.add(id(self.item))
+
+
+def _n_errors(rep: Reporter) -> int:
+    return sum(d.severity == "error" for d in rep.diagnostics)
 
 
 def _all_statements(body):
@@ -154,9 +178,10 @@ class _Scope:
 
 
 class _CellChecker:
-    def __init__(self, cell: A.CellDef, rep: Reporter):
+    def __init__(self, cell: A.CellDef, rep: Reporter, broken: set[int] | None = None):
         self.cell = cell
         self.rep = rep
+        self.broken: set[int] = set() if broken is None else broken
         self.used: set[str] = set()
         self.weights: dict[str, Loc] = {}
         self.states: dict[str, Loc] = {}
@@ -164,20 +189,24 @@ class _CellChecker:
 
     def run(self) -> None:
         top = _Scope(self.rep)
-        for p in self.cell.params:
-            if p.default is not None:
-                self._expr(p.default, top, params_only=True)
-            top.declare(p.name, "param", p.loc)
-        # declarations first (any order inside a body), then the expressions
-        self._declare(self.cell.body, top)
+        # an error in the parameters or the declarations breaks the whole cell, one in an
+        # expression its statement (lowering skips it and what depends on it)
+        with _Errors(self.rep, self.broken, self.cell):
+            for p in self.cell.params:
+                if p.default is not None:
+                    self._expr(p.default, top, params_only=True)
+                top.declare(p.name, "param", p.loc)
+            # declarations first (any order inside a body), then the expressions
+            self._declare(self.cell.body, top)
         self._exprs(self.cell.body, top)
-        if not any(isinstance(st, A.OutputDecl) for st in _all_statements(self.cell.body)):
-            self.rep.error("E241", f"cell {self.cell.name!r} has no output (add e.g. "
-                           "`output h`)", self.cell.loc)
-        for name, loc in self.states.items():
-            if name not in self.updated:
-                self.rep.error("E210", f"state {name!r} has no equation (write `{name} = ...`)",
-                               loc)
+        with _Errors(self.rep, self.broken, self.cell):
+            if not any(isinstance(st, A.OutputDecl) for st in _all_statements(self.cell.body)):
+                self.rep.error("E241", f"cell {self.cell.name!r} has no output (add e.g. "
+                               "`output h`)", self.cell.loc)
+            for name, loc in self.states.items():
+                if name not in self.updated:
+                    self.rep.error("E210", f"state {name!r} has no equation (write "
+                                   f"`{name} = ...`)", loc)
         for name, loc in self.weights.items():
             if name not in self.used:
                 self.rep.warning("W001", f"weight {name!r} is never used", loc)
@@ -221,19 +250,22 @@ class _CellChecker:
 
     def _exprs(self, body, scope: _Scope) -> None:
         for st in body:
-            if isinstance(st, A.WeightDecl):
-                self._weight(st, scope)
-            elif isinstance(st, A.Equation):
-                self._expr(st.value, scope)
-            elif isinstance(st, A.OutputDecl):
-                for n, loc in zip(st.names, st.locs):
-                    if scope.lookup(n) is None:
-                        self.rep.error("E200", f"output {n!r} is not defined"
-                                       f"{_suggest(n, scope.all_names())}", loc)
-            elif isinstance(st, A.If):
-                self._expr(st.cond, scope, params_only=True)
+            if isinstance(st, A.If):
+                with _Errors(self.rep, self.broken, self.cell):  # no telling which branch runs
+                    self._expr(st.cond, scope, params_only=True)
                 self._exprs(st.then, scope)
                 self._exprs(st.orelse, scope)
+                continue
+            with _Errors(self.rep, self.broken, st):
+                if isinstance(st, A.WeightDecl):
+                    self._weight(st, scope)
+                elif isinstance(st, A.Equation):
+                    self._expr(st.value, scope)
+                elif isinstance(st, A.OutputDecl):
+                    for n, loc in zip(st.names, st.locs):
+                        if scope.lookup(n) is None:
+                            self.rep.error("E200", f"output {n!r} is not defined"
+                                           f"{_suggest(n, scope.all_names())}", loc)
 
     def _weight(self, st: A.WeightDecl, scope: _Scope) -> None:
         v = st.value
@@ -377,36 +409,37 @@ class _ModelChecker:
         used: set[str] = set()
         losses = []
         for st in self.model.body:
-            if isinstance(st, A.SeqDecl):
-                scope.declare(st.name, st.kind, st.loc)
-                sequences.setdefault(st.name, st)
-                for d in st.shape:
-                    if not (isinstance(d, A.Num) and isinstance(d.value, int) and d.value > 0):
-                        self.rep.error("E205", "a shape is made of positive integers", d.loc)
-                if len(st.shape) != 3:
-                    self.rep.error("E205", f"a per-step shape is [C, H, W], got "
-                                   f"{len(st.shape)} dimension{'s' if len(st.shape) != 1 else ''}",
-                                   st.loc)
-            elif isinstance(st, A.WeightDecl):
-                scope.declare(st.name, "weight", st.loc)
-                weights[st.name] = st.loc
-                _CellChecker(A.CellDef("", (), None, (), st.loc), self.rep)._weight(st, scope)
-            elif isinstance(st, A.Equation):
-                self._equation(st, scope, instances, used)
-            elif isinstance(st, A.OutputDecl):
-                for n, loc in zip(st.names, st.locs):
-                    if scope.lookup(n) is None:
-                        self.rep.error("E200", f"output {n!r} is not defined"
-                                       f"{_suggest(n, scope.all_names())}", loc)
-                    used.add(n)
-            elif isinstance(st, A.Loss):
-                losses.append(st)
-                self._loss(st, scope, used)
-            elif isinstance(st, A.Train):
-                self._train(st)
-            else:
-                self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a cell, not in "
-                               "a model", st.loc)
+            with _Errors(self.rep, self.prog.broken, st):
+                if isinstance(st, A.SeqDecl):
+                    scope.declare(st.name, st.kind, st.loc)
+                    sequences.setdefault(st.name, st)
+                    for d in st.shape:
+                        if not (isinstance(d, A.Num) and isinstance(d.value, int) and d.value > 0):
+                            self.rep.error("E205", "a shape is made of positive integers", d.loc)
+                    if len(st.shape) != 3:
+                        n = len(st.shape)
+                        self.rep.error("E205", f"a per-step shape is [C, H, W], got {n} "
+                                       f"dimension{'s' if n != 1 else ''}", st.loc)
+                elif isinstance(st, A.WeightDecl):
+                    scope.declare(st.name, "weight", st.loc)
+                    weights[st.name] = st.loc
+                    _CellChecker(A.CellDef("", (), None, (), st.loc), self.rep)._weight(st, scope)
+                elif isinstance(st, A.Equation):
+                    self._equation(st, scope, instances, used)
+                elif isinstance(st, A.OutputDecl):
+                    for n, loc in zip(st.names, st.locs):
+                        if scope.lookup(n) is None:
+                            self.rep.error("E200", f"output {n!r} is not defined"
+                                           f"{_suggest(n, scope.all_names())}", loc)
+                        used.add(n)
+                elif isinstance(st, A.Loss):
+                    losses.append(st)
+                    self._loss(st, scope, used)
+                elif isinstance(st, A.Train):
+                    self._train(st)
+                else:
+                    self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a cell, "
+                                   "not in a model", st.loc)
         if not losses:
             self.rep.error("E240", f"model {self.model.name!r} has no loss (add e.g. "
                            "`loss bce(pred, y)`)", self.model.loc)

@@ -42,6 +42,8 @@ class Program:
     modules: dict[str, A.Module] = field(default_factory=dict)
     cells: dict[str, A.CellDef] = field(default_factory=dict)
     models: dict[str, A.ModelDef] = field(default_factory=dict)
+    # id() of each statement (or cell) the checker reported an error in: lowering skips them
+    broken: set[int] = field(default_factory=set)
 
     def model(self, name: str | None = None) -> A.ModelDef:
         """The named model, or the root file's only (or last) model."""

@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.lark import from_lark
 
 from convc.compiler.driver import check
+from convc.compiler.lower import in_library
 from convc.spec.diagnostics import CellError, format_diagnostics
 from convc.spec.parser import KEYWORDS, lark_parser, tokens
 
@@ -88,6 +89,8 @@ def front_end(text: str) -> None:
         assert d.loc.line >= 1, d
         assert d.code[:1] in "EW" and d.code[1:].isdigit(), d
         assert d.format()
+        # the standard library has no mistakes: one inside it is the user's, at their line
+        assert not in_library(d.loc.file), d.format()
     # nothing from the spec reaches a terminal raw, in either form
     for printed in (format_diagnostics(diags), format_diagnostics(diags, "json")):
         assert all(ch.isprintable() or ch in "\n\t" for ch in printed), printed
