@@ -57,12 +57,18 @@ def ref_attrs(op: str, attrs: dict) -> dict:
             if (k in names if names is not None else not k.startswith("_"))}
 
 
-def apply_op(node: Node, args: list) -> np.ndarray:
-    """One node's value from its operands' values, by the op's reference evaluation."""
+def _reference(node: Node):
+    """(function, keyword arguments) of a node's reference evaluation."""
     op = OPS[node.op]
     if op.ref is None:
         raise ValueError(f"{node.id}: op {node.op!r} has no reference evaluation")
-    return np.asarray(op.ref(*args, **ref_attrs(node.op, node.attrs)))
+    return op.ref, ref_attrs(node.op, node.attrs)
+
+
+def apply_op(node: Node, args: list) -> np.ndarray:
+    """One node's value from its operands' values, by the op's reference evaluation."""
+    fn, kw = _reference(node)
+    return np.asarray(fn(*args, **kw))
 
 
 def evaluate(graph: Graph, env: dict, wanted=None) -> dict:
@@ -111,7 +117,8 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
     """
     g = lowered.graph
     targets = targets or {}
-    order = [n for n in g.order() if not g.node(n).grad]
+    nodes = {n: g.node(n) for n in g.order()}  # looked up once: a check runs this often
+    order = [n for n in nodes if not nodes[n].grad]
     data = dict(inputs, **targets)
 
     # the length of every time axis
@@ -139,12 +146,12 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
     # values with no time context nor time-dependent operands are computed once
     timed: dict[str, bool] = {}
     for nid in order:
-        node = g.node(nid)
+        node = nodes[nid]
         timed[nid] = node.seg is not None or any(timed[i] for i in node.inputs)
 
     # 1. static values: parameters, constants, reshaped biases
     for nid in order:
-        node = g.node(nid)
+        node = nodes[nid]
         if timed[nid]:
             continue
         if node.op == "param":
@@ -163,28 +170,37 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
             return (0, seg)
         return (1, seg_index.get(seg, int(seg.removeprefix("loop"))))
 
-    groups = sorted({g.node(n).seg for n in order if g.node(n).seg is not None}, key=group_key)
+    groups = sorted({nodes[n].seg for n in order if nodes[n].seg is not None}, key=group_key)
     for seg in groups:
         if seg.startswith("@") and seg[1:] not in data:
             continue  # a target that was not given: nothing reads it but the losses
-        members = [n for n in order if g.node(n).seg == seg]
+        members = [n for n in order if nodes[n].seg == seg]
         if seg.startswith("@") or seg in seg_axis:
             n_steps = T[axis_of_seg(seg)]
         else:
-            n_steps = next(len(seq[i]) for n in members for i in g.node(n).inputs if i in seq)
+            n_steps = next(len(seq[i]) for n in members for i in nodes[n].inputs if i in seq)
+        # Each member's evaluation looked up once, not at every step.
+        plan = []
         for nid in members:
             seq[nid] = []
+            node = nodes[nid]
+            if node.op == "input":
+                plan.append((nid, "input", np.asarray(data[data_nodes[nid]]), None))
+            elif node.op == "state":
+                plan.append((nid, "state", node, None))
+            else:
+                plan.append((nid, "op", _reference(node), node.inputs))
         for t in range(n_steps):
-            for nid in members:
-                node = g.node(nid)
-                if node.op == "input":
-                    v = np.asarray(data[data_nodes[nid]])[:, t]
-                elif node.op == "state":
-                    v = _state_value(g, node, t, seq, static, state, n_batch)
+            for nid, kind, what, operands in plan:
+                if kind == "input":
+                    v = what[:, t]
+                elif kind == "state":
+                    v = _state_value(g, what, t, seq, static, state, n_batch)
                     if hold is not None:
                         v = hold(nid, t, v)
                 else:
-                    v = apply_op(node, [value_at(i, t) for i in node.inputs])
+                    fn, kw = what
+                    v = np.asarray(fn(*[value_at(i, t) for i in operands], **kw))
                 seq[nid].append(v)
 
     # 4. what reads whole sequences: the losses
@@ -199,7 +215,7 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
 
     loss = None
     for nid in order:
-        node = g.node(nid)
+        node = nodes[nid]
         if node.seg is None and nid not in static and all(
                 i in static or i in seq for i in node.inputs):
             static[nid] = apply_op(node, [stacked(i) for i in node.inputs])
@@ -209,7 +225,7 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
     finals = {}
     for s in lowered.segments:
         for r in s.states:
-            node = g.node(r)
+            node = nodes[r]
             finals[node.attrs["state"]] = seq[node.attrs["update"]][-1]
     return outputs, finals, loss
 
