@@ -3,17 +3,21 @@
     m = convc.load("model.cell")
     params = m.init_params(seed=0)
     loss, grads, _ = m.loss_and_grad(params, {"x": x}, {"y": y})
+    result = m.train(steps=200, out="runs/m")
+    preds = m.predict("runs/m", data="synthetic")
 
-The generated source is registered with `linecache` under a name that says
-where it came from, so tracebacks and `pdb` show the generated lines.
+Loading is the runtime's (`convc.runtime.loader`, which calls the compiler's
+driver); this module adds the conveniences `train` and `predict` and is the
+layer above the runtime, which never imports it. The generated source is
+registered with `linecache` under a name that says where it came from, so
+tracebacks and `pdb` show the generated lines.
 """
 from __future__ import annotations
 
-import hashlib
-import linecache
-import sys
 import types
 from pathlib import Path
+
+from convc.runtime.loader import module_from_source  # noqa: F401  (part of this API)
 
 
 def compile_file(path, model: str | None = None, text: str | None = None,
@@ -27,44 +31,36 @@ def compile_file(path, model: str | None = None, text: str | None = None,
                          recompute=recompute)
 
 
-def module_from_source(source: str, name: str, filename: str | None = None) -> types.ModuleType:
-    """Execute generated source as a module, visible to tracebacks and pdb."""
-    digest = hashlib.sha1(source.encode()).hexdigest()[:10]
-    filename = filename or f"<convc:{name}:{digest}>"
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    mod = types.ModuleType(f"convc_generated_{name}_{digest}")
-    mod.__file__ = filename
-    code = compile(source, filename, "exec")
-    exec(code, mod.__dict__)
-    sys.modules[mod.__name__] = mod
-    return mod
-
-
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
     `sgd_step`, `MODEL` (metadata), plus `compiled` (every stage of the
-    compile) and `train(...)` (the training loop of convc.runtime.train).
+    compile), `train(...)` (the training loop of convc.runtime.train) and
+    `predict(checkpoint, ...)` (convc.runtime.predict.predict).
     """
-    c = compile_file(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute)
-    mod = module_from_source(c.source, c.name)
-    mod.compiled = c
-    mod.source = c.source
+    from convc.runtime import loader
+    from convc.runtime import predict as _predict
     from convc.runtime import train as _train
+
+    mod = loader.load(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute)
 
     def train(params=None, **options):
         return _train.train(mod, params=params, **options)
 
+    def predict(checkpoint, **options):
+        return _predict.predict(mod, checkpoint, **options)
+
     train.__doc__ = _train.train.__doc__
+    predict.__doc__ = _predict.predict.__doc__
     mod.train = train
-    mod.spec_path = str(path) if path is not None else None
+    mod.predict = predict
     return mod
 
 
 def import_generated(path) -> types.ModuleType:
     """Import a module written by `convc compile -o model.py`."""
-    p = Path(path)
-    source = p.read_text(encoding="utf-8")
-    return module_from_source(source, p.stem, filename=str(p.resolve()))
+    from convc.runtime import loader
+
+    return loader.import_generated(Path(path))

@@ -24,7 +24,7 @@ from convc.argtypes import nonneg_int as _nonneg_int
 from convc.argtypes import positive_float as _positive_float
 from convc.argtypes import positive_int as _positive_int
 from convc.argtypes import train_type as _train_type
-from convc.errors import ConvcError, DataError
+from convc.errors import ConvcError
 
 EMITS = ("py", "ir", "dot", "json")
 
@@ -300,62 +300,22 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    import numpy as np
-
-    from convc.runtime import plots
-    from convc.runtime.backend import get_backend
-    from convc.runtime.train import (GENERATED_DATA, load_checkpoint_params, load_clips,
-                                     predict_frames, resolve_config)
+    """convc.runtime.predict does the work; this parses, refuses bad outputs and prints."""
+    from convc.runtime import predict as P
 
     mod = _load(args)
-    model = mod.MODEL
-    params, meta, where = load_checkpoint_params(args.checkpoint, model,
-                                                 allow_nonfinite=args.allow_nonfinite)
-    run_config = (meta.get("user") or {}).get("config") or {}
-    explicit = {"data": args.data, "clips": args.clips, "seed": args.seed}
-    if args.clips is None and args.data in GENERATED_DATA:
-        explicit["clips"] = 8
-    explicit = {k: v for k, v in explicit.items() if v is not None}
-    cfg = resolve_config(model.get("train", {}), explicit, run_config)
-    forecast = model.get("task") == "forecast"
-    fi = cfg["frames_in"] or 10
-    fo = args.steps or cfg["frames_out"] or 10
-    clips, p, _ = load_clips(model, cfg, fi + fo if forecast else fi + 1)
-    if clips.shape[1] < fi + (0 if forecast else 1):
-        raise DataError(f"{args.data}: clips have {clips.shape[1]} frames; the model reads "
-                          f"{fi} (frames_in){'' if forecast else ' and predicts one more'}")
-    x = clips[:, :fi]
-    if forecast:
-        y = clips[:, fi:fi + fo] if clips.shape[1] >= fi + fo else None
-    else:
-        y = clips[:, 1:fi + 1]
-    B = get_backend(args.device, args.conv)
-    params = {k: B.asarray(v.astype(np.float32)) for k, v in sorted(params.items())}
-    parts = [predict_frames(mod, params, x[i:i + 16], None if y is None else y[i:i + 16],
-                            patch=p, frames_out=fo, backend=B) for i in range(0, len(x), 16)]
-    inputs = np.concatenate([part[0] for part in parts])
-    targets = None if y is None else np.concatenate([part[1] for part in parts])
-    preds = np.concatenate([part[2] for part in parts])
     out = Path(args.out)
+    # refused before the work: an output that would replace the spec, its imports, the
+    # checkpoint or the data (P.save_npy and P.save_png check again, with what was read)
+    P.check_outputs(out, (*_inputs(mod), args.checkpoint, args.data))
+    pred = P.predict(mod, args.checkpoint, data=args.data, clips=args.clips, steps=args.steps,
+                     seed=args.seed, allow_nonfinite=args.allow_nonfinite, device=args.device,
+                     conv=args.conv)
+    npy = P.save_npy(pred, out)
+    print(pred.describe())
+    print(f"wrote {npy}  {tuple(pred.predictions.shape)} float32 (N, T, C, H, W)")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConvcError(f"cannot create {out}: {exc.strerror or exc}") from None
-    from convc.runtime.atomic import write_atomic
-
-    try:
-        write_atomic(out / "predictions.npy", lambda stream: np.save(stream, preds))
-    except OSError as exc:
-        raise ConvcError(f"cannot write {out / 'predictions.npy'}: "
-                         f"{exc.strerror or exc}") from None
-    what = (f"{preds.shape[1]} frames after {fi} input frames" if forecast else
-            f"the next frame at each of {fi} steps")
-    print(f"predicted {what} for {len(preds)} sequences with {where} (step {meta.get('step')})")
-    print(f"wrote {out / 'predictions.npy'}  {tuple(preds.shape)} float32 (N, T, C, H, W)")
-    try:
-        png = plots.save_frames_png(out / "predictions.png", inputs, targets, preds,
-                                    title=f"{model['name']} at step {meta.get('step')}")
-        print(f"wrote {png}")
+        print(f"wrote {P.save_png(pred, out)}")
     except ConvcError as exc:
         print(f"note: no PNG: {exc}", file=sys.stderr)
     return 0

@@ -272,12 +272,12 @@ def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup
     threads: BLAS threads for the timed steps and the GEMM peak (None: leave as is).
     recompute: compile with recompute=K (memory against compute).
     """
-    import convc.api as api
+    from convc.runtime import loader
 
     results = []
     with blas_threads(threads):
         if spec is not None:
-            mod = api.load(spec, model=model, recompute=recompute)
+            mod = loader.load(spec, model=model, recompute=recompute)
             train = mod.MODEL.get("train", {})
             n = batch or int(train.get("batch_size", 8))
             t = frames or int(train.get("frames_in", 10))
@@ -294,7 +294,7 @@ def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup
                     raise ValueError(f"unknown benchmark configuration {name!r}; "
                                      f"choose from {', '.join(CONFIGS)}")
                 cfg = dict(CONFIGS[name], name=name)
-                mod = api.load(None, text=peer_cell_text(cfg), recompute=recompute)
+                mod = loader.load(None, text=peer_cell_text(cfg), recompute=recompute)
                 r = time_model(mod, batch=batch or cfg["N"], frames=frames or cfg["T"],
                                steps=steps, warmup=warmup, min_time=min_time, seed=seed,
                                lr=lr)

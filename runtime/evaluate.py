@@ -408,14 +408,14 @@ def evaluation_data(mod, run_config: dict, args, frames_in: int, frames_out: int
 
 def run_eval(args) -> dict[str, Any]:
     """`convc eval` without the printing: load, predict, score; returns the results."""
-    import convc.api as api
+    from convc.runtime import loader
     from convc.runtime.atomic import check_output
     from convc.runtime.backend import get_backend
 
     for out in (args.json, args.png):  # refused before the work, not after it
         if out:
             check_output(out, _inputs(args))
-    mod = api.load(args.spec, model=args.model)
+    mod = loader.load(args.spec, model=args.model)
     params, meta, where = load_params(args.checkpoint)
     _check_params(mod, params, where)
     user = meta.get("user") or {}
