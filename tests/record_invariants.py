@@ -339,6 +339,9 @@ def environment() -> dict:
         from threadpoolctl import threadpool_info
 
         blas = [d for d in threadpool_info() if d.get("user_api") == "blas"]
+        # NumPy's own BLAS: torch, SciPy or scikit-image loaded by other tests bring theirs
+        mine = [d for d in blas if "numpy" in str(d.get("filepath", "")).lower()]
+        blas = mine or blas
         env["blas"] = [f"{d.get('internal_api')} {d.get('version')} {d.get('architecture')}"
                        for d in blas]
     except ImportError:
