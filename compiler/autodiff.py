@@ -89,7 +89,9 @@ def needs_grad(low: Lowered) -> set[str]:
             if nid in ng:
                 continue
             node = g.node(nid)
-            hit = any(i in ng for i in node.inputs)
+            # an operand read only for its shape (expand's) does not make it depend on one
+            shape_only = OPS[node.op].shape_only
+            hit = any(i in ng and k not in shape_only for k, i in enumerate(node.inputs))
             if node.op == "state":
                 hit = hit or node.attrs.get("update") in ng or node.attrs.get("init_from") in ng
             if hit:
@@ -159,6 +161,8 @@ def differentiate(low: Lowered) -> Backward:
         for i, u in enumerate(node.inputs):
             if u not in ng:
                 continue
+            if i in op.shape_only:
+                continue  # read only for its shape: no gradient flows to it
             rule = vjp_rule(op, i)
             if rule is None:
                 raise NotImplementedError(f"op {node.op} has no gradient rule for input {i}")

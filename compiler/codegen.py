@@ -849,8 +849,12 @@ class Generator:
         kept = [c for c in carries if c in self.stored]
 
         def keep_carries(last=False):
+            # zero where nothing arrives: at the last step without a terminal, and at the
+            # others for a carry whose read has no cotangent (its state is read at t-1 by
+            # nothing that needs a gradient, only its final value by a later loop)
             for c in kept:
-                o(f"{c}_seq[t] = 0" if last and c in zero else f"{c}_seq[t] = {c}")
+                nothing = c in zero if last else c in never
+                o(f"{c}_seq[t] = 0" if nothing else f"{c}_seq[t] = {c}")
         stored = {n for n in plan.body if n in self.stored}
         cts = set(plan.read_ct_of_carry.values())
         with_out = {ct for c, ct in plan.read_ct_of_carry.items()
@@ -897,7 +901,13 @@ class Generator:
             co = bw.carry_outs.get(read)
             if co is None or co not in g:
                 continue
-            o(f"{co} = {plan.read_ct_of_carry[c]}")
+            ct = plan.read_ct_of_carry[c]
+            # copied unless it is in its own carried buffer: a row (or a view) of an arena
+            # buffer goes to other buffers after its last reader here, and the loop it
+            # flows to (the encoder's, its terminal carry) runs later
+            own = plan.fixed.get(ct, ("",))[0] == "carried" and \
+                first.status.get(ct) != "alias"
+            o(f"{co} = {ct}" if own else f"{co} = {ct}.copy()")
             if g.node(read).attrs["init"] == "learned":
                 o("if state is not None:  # started from a given state: no gradient to it")
                 o(f"    {co} = xp.zeros_like({co})")

@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 from convc.spec import ast as A
 from convc.spec.builtins import FUNCTIONS, LOSSES, WEIGHTS
 from convc.spec.checker import WORDS, walk_expr
@@ -43,7 +45,7 @@ from convc.spec.diagnostics import SOURCES, Loc, Reporter
 from convc.spec.loader import Program, stdlib_dir
 
 from .ir import Graph, Node
-from .ops import OPS, ShapeError, fmt_shape
+from .ops import OPS, ShapeError, broadcast, fmt_shape
 
 
 @dataclass
@@ -278,6 +280,9 @@ class Lowerer:
         self.default_seg: dict[str, str] = {}
         self.cell_docs: dict[str, str | None] = {}
         self.current_instance: str | None = None  # the cell being elaborated, if any
+        # in a cell run without input, a per-step value (its first state at t-1) that gives
+        # a value computed from its zeros alone its batch and time axes (_expanded)
+        self.zero_ref: str | None = None
 
     # ------------------------------------------------------------ axes and segments
     def axis(self, a: str) -> str:
@@ -314,6 +319,9 @@ class Lowerer:
     # ------------------------------------------------------------ nodes
     def node(self, op: str, inputs, loc: Loc, base: str | None = None, seg=-1, **attrs) -> str:
         inputs = tuple(inputs)
+        folded = self._folded(op, inputs, attrs, loc)
+        if folded is not None:
+            return folded
         if self.current_instance is not None:
             attrs.setdefault("_instance", self.current_instance)
         if self.site is not None:
@@ -333,7 +341,51 @@ class Lowerer:
                 msg += f" (operands {', '.join(shapes)})"
             self.rep.error("E300", msg, loc)
             raise _Fail() from None
+        if seg is None and OPS[op].elementwise:
+            self._imply(node)
         return nid
+
+    def _folded(self, op: str, inputs, attrs: dict, loc: Loc) -> str | None:
+        """An elementwise op of the zeros of an input not given (or of what they gave), as
+        the constant it is, of the shape they stand for: tanh(0), sigmoid(0) = 0.5, and a
+        product with zeros, `conv(x, W) * h[t-1]`, is zeros. Folded here, not only in
+        passes.fold_constants, so that a state's new value or an output made of them is
+        seen to be the same at every step (it then takes the state's shape, _update)."""
+        if not OPS[op].elementwise or not inputs:
+            return None
+        nodes = [self.g.node(i) for i in inputs]
+        zeros = [n for n in nodes if n.op == "const" and "_implied" in n.attrs]
+        if not zeros:
+            return None
+        if all(n.op == "const" for n in nodes) and OPS[op].ref is not None:
+            public = {k: v for k, v in attrs.items() if not k.startswith("_") and k != "keep"}
+            value = float(np.asarray(OPS[op].ref(*[np.float64(n.attrs["value"]) for n in nodes],
+                                                 **public)))
+        elif op == "mul" and any(n.attrs["value"] == 0.0 for n in zeros):
+            value = 0.0
+        else:
+            return None
+        try:
+            implied = broadcast([n.attrs.get("_implied") or n.shape or () for n in nodes])
+        except ShapeError:
+            return None  # the op's own shape rule reports it
+        c = self.const(value, loc)
+        self.g.node(c).attrs["_implied"] = implied
+        return c
+
+    def _imply(self, node: Node) -> None:
+        """A value the same at every step computed from the zeros of an input not given
+        (`tanh(conv(x, W) + b)` in a forecaster: a scalar or [C, 1, 1] at run time) keeps
+        the shape those zeros stand for, `_implied`, as lowering's hint where a state or a
+        cell's output needs a per-step array of it (`_expanded`)."""
+        implied = [self.g.node(i).attrs.get("_implied") for i in node.inputs]
+        if not any(implied):
+            return
+        try:
+            node.attrs["_implied"] = broadcast([
+                s or self.g.node(i).shape or () for s, i in zip(implied, node.inputs)])
+        except ShapeError:
+            pass  # the op's own shape rule says what does not fit
 
     def join_segments(self, segs, loc: Loc) -> str | None:
         segs = [s for s in segs if s is not None]
@@ -687,23 +739,24 @@ class Lowerer:
             self.unify_axes(self.segments[seg].axis, steps_axis)
         inst.seg = seg
         self.segments[seg].cells.append(inst.name)
-        # an input not given is zeros with the channels of the frames the cell steps over
+        # an input not given is zeros of the shape of the frames the cell steps over
         frames = self.g.node(src.id if steps_axis is not None else inputs[0].id).shape
-        return self.elaborate(inst, inputs, init_from, seg, call.loc, frames and frames[0])
+        return self.elaborate(inst, inputs, init_from, seg, call.loc, frames)
 
     def elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
-                  zero_channels: int | None = None):
+                  zero_shape: tuple | None = None):
         self.current_instance = inst.name
         self.site = inst.site
         if self.site is not None:
             self.site.here = None
         try:
-            return self._elaborate(inst, inputs, init_from, seg, loc, zero_channels)
+            return self._elaborate(inst, inputs, init_from, seg, loc, zero_shape)
         finally:
             self.current_instance = None
             if self.site is not None:
                 self.site.here = None
             self.site = None
+            self.zero_ref = None
 
     def _at(self, here) -> None:
         """Say which statement of the cell is being lowered (for `_blamed_argument`)."""
@@ -711,7 +764,7 @@ class Lowerer:
             self.site.here = here
 
     def _elaborate(self, inst: Instance, inputs, init_from, seg: str, loc: Loc,
-                   zero_channels: int | None):
+                   zero_shape: tuple | None):
         cell = inst.cell
         env: dict[str, object] = dict(inst.params)
         body = self.flatten(cell.body, env)
@@ -753,9 +806,12 @@ class Lowerer:
             if i < len(inputs):
                 env[n] = inputs[i]
             else:
-                # the scalar 0 wherever it broadcasts; `channels` for a concat to widen by
+                # the scalar 0 wherever it broadcasts, which remembers the shape it stands
+                # for (`_implied`: what a concat widens by, a split divides, a conv over it
+                # gives; see _folded and _imply)
                 env[n] = Tensor(self.const(0.0, loc))
-                self.g.node(env[n].id).attrs["channels"] = zero_channels
+                self.g.node(env[n].id).attrs["_implied"] = \
+                    tuple(zero_shape) if zero_shape and len(zero_shape) == 3 else (None,) * 3
         # state reads: the value at t-1
         reads: dict[str, str] = {}
         for name, st in states.items():
@@ -777,6 +833,8 @@ class Lowerer:
                 self.g.node(rid).attrs["init_from"] = pid
             reads[name] = rid
             self.segments[seg].states.append(rid)
+        if len(inputs) < len(input_names):
+            self.zero_ref = next(iter(reads.values()), None)
         cur: dict[str, Tensor] = {}
         busy: set[str] = set()
         scope = _CellScope(self, inst, env, eqs, reads, cur, busy)
@@ -796,7 +854,7 @@ class Lowerer:
         result = []
         for n, oloc in outputs:
             try:
-                result.append(scope.value(n, oloc))
+                result.append(self._expanded(scope.value(n, oloc), oloc, seg, f"{n}_{inst.name}"))
             except _Fail:
                 failed = True
         if failed:
@@ -812,7 +870,16 @@ class Lowerer:
             self.rep.error("E205", f"state {name!r} must be a tensor", st.loc)
             raise _Fail()
         upd_node = self.g.node(upd.id)
-        if upd_node.op in ("state", "param", "const", "input") or upd_node.seg != seg:
+        if upd_node.seg is None:
+            # the same at every step (in a cell run without input, what its zeros fold to):
+            # an array of the state's shape, which comes from its start (init=) or else
+            # from the shape the zeros stand for
+            ident = self.node("expand", (upd.id, reads[name]), st.loc, base=f"{name}_{inst.name}",
+                              seg=seg, shape=upd_node.attrs.get("_implied"), like=True,
+                              keep=True)
+            upd = Tensor(ident)
+            cur[name] = upd
+        elif upd_node.op in ("state", "param", "const", "input") or upd_node.seg != seg:
             # the state's new value must be a node of this loop that the read can point at
             ident = self.node("scale", (upd.id,), st.loc, base=f"{name}_{inst.name}",
                               seg=seg, factor=1.0, keep=True)
@@ -932,14 +999,24 @@ class Lowerer:
                 self.rep.error("E205", "split(x, n) needs a positive integer n", e.loc)
                 raise _Fail()
             xnode = self.g.node(x.id)
-            if xnode.op == "const" and "channels" in xnode.attrs:  # an input not given
-                c = xnode.attrs["channels"]
-                if c is not None and c % n == 0:
-                    parts = [self.const(0.0, e.loc) for _ in range(n)]
-                    for p in parts:
-                        self.g.node(p).attrs["channels"] = c // n
-                    return Tup([Tensor(p) for p in parts])
+            implied = xnode.attrs.get("_implied")
             shape = xnode.shape
+            if implied is not None and not shape:
+                # one value in every channel (the zeros of an input not given, or what is
+                # computed from them alone): n parts of it, whose channels may stay unknown
+                c = implied[0]
+                if c is not None and c % n:
+                    self.rep.error("E302", f"split into {n} parts does not divide {c} channels "
+                                   f"(shape {fmt_shape(implied)})", e.loc)
+                    raise _Fail()
+                parts = []
+                for _ in range(n):
+                    p = self.const(xnode.attrs["value"], e.loc) if xnode.op == "const" else \
+                        self.node("scale", (x.id,), e.loc, factor=1.0)
+                    self.g.node(p).attrs["_implied"] = (None if c is None else c // n,) + \
+                        tuple(implied[1:])
+                    parts.append(Tensor(p))
+                return Tup(parts)
             c = shape[0] if shape else None
             if c is None:
                 self.rep.error("E303", "cannot infer the channels of the value to split", e.loc)
@@ -949,8 +1026,12 @@ class Lowerer:
                                f"(shape {fmt_shape(shape)})", e.loc)
                 raise _Fail()
             k = c // n
-            return Tup([Tensor(self.node("slice", (x.id,), e.loc, start=i * k, stop=(i + 1) * k))
-                        for i in range(n)])
+            parts = [self.node("slice", (x.id,), e.loc, start=i * k, stop=(i + 1) * k)
+                     for i in range(n)]
+            if implied is not None:
+                for p in parts:
+                    self.g.node(p).attrs["_implied"] = (k,) + tuple(implied[1:])
+            return Tup([Tensor(p) for p in parts])
         raise AssertionError(fname)
 
     def concat(self, args, loc: Loc):
@@ -965,8 +1046,8 @@ class Lowerer:
         pending = 0
         for a in args:
             node = self.g.node(a.id)
-            if node.op == "const" and node.attrs.get("value") == 0.0 and "channels" in node.attrs:
-                c = node.attrs["channels"]
+            if node.op == "const" and node.attrs.get("value") == 0.0 and "_implied" in node.attrs:
+                c = node.attrs["_implied"][0]
                 if c is None:
                     self.rep.error("E303", "cannot infer the channels of the zeros that stand "
                                    "for an input not given; give the cell its input", loc)
@@ -980,10 +1061,12 @@ class Lowerer:
             pending = 0
         if not parts:  # only zeros: still the scalar 0, now that many channels wide
             zero = self.const(0.0, loc)
-            self.g.node(zero).attrs["channels"] = pending
+            frame = self.g.node(args[0].id).attrs["_implied"]
+            self.g.node(zero).attrs["_implied"] = (pending,) + tuple(frame[1:])
             return Tensor(zero)
         ids = []
         for nid, before, after in parts:
+            nid = self._expanded(nid, loc)
             if before or after:
                 nid = self.node("pad_zeros", (nid,), loc, before=before, after=after)
             ids.append(nid)
@@ -991,10 +1074,30 @@ class Lowerer:
             return Tensor(ids[0])
         return Tensor(self.node("concat", ids, loc))
 
+    def _expanded(self, v, loc: Loc, seg: str | None = None, base: str | None = None):
+        """`v` as a per-step array where it is the same at every step and computed from the
+        zeros of an input not given (`sigmoid(conv(x, W))` in a forecaster: the scalar 0.5),
+        for what needs its every pixel: a cell's output, a concat, a conv (of ones other
+        than zeros, which fold away). Anything else is `v` itself."""
+        nid = v.id if isinstance(v, Tensor) else v
+        node = self.g.node(nid) if isinstance(nid, str) else None
+        if node is None or node.seg is not None or self.zero_ref is None or \
+                "_implied" not in node.attrs or \
+                (node.op == "const" and node.attrs["value"] == 0.0 and seg is None):
+            return v
+        implied = node.attrs["_implied"]
+        if None in implied:
+            self.rep.error("E303", f"cannot infer the shape of this value (got "
+                           f"{fmt_shape(implied)}): it is computed from the zeros of an input "
+                           "not given alone; give the cell its input", loc)
+            raise _Fail()
+        ref = self.zero_ref
+        out = self.node("expand", (nid, ref), loc, base=base, seg=seg or self.g.node(ref).seg,
+                        shape=tuple(implied), like=False)
+        return Tensor(out) if isinstance(v, Tensor) else out
+
     def conv(self, e: A.Call, args, kwargs) -> str:
         x, w = args[0], args[1]
-        if self.g.node(x.id).op == "const" and self.g.node(x.id).attrs["value"] == 0.0:
-            return self.const(0.0, e.loc)  # a cell run without input: its input convs are 0
         wnode = self.g.node(w.id)
         if wnode.op != "param" or wnode.shape is None or len(wnode.shape) != 4:
             self.rep.error("E205", "the second argument of conv is a kernel weight "
@@ -1025,7 +1128,21 @@ class Lowerer:
             pad = (0, 0)
         else:
             pad = pair(padding, "padding")
-        return self.node("conv", (x.id, w.id), e.loc, stride=stride, pad=pad, dilation=dil)
+        xnode = self.g.node(x.id)
+        if xnode.op == "const" and xnode.attrs["value"] == 0.0:
+            # a cell run without input: its input convolutions are zeros, of the kernel's
+            # output channels and the frames' height and width (whatever the zeros' channels)
+            zero = self.const(0.0, e.loc)
+            frame = tuple(xnode.attrs.get("_implied") or (None,) * 3)
+            try:
+                self.g.node(zero).attrs["_implied"] = OPS["conv"].shape(
+                    [(None,) + frame[1:], wnode.shape], dict(stride=stride, pad=pad, dilation=dil))
+            except ShapeError as err:
+                self.rep.error("E300", f"conv: {err}", e.loc)
+                raise _Fail() from None
+            return zero
+        return self.node("conv", (self._expanded(x.id, e.loc), w.id), e.loc, stride=stride,
+                         pad=pad, dilation=dil)
 
     # ------------------------------------------------------------ losses
     def loss(self, st: A.Loss, env) -> None:

@@ -55,6 +55,8 @@ class OpDef:
     doc: str = ""
     # extra: how many inputs (fixed arity ops); -1 for variadic
     arity: int = field(default=1)
+    # operands read only for their shape: no gradient flows to them (expand's second)
+    shape_only: tuple = ()
 
 
 OPS: dict[str, OpDef] = {}
@@ -373,6 +375,34 @@ defop(name="pad_zeros", arity=1, shape=_pad_zeros_shape,
                                    stop=n.attrs["before"] + b.shape_of(n.inputs[0])[0]),),
       doc="`before` zero channels, the value, `after` zero channels: concat with the "
           "zeros of an input not given (a forecaster's); folded away before a conv")
+
+
+def _expand_shape(shapes, attrs):
+    v, ref = shapes
+    out = list(attrs["shape"] or (None, None, None))
+    if attrs["like"]:
+        if len(ref) != 3:
+            raise ShapeError(f"expects a [C, H, W] value to take the shape of, got "
+                             f"{fmt_shape(ref)}")
+        out = [unify_dim(a, b) for a, b in zip(out, ref)]
+    if len(v) > 3:
+        raise ShapeError(f"cannot broadcast {fmt_shape(v)} to a [C, H, W] value")
+    for k, d in enumerate(v):  # the value broadcasts to the result: [], [C, 1, 1], [C, H, W]
+        if d is not None and d != 1:
+            out[3 - len(v) + k] = unify_dim(out[3 - len(v) + k], d)
+    return tuple(out)
+
+
+defop(name="expand", arity=2, shape=_expand_shape,
+      code=lambda a, at: (f"rt.expand({a[0]}, {a[1]})" if at["like"] else
+                          f"rt.expand({a[0]}, {a[1]}, {tuple(at['shape'])})"),
+      ref=lambda v, r, shape, like: K.expand(v, r, None if like else shape),
+      vjp=(lambda b, n, g, i: _sum_to(b, n, g, 0), None), shape_only=(1,),
+      doc="a value the same at every step (a constant, or one of parameters only: what a cell "
+          "run without input computes from its zeros) as a per-step array: of the shape of "
+          "the second operand (like=True: a state's value at t-1, for the state's new value), "
+          "or of `shape` with the second operand's batch and time axes (a cell's output); "
+          "no gradient flows to the second operand")
 
 
 def _kernel_part_shape(shapes, attrs):

@@ -168,6 +168,10 @@ def cse(g: Graph) -> int:
 def live_nodes(g: Graph, roots) -> set[str]:
     """Nodes the roots need, following state recurrences and initial values."""
     live: set[str] = set()
+    # a state that another starts from (init=enc) keeps its read, whose buffer holds the
+    # final value, also where nothing reads it at t-1 (an encoder whose h reads only x)
+    read_of = {g.node(n).attrs["update"]: n for n in g.g.nodes
+               if g.node(n).op == "state" and g.node(n).attrs.get("update")}
     stack = list(roots)
     while stack:
         n = stack.pop()
@@ -180,6 +184,8 @@ def live_nodes(g: Graph, roots) -> set[str]:
             for key in ("update", "init_from"):
                 if node.attrs.get(key):
                     stack.append(node.attrs[key])
+            if node.attrs.get("init_from") in read_of:
+                stack.append(read_of[node.attrs["init_from"]])
     return live
 
 

@@ -65,7 +65,9 @@ def _stages(g: Graph, nodes: set[str], sources: set[str], sinks: set[str]):
     """Split one loop's nodes into (pre, loop, post) given the recurrence ends."""
     view = g.data_view()
     dep = set(sources)
-    for s in sources:
+    # what reads a recurrence end runs at or after it: also a state's new value that reads
+    # no state (h = tanh(conv(x, W)), which the loop still writes step by step)
+    for s in set(sources) | set(sinks):
         dep |= {d for d in nx.descendants(view, s) if d in nodes}
     anc = set(sinks)
     for s in sinks:

@@ -177,6 +177,18 @@ def pad_channels(g, start, total):
     return out
 
 
+def expand(value, ref, shape=None):
+    """`value` as a new array of `ref`'s shape, or of ref's leading (time, batch) axes and
+    the per-sample `shape`: a value the same at every step (a scalar, a static [C, 1, 1]
+    or [C, H, W]) where a state or a cell's output needs a per-step array (a cell run
+    without input, whose zeros fold to constants)."""
+    xp = array_module(ref)
+    full = ref.shape if shape is None else ref.shape[:-3] + tuple(shape)
+    out = xp.zeros(full, dtype=ref.dtype)
+    out += value
+    return out
+
+
 def sum_to(x, shape, batched=False):
     """Sum `x` down to `shape`.
 

@@ -148,6 +148,14 @@ VJP_CASES = [
     Case("slice", {"x": S(8, 4, 5)}, ("x",), dict(start=0, stop=8), id="all"),
     Case("pad_zeros", {"x": S(3, 4, 5)}, ("x",), dict(before=2, after=1), id="both"),
     Case("pad_zeros", {"x": S(3, 4, 5)}, ("x",), dict(before=0, after=4), id="after"),
+    # a constant (of parameters only) as a state's new value, of the state's shape, or as
+    # a cell's output, of its own: no gradient to the operand it takes the shape from
+    Case("expand", {"b": S(3, 1, 1, lead="static"), "h": S(3, 4, 5)}, ("b", "h"),
+         dict(shape=None, like=True), id="state"),
+    Case("expand", {"c": S(lead="static"), "h": S(3, 4, 5)}, ("c", "h"),
+         dict(shape=(3, 4, 5), like=True), id="scalar"),
+    Case("expand", {"w": S(3, 4, 5, lead="static"), "h": S(2, 4, 5)}, ("w", "h"),
+         dict(shape=(3, 4, 5), like=False), id="output"),
     Case("reshape", {"b": S(4, lead="static")}, ("b",), dict(shape=(4, 1, 1)), id="bias"),
     Case("kernel_slice", {"w": S(4, 5, 3, 3, lead="static")}, ("w",), dict(start=1, stop=3)),
     Case("kernel_slice", {"w": S(4, 5, 3, 3, lead="static")}, ("w",), dict(start=0, stop=5),
@@ -291,7 +299,7 @@ CODE_CASES = VJP_CASES + EXTRA_CODE_CASES
 TIME_BATCHED = ("add", "sub", "mul", "addn", "neg", "scale", "sigmoid", "tanh", "relu",
                 "hard_sigmoid", "sigmoid_grad", "tanh_grad", "relu_grad", "hard_sigmoid_grad",
                 "conv", "conv_grad_input", "conv_grad_weight", "concat", "slice",
-                "pad_channels", "sum_to")
+                "pad_channels", "sum_to", "expand")
 
 
 def _as_sequence(case: Case) -> Case:
