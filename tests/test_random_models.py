@@ -71,6 +71,7 @@ class CellWriter:
     name: str
     draw: object
     states: list[str]
+    kinks: bool = False  # also relu and hard_sigmoid where a kink is within reach
     weights: list[str] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     values: list[str] = field(default_factory=list)  # named intermediates (split parts)
@@ -118,7 +119,7 @@ class CellWriter:
                 f"hard_sigmoid(2 * tanh({inner}))",  # the linear part
                 f"hard_sigmoid(tanh({inner}) + 4)",  # flat at 1
                 f"hard_sigmoid(tanh({inner}) - 4)",  # flat at 0
-            ]))
+            ] + ([f"relu({inner})", f"hard_sigmoid({inner})"] if self.kinks else [])))
         if kind == "scale":
             c = self.draw(st.sampled_from(["0.5 * ", "-1.5 * ", "", ""]))
             d = self.draw(st.sampled_from(["", " / 2", " * 0.25"]))
@@ -169,13 +170,19 @@ class ModelSpec:
     bptt: int | None
     stateful: bool
     T: int
+    T_out: int | None = None  # a forecaster's steps (its own time axis)
 
 
 @st.composite
-def models(draw) -> ModelSpec:
+def models(draw, forecasters: bool = False, kinks: bool = False) -> ModelSpec:
+    """A random model's text. With `forecasters`, also encoder-forecasters (each
+    forecaster layer a new instance of its encoder layer's cell, `init =` that
+    layer, the first run without input over the targets' steps) and losses on
+    `steps = last`; with `kinks`, relu and hard_sigmoid anywhere in a cell."""
     size = draw(st.sampled_from([6, 8]))
     cin = draw(st.integers(1, 2))
     n_layers = draw(st.integers(1, 3))
+    forecast = forecasters and draw(st.booleans())
     cells, layers = [], []
     for i in range(n_layers):
         hidden = draw(st.integers(2, 3))
@@ -184,7 +191,7 @@ def models(draw) -> ModelSpec:
                 h=hidden, k=draw(st.sampled_from([1, 3, 5])))
         else:
             states = ["h", "c"] if draw(st.booleans()) else ["h"]
-            cells.append(CellWriter(f"R{i}", draw, states).text())
+            cells.append(CellWriter(f"R{i}", draw, states, kinks=kinks).text())
             cell = f"R{i}(hidden = {hidden})"
         layers.append(cell)
     lines = []
@@ -197,28 +204,36 @@ def models(draw) -> ModelSpec:
         lines.append(f"h{i} = l{i}({prev})")
         prev = f"h{i}"
     heads = [f"h{i}" for i in range(n_layers)]
+    if forecast:  # the forecaster: the same cells again, each starting where its layer stopped
+        for i, cell in enumerate(layers):
+            lines.append(f"f{i} = {cell}")
+            reads = "steps = y" if i == 0 else f"g{i - 1}"
+            lines.append(f"g{i} = f{i}({reads}, init = l{i})")
+        heads = [f"g{i}" for i in range(n_layers)]
+        prev = heads[-1]
     feat = f"concat({', '.join(heads)})" if n_layers > 1 and draw(st.booleans()) else prev
     loss = draw(st.sampled_from(["bce", "mse", "cross_entropy"]))
+    last = forecasters and draw(st.integers(0, 2)) == 0
     cout = 2 if loss == "cross_entropy" else 1
     if loss == "bce":
         head = f"pred = sigmoid(conv({feat}, W_out) + b_out)"
     else:
         head = f"pred = conv({feat}, W_out) + b_out"
-    head += f"\n    output pred\n    loss {loss}(pred, y)"
+    head += f"\n    output pred\n    loss {loss}(pred, y{', steps = last' if last else ''})"
     body = "\n    ".join(lines)
     text = (f"import std\n\n{''.join(cells)}\nmodel random_model {{\n"
             f"    input x: [{cin}, {size}, {size}]\n    target y: [{cout}, {size}, {size}]\n"
             f"    {body}\n    weight W_out = kernel({cout}, 1)\n    weight b_out = bias({cout})\n"
             f"    {head}\n}}\n")
     return ModelSpec(text, draw(st.sampled_from([None, None, 1, 2, 3])), draw(st.booleans()),
-                     draw(st.integers(3, 4)))
+                     draw(st.integers(3, 4)), draw(st.integers(2, 4)) if forecast else None)
 
 
 # ---------------------------------------------------------------- the property
 
 @settings(max_examples=_max_examples(), deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(spec=models())
+@given(spec=models(forecasters=True))
 def test_random_model_compiles_matches_interpreter_and_gradients(spec: ModelSpec,
                                                                    fuzz_counter):
     fuzz_counter["random_models"] += 1
@@ -227,14 +242,15 @@ def test_random_model_compiles_matches_interpreter_and_gradients(spec: ModelSpec
     name = f"random_{zlib.crc32(spec.text.encode()):08x}.cell"
     mod = load_text(spec.text, name)
     params = random_params(mod, seed=0)
-    inputs, targets = random_batch(mod, N=2, T=spec.T, seed=0)
+    inputs, targets = random_batch(mod, N=2, T=spec.T, T_out=spec.T_out, seed=0)
     state = random_state(mod, N=2) if spec.stateful else None
 
     # the generated forward pass and loss agree with the reference interpreter
     outputs, finals, loss = run_forward(mod.compiled.lowered, params, inputs, targets,
                                         state=state)
     got_loss, _, got_finals = mod.loss_and_grad(params, inputs, targets, state=state)
-    got_outputs, got_finals2 = mod.forward(params, inputs, state=state)
+    steps = {} if spec.T_out is None else {"steps": spec.T_out}  # a forecaster's frames
+    got_outputs, got_finals2 = mod.forward(params, inputs, state=state, **steps)
     assert abs(got_loss - loss) <= 1e-12 * max(1.0, abs(loss))
     for k in outputs:
         np.testing.assert_allclose(got_outputs[k], outputs[k], rtol=1e-11, atol=1e-12)
