@@ -1161,6 +1161,11 @@ class Lowerer:
                 self.rep.error("E205", "a loss compares two sequences; this value is the "
                                "same at every step (a weight or a constant)", a.loc)
                 raise _Fail()
+        if any(self.g.node(n).op == "param" for n in self.g.ancestors(target.id)):
+            # the losses' VJPs give a cotangent to the prediction only
+            self.rep.error("E205", "a loss's target (its second argument) must not depend on "
+                           "weights: compare a prediction with data, e.g. a target", call.args[1].loc)
+            raise _Fail()
         op = {"bce": "bce", "mse": "mse", "cross_entropy": "xent_logits"}[fname]
         nid = self.node(op, (pred.id, target.id), call.loc, base="loss", steps=steps)
         self.g.node(nid).seg = None  # a loss is a scalar over every step
