@@ -271,13 +271,11 @@ def gradcheck(mod, params: dict | None = None, inputs: dict | None = None,
 
     from convc.runtime import kernels
 
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     if params is None or inputs is None or targets is None:
-        p0, i0, t0_ = random_problem(mod, batch=batch, frames=frames, frames_out=frames_out,
-                                     seed=seed)
-        params = p0 if params is None else params
-        inputs = i0 if inputs is None else inputs
-        targets = t0_ if targets is None else targets
+        made = random_problem(mod, batch=batch, frames=frames, frames_out=frames_out, seed=seed)
+        params, inputs, targets = (given if given is not None else default
+                                   for given, default in zip((params, inputs, targets), made))
     kw = {} if state is None else {"state": state}
     was = kernels.poison_enabled()
     kernels.set_poison(was if poison is None else poison)
@@ -305,7 +303,7 @@ def gradcheck(mod, params: dict | None = None, inputs: dict | None = None,
     finally:
         kernels.set_poison(was)
     report.evaluations = count[0]
-    report.seconds = time.perf_counter() - t0
+    report.seconds = time.perf_counter() - started
     return report
 
 
