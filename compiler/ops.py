@@ -16,7 +16,8 @@ Conventions
   output (`g*y*(1-y)`, `g*(1-y*y)`); conv has one rule per input.
 - Code templates are format strings over the argument expressions; `rt` is
   `convc.runtime.kernels`, `B` the backend, `xp` its array module.
-- Reference evaluations take NumPy arrays with a leading batch axis.
+- Reference evaluations (reference.py) take NumPy arrays with a leading batch axis;
+  they share nothing with the runtime's kernels.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from convc.runtime import kernels as K
+from . import reference as R
 
 
 def float_source(value) -> str:
@@ -213,7 +214,7 @@ defop(name="scale", arity=1, elementwise=True, shape=_same,
 
 defop(name="sigmoid", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"rt.sigmoid({a[0]})",
-      ref=lambda x: K.sigmoid(x),
+      ref=lambda x: R.sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("sigmoid_grad", n.id, g),),
       doc="logistic sigmoid 1/(1+exp(-x))")
 
@@ -231,7 +232,7 @@ defop(name="relu", arity=1, elementwise=True, shape=_same,
 
 defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"rt.hard_sigmoid({a[0]})",
-      ref=lambda x: K.hard_sigmoid(x),
+      ref=lambda x: R.hard_sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("hard_sigmoid_grad", n.inputs[0], g),),
       doc="clip(0.2*x + 0.5, 0, 1), as in Keras")
 
@@ -286,7 +287,7 @@ def _conv_attrs(at):
 
 defop(name="conv", arity=2, shape=_conv_shape,
       code=lambda a, at: f"rt.conv2d(B, {a[0]}, {a[1]}, {_conv_attrs(at)})",
-      ref=lambda x, w, stride, pad, dilation: K.conv2d_ref(x, w, stride, pad, dilation),
+      ref=lambda x, w, stride, pad, dilation: R.conv2d(x, w, stride, pad, dilation),
       vjp=(lambda b, n, g, i: b.op("conv_grad_input", g, n.inputs[1],
                                    x_shape=tuple(b.shape_of(n.inputs[0])),
                                    stride=n.attrs["stride"], pad=n.attrs["pad"],
@@ -300,14 +301,14 @@ defop(name="conv", arity=2, shape=_conv_shape,
 defop(name="conv_grad_input", arity=2, shape=lambda s, at: tuple(at["x_shape"]),
       code=lambda a, at: (f"rt.conv2d_grad_input(B, {a[0]}, {a[1]}, {tuple(at['x_shape'])}, "
                           f"{_conv_attrs(at)})"),
-      ref=lambda g, w, x_shape, stride, pad, dilation: K.conv2d_grad_input_ref(
+      ref=lambda g, w, x_shape, stride, pad, dilation: R.conv2d_grad_input(
           g, w, x_shape, stride, pad, dilation),
       doc="gradient of conv with respect to its input")
 
 defop(name="conv_grad_weight", arity=2, shape=lambda s, at: tuple(at["w_shape"]),
       code=lambda a, at: (f"rt.conv2d_grad_weight(B, {a[0]}, {a[1]}, {tuple(at['w_shape'])}, "
                           f"{_conv_attrs(at)})"),
-      ref=lambda x, g, w_shape, stride, pad, dilation: K.conv2d_grad_weight_ref(
+      ref=lambda x, g, w_shape, stride, pad, dilation: R.conv2d_grad_weight(
           x, g, w_shape, stride, pad, dilation),
       doc="gradient of conv with respect to its kernel, summed over the batch")
 
@@ -356,7 +357,7 @@ defop(name="slice", arity=1, shape=_slice_shape,
 defop(name="pad_channels", arity=1,
       shape=lambda s, at: (at["total"],) + tuple(s[0][1:]),
       code=lambda a, at: f"rt.pad_channels({a[0]}, {at['start']}, {at['total']})",
-      ref=lambda g, start, total: K.pad_channels(g, start, total),
+      ref=lambda g, start, total: R.pad_channels(g, start, total),
       doc="zeros except channels [start, start+C): the gradient of slice")
 
 def _pad_zeros_shape(shapes, attrs):
@@ -370,7 +371,7 @@ def _pad_zeros_shape(shapes, attrs):
 defop(name="pad_zeros", arity=1, shape=_pad_zeros_shape,
       code=lambda a, at: (f"rt.pad_channels({a[0]}, {at['before']}, "
                           f"{a[0]}.shape[-3] + {at['before'] + at['after']})"),
-      ref=lambda x, before, after: K.pad_channels(x, before, x.shape[1] + before + after),
+      ref=lambda x, before, after: R.pad_channels(x, before, x.shape[1] + before + after),
       vjp=(lambda b, n, g, i: b.op("slice", g, start=n.attrs["before"],
                                    stop=n.attrs["before"] + b.shape_of(n.inputs[0])[0]),),
       doc="`before` zero channels, the value, `after` zero channels: concat with the "
@@ -396,7 +397,7 @@ def _expand_shape(shapes, attrs):
 defop(name="expand", arity=2, shape=_expand_shape,
       code=lambda a, at: (f"rt.expand({a[0]}, {a[1]})" if at["like"] else
                           f"rt.expand({a[0]}, {a[1]}, {tuple(at['shape'])})"),
-      ref=lambda v, r, shape, like: K.expand(v, r, None if like else shape),
+      ref=lambda v, r, shape, like: R.expand(v, r, None if like else shape),
       vjp=(lambda b, n, g, i: _sum_to(b, n, g, 0), None), shape_only=(1,),
       doc="a value the same at every step (a constant, or one of parameters only: what a cell "
           "run without input computes from its zeros) as a per-step array: of the shape of "
@@ -426,7 +427,7 @@ defop(name="kernel_slice", arity=1, shape=_kernel_part_shape,
 defop(name="kernel_pad", arity=1,
       shape=lambda s, at: (s[0][0], at["total"]) + tuple(s[0][2:]),
       code=lambda a, at: f"rt.kernel_pad({a[0]}, {at['start']}, {at['total']})",
-      ref=lambda g, start, total: K.kernel_pad(g, start, total),
+      ref=lambda g, start, total: R.kernel_pad(g, start, total),
       vjp=(lambda b, n, g, i: b.op("kernel_slice", g, start=n.attrs["start"],
                                    stop=n.attrs["start"] + b.shape_of(n.inputs[0])[1]),),
       doc="zeros except input channels [start, start+C) of a kernel: kernel_slice's gradient")
@@ -439,7 +440,7 @@ defop(name="reshape", arity=1, shape=lambda s, at: tuple(at["shape"]),
 
 defop(name="sum_to", arity=1, shape=lambda s, at: tuple(at["shape"]),
       code=lambda a, at: f"rt.sum_to({a[0]}, {tuple(at['shape'])}, batched={at['batched']})",
-      ref=lambda x, shape, batched: K.sum_to(x, shape, batched),
+      ref=lambda x, shape, batched: R.sum_to(x, shape, batched),
       doc="sum over the batch (and time) axes and broadcast dimensions down to `shape`")
 
 
@@ -460,13 +461,13 @@ def _loss_shape(shapes, attrs):
 def _loss(name, doc):
     defop(name=name, arity=2, shape=_loss_shape,
           code=lambda a, at: f"rt.{name}({a[0]}, {a[1]}, steps={at['steps']!r})",
-          ref=lambda p, y, steps: getattr(K, name)(p, y, steps),
+          ref=lambda p, y, steps: getattr(R, name)(p, y, steps),
           vjp=(lambda b, n, g, i: b.op(name + "_grad", n.inputs[0], n.inputs[1],
                                        steps=n.attrs["steps"]), None),
           doc=doc)
     defop(name=name + "_grad", arity=2, shape=lambda s, at: s[0],
           code=lambda a, at: f"rt.{name}_grad({a[0]}, {a[1]}, steps={at['steps']!r})",
-          ref=lambda p, y, steps: getattr(K, name + "_grad")(p, y, steps),
+          ref=lambda p, y, steps: getattr(R, name + "_grad")(p, y, steps),
           doc=f"gradient of {name} with respect to its first argument")
 
 

@@ -267,56 +267,6 @@ def conv2d_grad_weight(B, x, g, w_shape, stride, pad, dilation):
     return B.conv2d_grad_weight(x2, g2, tuple(w_shape), stride, pad, dilation)
 
 
-def _pad(x, pad):
-    ph, pw = pad
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-
-
-def conv2d_ref(x, w, stride, pad, dilation):
-    """Direct definition: out[n,o,i,j] = sum_{c,a,b} xp[n,c,i*s+a*d, j*s+b*d] w[o,c,a,b]."""
-    xp_ = _pad(x, pad)
-    (sh, sw), (dh, dw) = stride, dilation
-    o, c, kh, kw = w.shape
-    ho = (xp_.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    wo = (xp_.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    out = np.zeros((x.shape[0], o, ho, wo), dtype=np.result_type(x, w))
-    for a in range(kh):
-        for b in range(kw):
-            patch = xp_[:, :, a * dh:a * dh + sh * (ho - 1) + 1:sh,
-                        b * dw:b * dw + sw * (wo - 1) + 1:sw]
-            out += np.einsum("nchw,oc->nohw", patch, w[:, :, a, b])
-    return out
-
-
-def conv2d_grad_input_ref(g, w, x_shape, stride, pad, dilation):
-    n = g.shape[0]
-    c, h, wd = x_shape[-3:]
-    (ph, pw), (sh, sw), (dh, dw) = pad, stride, dilation
-    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=np.result_type(g, w))
-    o, _, kh, kw = w.shape
-    ho, wo = g.shape[2], g.shape[3]
-    for a in range(kh):
-        for b in range(kw):
-            dxp[:, :, a * dh:a * dh + sh * (ho - 1) + 1:sh,
-                b * dw:b * dw + sw * (wo - 1) + 1:sw] += np.einsum("nohw,oc->nchw", g,
-                                                                    w[:, :, a, b])
-    return dxp[:, :, ph:ph + h, pw:pw + wd]
-
-
-def conv2d_grad_weight_ref(x, g, w_shape, stride, pad, dilation):
-    xp_ = _pad(x, pad)
-    (sh, sw), (dh, dw) = stride, dilation
-    o, c, kh, kw = w_shape
-    ho, wo = g.shape[2], g.shape[3]
-    dw_ = np.zeros(w_shape, dtype=np.result_type(x, g))
-    for a in range(kh):
-        for b in range(kw):
-            patch = xp_[:, :, a * dh:a * dh + sh * (ho - 1) + 1:sh,
-                        b * dw:b * dw + sw * (wo - 1) + 1:sw]
-            dw_[:, :, a, b] = np.einsum("nchw,nohw->oc", patch, g)
-    return dw_
-
-
 # ---------------------------------------------------------------- losses
 # Inputs are (T, N, C, H, W) (or (N, C, H, W) in reference evaluation).
 # steps="all" averages over every element; steps="last" over the last step only.

@@ -107,7 +107,7 @@ def _peer_params(cfg, rng):
 
 def _reference_loss(cfg, p, data):
     """The peers' model written out in NumPy (float64), for the step-0 loss."""
-    from convc.runtime.kernels import conv2d_ref
+    from convc.compiler.reference import conv2d
     x, y = data[:, :-1].astype(np.float64), data[:, 1:].astype(np.float64)
     n, t = x.shape[:2]
     ch, k = cfg["hidden"], cfg["k"]
@@ -117,7 +117,7 @@ def _reference_loss(cfg, p, data):
         c = np.zeros_like(h)
         out = []
         for s in range(t):
-            z = conv2d_ref(np.concatenate([seq[s], h], 1), p[f"l{layer}.W"].astype(np.float64),
+            z = conv2d(np.concatenate([seq[s], h], 1), p[f"l{layer}.W"].astype(np.float64),
                            (1, 1), (k // 2, k // 2), (1, 1))
             z += p[f"l{layer}.b"][None, :, None, None]
             i, f, o, g = np.split(z, 4, axis=1)
@@ -126,7 +126,7 @@ def _reference_loss(cfg, p, data):
             h = sig(o) * np.tanh(c)
             out.append(h)
         seq = out
-    logits = np.stack([conv2d_ref(h, p["head.W"].astype(np.float64), (1, 1), (0, 0), (1, 1))
+    logits = np.stack([conv2d(h, p["head.W"].astype(np.float64), (1, 1), (0, 0), (1, 1))
                        for h in seq], 1) + p["head.b"][None, None, :, None, None]
     return float(np.mean(np.maximum(logits, 0) - logits * y + np.log1p(np.exp(-np.abs(logits)))))
 

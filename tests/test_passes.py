@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from convc.compiler import passes
+from convc.compiler import reference
 from convc.compiler.interp import run_forward
 from convc.runtime import kernels
 from convc.runtime.bench import peer_cell_text
@@ -390,17 +391,17 @@ def test_one_gemm_convolutions_match_the_reference(pad, stride, dilation):
     args = (stride, pad, dilation)
     assert ops_numpy.same_flat(x.shape, (5, 5), *args) == (stride == (1, 1))
     y = backend.conv2d(x, w, *args)
-    np.testing.assert_allclose(y, kernels.conv2d_ref(x, w, *args), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, reference.conv2d(x, w, *args), rtol=1e-10, atol=1e-10)
     gy_cm = rng.standard_normal((20, 3) + y.shape[2:])  # (O, N, Ho, Wo) memory, as dz is kept
     gy = gy_cm.transpose(1, 0, 2, 3)
     dx = backend.conv2d_grad_input(gy, w, x.shape, *args)
-    dx_ref = kernels.conv2d_grad_input_ref(gy, w, x.shape, *args)
+    dx_ref = reference.conv2d_grad_input(gy, w, x.shape, *args)
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
     # the general kernel too (the backend takes a kept plan at this small size)
     dx = ops_numpy.conv2d_grad_input(np, gy, w, x.shape, *args, ws=ops_numpy.Workspace())
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-10, atol=1e-10)
     dw = backend.conv2d_grad_weight(x, gy, w.shape, *args)
-    np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w.shape, *args),
+    np.testing.assert_allclose(dw, reference.conv2d_grad_weight(x, gy, w.shape, *args),
                                rtol=1e-10, atol=1e-10)
     assert ops_numpy.ONE_GEMM_ROWS <= 300
     if stride == (1, 1):
@@ -452,7 +453,7 @@ def test_weight_gradient_pieces_taken_by_an_idle_thread_give_the_same_bits(dtype
     assert not helper.is_alive()
     assert len(ran) >= 3 and owner in ran and set(ran) - {owner}, ran
     assert np.array_equal(shared, alone)
-    np.testing.assert_allclose(alone, kernels.conv2d_grad_weight_ref(x, gy, w_shape, *args),
+    np.testing.assert_allclose(alone, reference.conv2d_grad_weight(x, gy, w_shape, *args),
                                rtol=1e-4 if dtype == np.float32 else 1e-10, atol=1e-3)
 
 
@@ -555,7 +556,7 @@ def test_weight_gradient_skips_leading_zero_images(zero):
     assert ops_numpy._zero_images(np, x[:, 20:]) == zero
     assert ops_numpy._zero_images(np, x[:, :20]) == 0
     dw = ops_numpy.conv2d_grad_weight(np, x, gy, w_shape, *args, ws=ops_numpy.Workspace())
-    np.testing.assert_allclose(dw, kernels.conv2d_grad_weight_ref(x, gy, w_shape, *args),
+    np.testing.assert_allclose(dw, reference.conv2d_grad_weight(x, gy, w_shape, *args),
                                rtol=1e-10, atol=1e-10)
     if zero == 16:
         assert not dw[:, 20:].any()
