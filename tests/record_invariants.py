@@ -1,6 +1,6 @@
 """Record the numbers the compiler refactor of issue 16 must keep, bit for bit.
 
-    python tests/record_invariants.py [--out tests/invariants/record.json]
+    python tests/record_invariants.py [--out FILE] [--models-of RECORD]
 
 For every model below this compiles the model, builds float64 parameters,
 inputs and targets from fixed seeds, and writes the sha256 digest of the
@@ -38,7 +38,15 @@ recording machine (OpenBLAS 0.3.31, 2 cores) 2 threads gave other bits for
 examples/shi2015's forward pass (its GEMMs are large enough to be split),
 while each thread count alone gave the same bits run after run.
 
-The record was made from the committed code in a clean worktree:
+Bits depend on the CPU's BLAS kernels (OpenBLAS picks SkylakeX on AVX-512,
+Haswell on AVX2), so there is one record per BLAS architecture:
+tests/invariants/record-<architecture>.json. A record for a new machine is
+made from the committed code at the refactor's current step, which the
+other records prove bitwise unchanged, and for the same model texts:
+`--models-of tests/invariants/record-SkylakeX.json` recomputes the models of
+that record (the random models are the same texts, not a new draw).
+
+The first record was made from the committed code in a clean worktree:
 
     git worktree add --detach /tmp/inv HEAD
     cp tests/record_invariants.py /tmp/inv/tests/   # if not committed yet
@@ -67,7 +75,18 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RECORD = HERE / "invariants" / "record.json"
+RECORDS = HERE / "invariants"
+
+
+def record_path(env: dict) -> Path:
+    """Where the record of this environment lives: named by its BLAS architecture."""
+    arch = "-".join(sorted({b.rsplit(" ", 1)[-1] for b in env.get("blas") or []})) or "unknown"
+    return RECORDS / f"record-{arch}.json"
+
+
+def records() -> list[tuple[Path, dict]]:
+    return [(p, json.loads(p.read_text(encoding="utf-8")))
+            for p in sorted(RECORDS.glob("record-*.json"))]
 if str(HERE) not in sys.path:  # helpers.py, test_random_models.py
     sys.path.insert(0, str(HERE))
 
@@ -357,14 +376,18 @@ def _commit() -> str | None:
     try:
         head = git("rev-parse", "HEAD").strip()
         changed = [line for line in git("status", "--porcelain", "--untracked-files=no")
-                   .splitlines() if not line.endswith(("record_invariants.py", "record.json"))]
+                   .splitlines() if not line.endswith("record_invariants.py") and "invariants/record-" not in line]
     except Exception:
         return None
     return head + (" + uncommitted changes" if changed else "")
 
 
-def record(threads: int = BLAS_THREADS) -> dict:
-    models = all_models()
+def record(threads: int = BLAS_THREADS, models: list[dict] | None = None) -> dict:
+    """Digests of `models` (default: all_models()) made on this machine."""
+    if models is None:
+        models = all_models()
+    else:
+        models = [{k: v for k, v in m.items() if k != "digests"} for m in models]
     with blas_limits(threads):
         for entry in models:
             entry["digests"] = compute(entry)
@@ -383,12 +406,18 @@ def write(rec: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out", type=Path, default=RECORD)
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: tests/invariants/record-<this BLAS architecture>.json")
+    ap.add_argument("--models-of", type=Path, default=None,
+                    help="recompute the models of this record instead of drawing them")
     ap.add_argument("--threads", type=int, default=BLAS_THREADS,
                     help="BLAS threads while computing (default 1)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    rec = record(args.threads)
+    models = (json.loads(args.models_of.read_text(encoding="utf-8"))["models"]
+              if args.models_of else None)
+    rec = record(args.threads, models)
+    args.out = args.out or record_path(rec["environment"])
     write(rec, args.out)
     n = sum(len(m["digests"]) for m in rec["models"])
     print(f"{len(rec['models'])} models, {n} quantities, {time.perf_counter() - start:.1f} s "
