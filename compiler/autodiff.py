@@ -134,7 +134,7 @@ def differentiate(low: Lowered) -> Backward:
         for read in update_of.get(nid, []):
             if read in bw.carries:
                 contribs.append(bw.carries[read])
-        if node.op in ("bce", "bce_logits", "mse", "xent_logits"):
+        if OPS[node.op].loss:
             ct = None  # the seed: d loss / d loss = 1, folded into the loss's gradient op
         elif not contribs:
             continue

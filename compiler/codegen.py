@@ -53,7 +53,7 @@ from convc.spec.diagnostics import SOURCES
 from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
-from .ops import OPS, float_source
+from .ops import ALIAS, OPS, ZERO, float_source, node_flops, without_zeros
 from .schedule import LOOP_KINDS, Schedule
 
 class _Out:
@@ -167,43 +167,22 @@ def _seq_shape(T: str, shape) -> str:
 
 
 # ---------------------------------------------------------------- writing into a buffer
-# How an op writes its result into a given buffer `out`. The ops' own code
-# templates (ops.py) give the value as an expression; these are the same
-# computations in their `out=` form, for the ops that run inside time loops.
-
-_UFUNCS = {"add": "xp.add", "sub": "xp.subtract", "mul": "xp.multiply", "neg": "xp.negative",
-           "tanh": "rt.tanh"}  # rt.tanh: from exp, faster than NumPy's float32 tanh
-# rt kernels that take `out=` after the arguments of the op's code template
-_RT_OUT = ("sigmoid", "hard_sigmoid", "sigmoid_grad", "tanh_grad", "relu_grad",
-           "hard_sigmoid_grad", "conv", "conv_grad_input", "concat")
-# operands `out` may be (an elementwise pass that reads each element before writing it)
-_OUT_MAY_ALIAS = {"add": (0, 1), "sub": (0, 1), "mul": (0, 1), "neg": (0,), "scale": (0,),
-                  "tanh": (0,), "relu": (0,), "sigmoid": (0,), "hard_sigmoid": (0,),
-                  "addn": (0,)}
-_VIEWS = ("slice", "reshape", "kernel_slice")
-# values the function does not own (or keeps for its caller)
-_NOT_OURS = ("input", "param", "state", "carry", "carry_out", "init", "seqref", "const")
-
-
 def _writes_into(op: str) -> bool:
-    return op in _UFUNCS or op in _RT_OUT or op in ("scale", "relu", "addn")
+    return OPS[op].writes_into
 
 
 def _into(op: str, args: list[str], attrs: dict, out: str) -> str:
-    """The statement's right-hand side that computes `op(args)` into `out`."""
-    if op in _UFUNCS:
-        return f"{_UFUNCS[op]}({', '.join(args)}, out={out})"
-    if op == "scale":
-        return f"xp.multiply({args[0]}, {float_source(attrs['factor'])}, out={out})"
-    if op == "relu":
-        return f"xp.maximum({args[0]}, 0, out={out})"
-    if op == "addn":
-        if len(args) == 2:
-            return f"xp.add({args[0]}, {args[1]}, out={out})"
-        return f"rt.addn({', '.join(args)}, out={out})"
-    code = OPS[op].code(args, attrs)
-    assert code.endswith(")"), code
-    return code[:-1] + f", out={out})"
+    """The statement's right-hand side that computes `op(args)` into `out` (ops.py `into`)."""
+    return OPS[op].into_code(args, attrs, out)
+
+
+def _view(op: str) -> bool:
+    return OPS[op].view
+
+
+def _owned(op: str) -> bool:
+    """False for values the function does not own (or keeps for its caller)."""
+    return OPS[op].owned
 
 
 def _sub(dest: str, a: int, b: int) -> str:
@@ -211,15 +190,6 @@ def _sub(dest: str, a: int, b: int) -> str:
     if dest.endswith("]"):
         return f"{dest[:-1]}, :, {a}:{b}]"
     return f"{dest}[:, {a}:{b}]"
-
-
-# Folding a step where some sources are zero: ops that are zero when any (or
-# all) of the listed operands are.
-_ZERO_IF_ANY = {"mul": (0, 1), "conv": (0,), "conv_grad_input": (0,),
-                "conv_grad_weight": (0, 1), "sigmoid_grad": (1,), "tanh_grad": (1,),
-                "relu_grad": (1,), "hard_sigmoid_grad": (1,)}
-_ZERO_IF_ALL = ("neg", "scale", "slice", "reshape", "tanh", "relu", "concat", "pad_channels",
-                "sum_to")
 
 
 class Generator:
@@ -495,12 +465,12 @@ class Generator:
         node = g.node(n)
         if node.seg is None or not _writes_into(node.op) or n in self.keep:
             return None  # (what the function returns gets memory of its own)
-        for k in _OUT_MAY_ALIAS.get(node.op, ()):
+        for k in OPS[node.op].alias:
             if k >= len(node.inputs):
                 continue
             i = node.inputs[k]
             src = g.node(i)
-            if src.seg is None or src.op in _VIEWS or src.op in _NOT_OURS or \
+            if src.seg is None or _view(src.op) or not _owned(src.op) or \
                     self.s.block_of[i][0] in LOOP_KINDS + ("data", "static") or \
                     i in self.keep or g.consumers(i) != [n] or \
                     tuple(src.shape) != tuple(node.shape):
@@ -520,7 +490,7 @@ class Generator:
                 for i in g.node(n).inputs:
                     while i in present:
                         self.last_read[i] = max(self.last_read.get(i, -1), index[b])
-                        if g.node(i).op not in _VIEWS:
+                        if not _view(g.node(i).op):
                             break
                         i = g.node(i).inputs[0]  # read through a view: its operand is read
         # a loop recomputed window by window in its backward loop reads its operands (and
@@ -537,7 +507,7 @@ class Generator:
                 for i in reads:
                     while i in present:
                         self.last_read[i] = max(self.last_read.get(i, -1), end)
-                        if g.node(i).op not in _VIEWS:
+                        if not _view(g.node(i).op):
                             break
                         i = g.node(i).inputs[0]
         low = self.low
@@ -571,7 +541,7 @@ class Generator:
                         lives[n] = [(self.seg_T[b[1]], size_of(n)), k,
                                     max(k, self.last_read.get(n, k))]
                     continue
-                if self.batched_t(n) is None or node.op in _NOT_OURS or node.op in _VIEWS \
+                if self.batched_t(n) is None or not _owned(node.op) or _view(node.op) \
                         or n in self.window_values \
                         or not _writes_into(node.op) or n in keep:
                     continue
@@ -635,7 +605,7 @@ class Generator:
                 continue
             node = g.node(n)
             b = self.s.block_of[n]
-            if node.op in _NOT_OURS or node.op in _VIEWS or node.seg is None:
+            if not _owned(node.op) or _view(node.op) or node.seg is None:
                 continue
             if b[0] in LOOP_KINDS:
                 if n in self.stored:
@@ -786,7 +756,7 @@ class Generator:
     def has_window_buffer(self, n: str) -> bool:
         """A window value written with out= into a kept (K, N, ...) buffer."""
         return n in self.window_values and _writes_into(self.g.node(n).op) and \
-            self.g.node(n).op not in _VIEWS
+            not _view(self.g.node(n).op)
 
     def window_inputs(self, L: tuple) -> set[str]:
         """Batched forward values that only loop L (or others of them) read: with
@@ -799,7 +769,7 @@ class Generator:
         for n in reversed(g.order()):
             node = g.node(n)
             b = s.block_of[n]
-            if node.grad or node.op in _NOT_OURS or n in self.keep_always or not (
+            if node.grad or not _owned(node.op) or n in self.keep_always or not (
                     b[0] in ("pre", "mid") and b[1] == seg or
                     b[0] == "data" and node.seg is not None):  # (of the input alone)
                 continue
@@ -989,16 +959,10 @@ class Generator:
         o.dedent()
 
     def step_flops(self) -> int:
-        """Convolution FLOPs of one step of one sample, forward: how big a step is."""
-        total = 0
-        for n in self.g.order():
-            node = self.g.node(n)
-            if node.op != "conv" or node.grad or node.seg is None:
-                continue
-            w = self.g.node(node.inputs[1]).shape
-            cout, ho, wo = node.shape
-            total += 2 * cout * w[1] * w[2] * w[3] * ho * wo
-        return total
+        """Multiply-add FLOPs of one forward step of one sample (the ops with a `flops`
+        rule: the convolutions): how big a step is."""
+        return sum(node_flops(self.g, node) for node in map(self.g.node, self.g.order())
+                   if not node.grad and node.seg is not None)
 
     def begin_function(self, stored: set[str]) -> None:
         """Start emitting one function: its stored values and their layouts."""
@@ -1075,7 +1039,7 @@ class Generator:
             for u in g.consumers(n):
                 if g.node(u).op == "carry_out":
                     continue
-                if u in inside and g.node(u).op in _VIEWS and u not in self.stored:
+                if u in inside and _view(g.node(u).op) and u not in self.stored:
                     out |= readers(u, inside)
                 elif u not in inside:
                     out.add(s.block_of[u])
@@ -1238,14 +1202,14 @@ class _LoopPlan:
             if ct in self.fixed:
                 continue  # a (T, ...) slot is not overwritten by the next step
             uses = [self.pos[u] for u in g.consumers(c) if u in self.pos]
-            if _writes_into(g.node(ct).op) and g.node(ct).op not in _VIEWS and \
+            if _writes_into(g.node(ct).op) and not _view(g.node(ct).op) and \
                     (not uses or max(uses) < self.pos[ct]):
                 self.fixed[ct] = ("carried", f"{ct}_buf")
             else:
                 # the carry is read after its new value is made, or it is a view: a
                 # fresh array every step keeps the previous step's value intact
                 x = ct
-                while x in self.pos and g.node(x).op in _VIEWS:
+                while x in self.pos and _view(g.node(x).op):
                     x = g.node(x).inputs[0]
                 if x in self.pos and x not in self.fixed:
                     self.fresh.add(x)
@@ -1281,22 +1245,15 @@ class _LoopPlan:
             ins = list(node.inputs)
             zs = [i in zero for i in ins]
             st, use = "compute", ins
-            if any(zs):
-                rule = _ZERO_IF_ANY.get(node.op)
-                if rule is not None and any(zs[k] for k in rule if k < len(zs)):
-                    st = "zero"
-                elif node.op in ("add", "addn"):
-                    rest = [i for i, z in zip(ins, zs) if not z]
-                    if not rest:
-                        st = "zero"
-                    elif len(rest) == 1:
-                        st, alias[n] = "alias", rest[0]
-                    else:
-                        use = rest
-                elif node.op == "sub" and zs[1] and not zs[0]:
-                    st, alias[n] = "alias", ins[0]
-                elif node.op in _ZERO_IF_ALL and all(zs):
-                    st = "zero"
+            folded = without_zeros(OPS[node.op], zs)  # the op table's zero rules
+            if folded is None:
+                pass
+            elif folded[0] == ZERO:
+                st = "zero"
+            elif folded[0] == ALIAS:
+                st, alias[n] = "alias", ins[folded[1]]
+            elif all(sign > 0 for sign in OPS[node.op].terms):  # a sum: zero terms drop out
+                use = [ins[k] for k in folded[1]]
             status[n] = st
             args[n] = use
             if st == "zero":
@@ -1323,7 +1280,7 @@ class _LoopPlan:
     def _temp(self, v: _Variant, n: str) -> bool:
         """Does n need a work buffer (computed here, written with out=, no fixed place)?"""
         op = self.g.node(n).op
-        return (n in v.live and v.status[n] == "compute" and op not in _VIEWS
+        return (n in v.live and v.status[n] == "compute" and not _view(op)
                 and _writes_into(op) and n not in self.fixed and n not in self.part_of
                 and n not in self.fresh)
 
@@ -1352,7 +1309,7 @@ class _LoopPlan:
             while x in self.pos:
                 if x in self.part_of:
                     x = self.part_of[x][0]
-                elif g.node(x).op in _VIEWS and v.status.get(x) == "compute":
+                elif _view(g.node(x).op) and v.status.get(x) == "compute":
                     x = self.resolve(v, g.node(x).inputs[0])
                 else:
                     break
@@ -1390,7 +1347,7 @@ class _LoopPlan:
                 shape = tuple(node.shape)
                 chosen = None
                 if n == n0:  # in place: over an operand that dies here
-                    for k in _OUT_MAY_ALIAS.get(node.op, ()):
+                    for k in OPS[node.op].alias:
                         if k >= len(v.args[n]):
                             continue
                         i = self.resolve(v, v.args[n][k])
@@ -1518,7 +1475,7 @@ class _LoopPlan:
             if n in self.parents and n in dest and n not in v.fresh and \
                     all(p in self.part_of for p in node.inputs):
                 o(f"{n} = {dest[n]}  # its parts were written into it above")
-            elif n in dest and n not in v.fresh and node.op not in _VIEWS and \
+            elif n in dest and n not in v.fresh and not _view(node.op) and \
                     _writes_into(node.op):
                 o(f"{n} = {_into(node.op, args, node.attrs, dest[n])}")
             else:

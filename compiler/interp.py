@@ -28,11 +28,6 @@ import numpy as np
 from .ir import Graph, Node
 from .ops import OPS
 
-# Source ops have no reference evaluation: their values come from outside.
-SOURCES = frozenset(("input", "param", "state", "init", "seqref", "carry"))
-
-_LOSSES = frozenset(("bce", "bce_logits", "mse", "xent_logits"))
-
 _REF_KEYWORDS: dict[str, frozenset | None] = {}
 
 
@@ -88,7 +83,7 @@ def evaluate(graph: Graph, env: dict, wanted=None) -> dict:
         if nid in values:
             continue
         node = graph.node(nid)
-        if node.op in SOURCES:
+        if OPS[node.op].source:  # no reference evaluation: its value comes from outside
             raise KeyError(f"no value given for source node {nid!r} ({node.op})")
         args = [values[i] for i in node.inputs]
         if node.op == "carry_out":

@@ -44,8 +44,23 @@ class ShapeError(Exception):
     """Raised by shape rules; the caller turns it into a located diagnostic."""
 
 
+# `into=OUT`: the op writes into a buffer by its code template with `out=` as its last
+# keyword argument (`rt.sigmoid(x)` -> `rt.sigmoid(x, out=buf)`).
+OUT = "out="
+
+
 @dataclass(frozen=True)
 class OpDef:
+    """Everything every stage knows about one primitive.
+
+    Lowering and shape inference: `shape`, `arity`/`variadic`, `elementwise`.
+    Autodiff: `vjp` (one rule per input; None: no gradient through it),
+    `shape_only`, `loss`. Passes and peeling: `zero_if_any`, `zero_if_all`,
+    `terms`, `activation`/`grad_from_output`. Code generation: `code` (an
+    expression), `into` (the statement that writes the result into a given
+    buffer: the in-place form time loops use), `alias`, `view`, `owned`.
+    Interpretation: `ref` (compiler/reference.py), `source`. Reports: `flops`.
+    """
     name: str
     shape: Callable  # (in_shapes, attrs) -> shape
     code: Callable | None  # (args: list[str], attrs) -> python expression
@@ -58,12 +73,62 @@ class OpDef:
     arity: int = field(default=1)
     # operands read only for their shape: no gradient flows to them (expand's second)
     shape_only: tuple = ()
+    # (args, attrs, out) -> an expression computing the op into the buffer `out`; OUT: the
+    # code template with `out=` appended; None: the op cannot write into a given buffer
+    into: Callable | str | None = None
+    # operands `out` may be: an elementwise pass that reads each element before writing it
+    alias: tuple = ()
+    # the result is a view of its operand: it has no buffer of its own
+    view: bool = False
+    # a value with no inputs whose value comes from outside the graph's arithmetic
+    # (data, parameters, states, cotangents carried between steps): no code, no ref
+    source: bool = False
+    # False: the generated function does not own the value (its caller's, or a constant),
+    # so never writes into it
+    owned: bool = True
+    # the result is zero when any of these operands is zero
+    zero_if_any: tuple = ()
+    # the result is zero when every operand is zero
+    zero_if_all: bool = False
+    # a signed sum of its operands (+1/-1 per operand; variadic: one sign for all): a zero
+    # operand drops out of it
+    terms: tuple = ()
+    # a pointwise nonlinearity (sibling activations of one value are merged)
+    activation: bool = False
+    # the op computing g * f'(x) from f's output y (sigmoid: sigmoid_grad), where one exists
+    grad_from_output: str | None = None
+    # a loss: reduces a prediction and a target to the scalar the backward pass starts from
+    loss: bool = False
+    # False: the op only moves or reinterprets data (a source, a view, concat): reports
+    # count no work for it
+    arithmetic: bool = True
+    # (in_shapes, out_shape) -> multiply-add FLOPs of one sample; None: an elementwise or
+    # data-moving op, counted by elements
+    flops: Callable | None = None
+
+    @property
+    def writes_into(self) -> bool:
+        return self.into is not None
+
+    def into_code(self, args: list[str], attrs: dict, out: str) -> str:
+        """The expression that computes this op of `args` into `out`."""
+        return self.into(args, attrs, out)
 
 
 OPS: dict[str, OpDef] = {}
 
 
+def _code_with_out(code):
+    def into(args, attrs, out):
+        text = code(args, attrs)
+        assert text.endswith(")"), text
+        return text[:-1] + f", out={out})"
+    return into
+
+
 def defop(**kw) -> OpDef:
+    if kw.get("into") == OUT:
+        kw["into"] = _code_with_out(kw["code"])
     op = OpDef(**kw)
     OPS[op.name] = op
     return op
@@ -129,20 +194,21 @@ for _name, _doc in (("input", "a per-step data input"),
                     ("state", "a state's value at the previous step (t-1)"),
                     ("init", "a state's initial value (zeros, learned, or another loop's final)"),
                     ("seqref", "a per-step value of an earlier loop, read at the same step")):
-    defop(name=_name, shape=_source_shape, code=None, ref=None, arity=0, doc=_doc)
+    defop(name=_name, shape=_source_shape, code=None, ref=None, arity=0, source=True,
+          owned=False, arithmetic=False, doc=_doc)
 
 
-defop(name="carry", shape=_source_shape, code=None, ref=None, arity=0,
-      doc="backward pass: a state's cotangent from step t+1, None when there is none")
+defop(name="carry", shape=_source_shape, code=None, ref=None, arity=0, source=True,
+      owned=False, arithmetic=False, doc="backward pass: a state's cotangent from step t+1, None when there is none")
 defop(name="carry_out", shape=lambda s, at: s[0], code=None, ref=None, arity=1,
-      doc="backward pass: a state read's cotangent at t=0, after the loop")
+      owned=False, arithmetic=False, doc="backward pass: a state read's cotangent at t=0, after the loop")
 
 
 def _const_shape(shapes, attrs):
     return ()
 
 
-defop(name="const", shape=_const_shape, arity=0,
+defop(name="const", shape=_const_shape, arity=0, owned=False, arithmetic=False,
       code=lambda a, at: float_source(at["value"]),
       ref=lambda **at: np.asarray(at["value"], dtype=np.float64),
       doc="a scalar constant")
@@ -169,6 +235,8 @@ def _sum_to(b, node, contrib, i):
 
 defop(name="add", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"{a[0]} + {a[1]}",
+      into=lambda a, at, out: f"xp.add({a[0]}, {a[1]}, out={out})", alias=(0, 1),
+      terms=(1, 1),
       ref=lambda x, y: x + y,
       vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),
            lambda b, n, g, i: _sum_to(b, n, g, i)),
@@ -176,6 +244,8 @@ defop(name="add", arity=2, elementwise=True, shape=_elementwise,
 
 defop(name="sub", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"{a[0]} - {a[1]}",
+      into=lambda a, at, out: f"xp.subtract({a[0]}, {a[1]}, out={out})", alias=(0, 1),
+      terms=(1, -1),
       ref=lambda x, y: x - y,
       vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),
            lambda b, n, g, i: _sum_to(b, n, b.op("neg", g), i)),
@@ -183,6 +253,8 @@ defop(name="sub", arity=2, elementwise=True, shape=_elementwise,
 
 defop(name="mul", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"{a[0]} * {a[1]}",
+      into=lambda a, at, out: f"xp.multiply({a[0]}, {a[1]}, out={out})", alias=(0, 1),
+      zero_if_any=(0, 1),
       ref=lambda x, y: x * y,
       vjp=(lambda b, n, g, i: _sum_to(b, n, b.op("mul", g, n.inputs[1]), i),
            lambda b, n, g, i: _sum_to(b, n, b.op("mul", g, n.inputs[0]), i)),
@@ -190,18 +262,25 @@ defop(name="mul", arity=2, elementwise=True, shape=_elementwise,
 
 defop(name="addn", arity=-1, variadic=True, elementwise=True, shape=_elementwise,
       code=lambda a, at: " + ".join(a),
+      into=lambda a, at, out: (f"xp.add({a[0]}, {a[1]}, out={out})" if len(a) == 2 else
+                               f"rt.addn({', '.join(a)}, out={out})"), alias=(0,),
+      terms=(1,),
       ref=lambda *xs: sum(xs[1:], xs[0]),
       vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),),
       doc="sum of several values (a cotangent with several contributions)")
 
 defop(name="neg", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"-{a[0]}",
+      into=lambda a, at, out: f"xp.negative({a[0]}, out={out})", alias=(0,),
+      zero_if_all=True,
       ref=lambda x: -x,
       vjp=(_neg_g,),
       doc="negation")
 
 defop(name="scale", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"{a[0]} * {float_source(at['factor'])}",
+      into=lambda a, at, out: f"xp.multiply({a[0]}, {float_source(at['factor'])}, out={out})",
+      alias=(0,), zero_if_all=True,
       ref=lambda x, factor: x * factor,
       # (factor 1: the identity a state's update gets when its value is made outside the
       # loop; its cotangent passes through unchanged)
@@ -214,24 +293,31 @@ defop(name="scale", arity=1, elementwise=True, shape=_same,
 
 defop(name="sigmoid", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"rt.sigmoid({a[0]})",
+      into=OUT, alias=(0,), activation=True, grad_from_output="sigmoid_grad",
       ref=lambda x: R.sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("sigmoid_grad", n.id, g),),
       doc="logistic sigmoid 1/(1+exp(-x))")
 
 defop(name="tanh", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"xp.tanh({a[0]})",
+      # rt.tanh: from exp, faster than NumPy's float32 tanh
+      into=lambda a, at, out: f"rt.tanh({a[0]}, out={out})", alias=(0,), zero_if_all=True,
+      activation=True, grad_from_output="tanh_grad",
       ref=lambda x: np.tanh(x),
       vjp=(lambda b, n, g, i: b.op("tanh_grad", n.id, g),),
       doc="hyperbolic tangent")
 
 defop(name="relu", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"xp.maximum({a[0]}, 0)",
+      into=lambda a, at, out: f"xp.maximum({a[0]}, 0, out={out})", alias=(0,),
+      zero_if_all=True, activation=True, grad_from_output="relu_grad",
       ref=lambda x: np.maximum(x, 0),
       vjp=(lambda b, n, g, i: b.op("relu_grad", n.id, g),),
       doc="max(x, 0)")
 
 defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same,
       code=lambda a, at: f"rt.hard_sigmoid({a[0]})",
+      into=OUT, alias=(0,), activation=True,
       ref=lambda x: R.hard_sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("hard_sigmoid_grad", n.inputs[0], g),),
       doc="clip(0.2*x + 0.5, 0, 1), as in Keras")
@@ -239,15 +325,19 @@ defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same,
 # gradients of activations: primitives of the backward pass (no VJP of their own)
 defop(name="sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"rt.sigmoid_grad({a[0]}, {a[1]})",
+      into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * y * (1 - y), doc="g*y*(1-y) from the sigmoid's output y")
 defop(name="tanh_grad", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"rt.tanh_grad({a[0]}, {a[1]})",
+      into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * (1 - y * y), doc="g*(1-y*y) from the tanh's output y")
 defop(name="relu_grad", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"rt.relu_grad({a[0]}, {a[1]})",
+      into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * (y > 0), doc="g where the relu's output is positive")
 defop(name="hard_sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
       code=lambda a, at: f"rt.hard_sigmoid_grad({a[0]}, {a[1]})",
+      into=OUT, zero_if_any=(1,),
       ref=lambda x, g: g * 0.2 * ((x > -2.5) & (x < 2.5)),
       doc="0.2*g inside the linear part")
 
@@ -287,6 +377,7 @@ def _conv_attrs(at):
 
 defop(name="conv", arity=2, shape=_conv_shape,
       code=lambda a, at: f"rt.conv2d(B, {a[0]}, {a[1]}, {_conv_attrs(at)})",
+      into=OUT, zero_if_any=(0,), flops=lambda s, out: 2 * _prod(s[1]) * _prod(out[1:]),
       ref=lambda x, w, stride, pad, dilation: R.conv2d(x, w, stride, pad, dilation),
       vjp=(lambda b, n, g, i: b.op("conv_grad_input", g, n.inputs[1],
                                    x_shape=tuple(b.shape_of(n.inputs[0])),
@@ -301,6 +392,7 @@ defop(name="conv", arity=2, shape=_conv_shape,
 defop(name="conv_grad_input", arity=2, shape=lambda s, at: tuple(at["x_shape"]),
       code=lambda a, at: (f"rt.conv2d_grad_input(B, {a[0]}, {a[1]}, {tuple(at['x_shape'])}, "
                           f"{_conv_attrs(at)})"),
+      into=OUT, zero_if_any=(0,),
       ref=lambda g, w, x_shape, stride, pad, dilation: R.conv2d_grad_input(
           g, w, x_shape, stride, pad, dilation),
       doc="gradient of conv with respect to its input")
@@ -308,6 +400,7 @@ defop(name="conv_grad_input", arity=2, shape=lambda s, at: tuple(at["x_shape"]),
 defop(name="conv_grad_weight", arity=2, shape=lambda s, at: tuple(at["w_shape"]),
       code=lambda a, at: (f"rt.conv2d_grad_weight(B, {a[0]}, {a[1]}, {tuple(at['w_shape'])}, "
                           f"{_conv_attrs(at)})"),
+      zero_if_any=(0, 1),
       ref=lambda x, g, w_shape, stride, pad, dilation: R.conv2d_grad_weight(
           x, g, w_shape, stride, pad, dilation),
       doc="gradient of conv with respect to its kernel, summed over the batch")
@@ -337,6 +430,7 @@ def _concat_vjp(b, n, g, i):
 
 defop(name="concat", arity=-1, variadic=True, shape=_concat_shape,
       code=lambda a, at: f"rt.concat([{', '.join(a)}])",
+      into=OUT, zero_if_all=True, arithmetic=False,
       ref=lambda *xs: np.concatenate(xs, axis=1),
       vjp=(_concat_vjp,),  # one rule for every input
       doc="concatenation along channels")
@@ -349,6 +443,7 @@ def _slice_shape(shapes, attrs):
 
 defop(name="slice", arity=1, shape=_slice_shape,
       code=lambda a, at: f"{a[0]}[..., {at['start']}:{at['stop']}, :, :]",
+      view=True, zero_if_all=True, arithmetic=False,
       ref=lambda x, start, stop: x[:, start:stop],
       vjp=(lambda b, n, g, i: b.op("pad_channels", g, start=n.attrs["start"],
                                    total=b.shape_of(n.inputs[0])[0]),),
@@ -357,6 +452,7 @@ defop(name="slice", arity=1, shape=_slice_shape,
 defop(name="pad_channels", arity=1,
       shape=lambda s, at: (at["total"],) + tuple(s[0][1:]),
       code=lambda a, at: f"rt.pad_channels({a[0]}, {at['start']}, {at['total']})",
+      zero_if_all=True,
       ref=lambda g, start, total: R.pad_channels(g, start, total),
       doc="zeros except channels [start, start+C): the gradient of slice")
 
@@ -418,6 +514,7 @@ def _kernel_part_shape(shapes, attrs):
 
 defop(name="kernel_slice", arity=1, shape=_kernel_part_shape,
       code=lambda a, at: f"{a[0]}[:, {at['start']}:{at['stop']}]",
+      view=True, arithmetic=False,
       ref=lambda w, start, stop: w[:, start:stop],
       vjp=(lambda b, n, g, i: b.op("kernel_pad", g, start=n.attrs["start"],
                                    total=b.shape_of(n.inputs[0])[1]),),
@@ -434,12 +531,14 @@ defop(name="kernel_pad", arity=1,
 
 defop(name="reshape", arity=1, shape=lambda s, at: tuple(at["shape"]),
       code=lambda a, at: f"{a[0]}.reshape({tuple(at['shape'])})",
+      view=True, zero_if_all=True, arithmetic=False,
       ref=lambda x, shape: x.reshape(shape),
       vjp=(lambda b, n, g, i: b.op("reshape", g, shape=tuple(b.shape_of(n.inputs[0]))),),
       doc="a parameter viewed with another shape (a per-channel bias as [C, 1, 1])")
 
 defop(name="sum_to", arity=1, shape=lambda s, at: tuple(at["shape"]),
       code=lambda a, at: f"rt.sum_to({a[0]}, {tuple(at['shape'])}, batched={at['batched']})",
+      zero_if_all=True,
       ref=lambda x, shape, batched: R.sum_to(x, shape, batched),
       doc="sum over the batch (and time) axes and broadcast dimensions down to `shape`")
 
@@ -459,7 +558,7 @@ def _loss_shape(shapes, attrs):
 
 
 def _loss(name, doc):
-    defop(name=name, arity=2, shape=_loss_shape,
+    defop(name=name, arity=2, shape=_loss_shape, loss=True,
           code=lambda a, at: f"rt.{name}({a[0]}, {a[1]}, steps={at['steps']!r})",
           ref=lambda p, y, steps: getattr(R, name)(p, y, steps),
           vjp=(lambda b, n, g, i: b.op(name + "_grad", n.inputs[0], n.inputs[1],
@@ -475,6 +574,50 @@ _loss("bce", "binary cross-entropy of probabilities p against targets y, mean")
 _loss("bce_logits", "binary cross-entropy computed from logits (stable), mean")
 _loss("mse", "mean squared error")
 _loss("xent_logits", "softmax cross-entropy over channels from logits, mean over pixels")
+
+
+# ---------------------------------------------------------------- queries of the table
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def node_flops(g, node) -> int:
+    """Multiply-add FLOPs of one sample's evaluation of `node` (0 for ops without a
+    `flops` rule: elementwise and data-moving ops are counted by their elements)."""
+    rule = OPS[node.op].flops
+    if rule is None:
+        return 0
+    return int(rule([g.node(i).shape for i in node.inputs], node.shape))
+
+
+ZERO, ALIAS = "zero", "alias"
+
+
+def without_zeros(op: OpDef, zeros: list[bool]):
+    """What `op` reduces to when the operands marked in `zeros` are zero.
+
+    (ZERO,): the result is zero; (ALIAS, k): it is operand k; ("terms", ks):
+    the signed sum of the operands ks, the zero ones dropped; None: nothing
+    simpler (no operand zero, or no rule says so).
+    """
+    if not any(zeros):
+        return None
+    if any(zeros[k] for k in op.zero_if_any if k < len(zeros)) or (op.zero_if_all
+                                                                      and all(zeros)):
+        return (ZERO,)
+    if op.terms:
+        rest = [k for k, z in enumerate(zeros) if not z]
+        if not rest:
+            return (ZERO,)
+        signs = [op.terms[0] if op.variadic else op.terms[k] for k in rest]
+        if len(rest) == 1 and signs[0] == 1:
+            return (ALIAS, rest[0])
+        return ("terms", rest)
+    return None
 
 
 def vjp_rule(op: OpDef, i: int):

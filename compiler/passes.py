@@ -205,9 +205,6 @@ def dce(g: Graph, roots) -> int:
 # values stay correct; nodes are rewritten in place where their ids are known
 # elsewhere (the backward pass's tables, state links, outputs).
 
-_ACTIVATIONS = ("sigmoid", "tanh", "relu", "hard_sigmoid")
-
-
 def loop_rewrites(low, bw) -> dict[str, int]:
     """Run every loop-aware rewrite once; returns how many nodes each changed.
 
@@ -497,7 +494,7 @@ def merge_sibling_activations(g: Graph) -> int:
             if sn.op != "slice" or sn.grad:
                 continue
             users = g.consumers(s)
-            if len(users) != 1 or g.node(users[0]).op not in _ACTIVATIONS:
+            if len(users) != 1 or not OPS[g.node(users[0]).op].activation:
                 continue
             act = g.node(users[0])
             if act.grad or act.seg != sn.seg:
@@ -526,7 +523,9 @@ def merge_sibling_activations(g: Graph) -> int:
     return changed
 
 
-_GRAD_OF = {"sigmoid": "sigmoid_grad", "tanh": "tanh_grad", "relu": "relu_grad"}
+# the gradient ops computed from an activation's output (sigmoid_grad, ...)
+def _output_grads() -> set[str]:
+    return {op.grad_from_output for op in OPS.values() if op.grad_from_output}
 
 
 def merge_sibling_activation_grads(g: Graph) -> int:
@@ -577,14 +576,14 @@ def _grad_run(g: Graph, parts: list, i: int, cat: str) -> list:
     prev = None
     for p in parts[i:]:
         node = g.node(p)
-        if not node.grad or node.op not in _GRAD_OF.values() or g.consumers(p) != [cat] or \
+        if not node.grad or node.op not in _output_grads() or g.consumers(p) != [cat] or \
                 parts.count(p) != 1:
             break
         y = g.node(node.inputs[0])
         if y.op != "slice":
             break
         act = g.node(y.inputs[0])
-        if _GRAD_OF.get(act.op) != node.op or tuple(node.shape) != tuple(y.shape):
+        if OPS[act.op].grad_from_output != node.op or tuple(node.shape) != tuple(y.shape):
             break
         if prev is not None and (prev[0] != act.id or prev[1] != y.attrs["start"]):
             break

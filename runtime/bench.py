@@ -109,19 +109,20 @@ def conv_flops(mod, steps: dict[str, int], batch: int) -> dict:
     """Nominal convolution FLOPs of one training step, from the compiled graph.
 
     steps: the number of steps of each time axis. Forward: every forward conv
-    node, 2*N*T*Cout*Cin*kh*kw*Ho*Wo (T of its loop's axis); backward: twice
+    node, 2*N*T*Cout*Cin*kh*kw*Ho*Wo (T of its loop's axis; the op table's `flops`
+    rule); backward: twice
     the forward count.
     """
+    from convc.compiler.ops import OPS, node_flops
+
     low = mod.compiled.lowered
     g = low.graph
     axis_of_seg = {s.id: s.axis for s in low.segments}
     fwd = 0
     for nid in g.order():
         node = g.node(nid)
-        if node.op != "conv" or node.grad:
+        if node.grad or OPS[node.op].flops is None:
             continue
-        w = g.node(node.inputs[1]).shape
-        cout, ho, wo = node.shape
         seg = node.seg
         if seg is None:
             t = 1
@@ -129,7 +130,7 @@ def conv_flops(mod, steps: dict[str, int], batch: int) -> dict:
             t = steps.get(low.axis_of.get(seg[1:], seg[1:]), 1)
         else:
             t = steps.get(axis_of_seg[seg], 1)
-        fwd += 2 * batch * t * cout * w[1] * w[2] * w[3] * ho * wo
+        fwd += batch * t * node_flops(g, node)
     return dict(forward=fwd, backward=2 * fwd, total=3 * fwd)
 
 

@@ -31,10 +31,6 @@ from convc.errors import ConvcError
 
 BYTES_PER_VALUE = 4  # float32
 
-# Ops that move or reinterpret data without arithmetic.
-_FREE_OPS = {"input", "param", "const", "state", "reshape", "slice", "kernel_slice", "concat",
-             "carry", "carry_out"}
-_CONV_OPS = {"conv"}
 
 
 @dataclass
@@ -200,6 +196,8 @@ def _per_step(node) -> bool:
 
 def summary_rows(mod) -> list[Row]:
     """The table's rows: one per input, cell instance and output head, in model order."""
+    from convc.compiler.ops import OPS, node_flops
+
     compiled = getattr(mod, "compiled", None)
     if compiled is None:
         raise ConvcError("summary needs a model compiled in this process (convc.load), "
@@ -242,15 +240,12 @@ def summary_rows(mod) -> list[Row]:
     # Forward cost per step.
     for n in order:
         node = g.node(n)
-        if node.grad or not _per_step(node) or node.op in _FREE_OPS:
+        if node.grad or not _per_step(node) or not OPS[node.op].arithmetic:
             continue
         key = row_key(n)
         row = rows.get(key, other) if key else other
-        if node.op in _CONV_OPS:
-            w = g.node(node.inputs[1]).shape
-            cout, cin, kh, kw = (int(d) for d in w)
-            _, ho, wo = (int(d) for d in node.shape)
-            row.flops += 2 * cout * cin * kh * kw * ho * wo
+        if OPS[node.op].flops is not None:
+            row.flops += node_flops(g, node)
         else:
             row.elementwise += _numel(node.shape)
 
