@@ -350,7 +350,7 @@ def _check_params(mod, params: dict, where: Path) -> None:
 
 
 def _full_clips(dataset, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Whole clips as full frames from a train.Dataset's (inputs, targets) pair.
+    """Whole clips as full frames from a dataset.Dataset's (inputs, targets) pair.
 
     Forecast targets follow the inputs; next-frame targets are the inputs
     shifted by one, so only their last frame is new.
@@ -363,14 +363,15 @@ def evaluation_data(mod, run_config: dict, args, frames_in: int, frames_out: int
                     ) -> tuple[np.ndarray, np.ndarray, str]:
     """(clips to evaluate, training clips, which clips were chosen), as full frames.
 
-    The run's clips are remade from its settings by runtime/train.py's own
+    The run's clips are remade from its settings by runtime/dataset.py's own
     prepare_data (same generator seed, same split), so the mean-frame
     baseline is the run's and "val" really is held out. Clips are made
     frames_in + frames_out frames long; for a next-frame model that is
     longer than it trained on, which keeps the same clips, since the
     generator draws every clip's glyphs and motion before its frames.
     """
-    from convc.runtime.train import DEFAULTS, prepare_data
+    from convc.runtime.config import DEFAULTS
+    from convc.runtime.dataset import prepare_data
 
     cfg = dict(DEFAULTS)
     cfg.update({k: v for k, v in run_config.items() if k in cfg})

@@ -6,10 +6,11 @@
     p.predictions.shape              # (3, 10, 1, 16, 16): the next frame at each step
     convc.runtime.predict.save(p, "preds")   # preds/predictions.npy, preds/predictions.png
 
-`predict` loads the checkpoint (refusing non-finite parameters unless
-`allow_nonfinite`), loads or generates the clips as training does
-(`runtime.train.load_clips`, with the run's saved settings under the ones
-given), runs `forward` in batches of 16 and returns a `Predictions`: the
+`predict` loads the checkpoint (`load_checkpoint_params`, refusing
+non-finite parameters unless `allow_nonfinite`), loads or generates the
+clips as training does (`runtime.dataset.load_clips`, with the run's saved settings under the ones
+given), runs `forward` in batches of 16 (`predict_frames`, which training
+uses for its predictions.png too) and returns a `Predictions`: the
 inputs, the targets where the clips have them, and the predictions, all as
 full float32 frames (N, T, C, H, W), a model that reads p x p patches
 unpatched back to one-channel frames. A next-frame model predicts the next
@@ -26,10 +27,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from convc.errors import ConvcError, DataError
+from convc.errors import CheckpointError, ConvcError, DataError
+from convc.runtime.runlog import note
+from convc.spec.settings import DEFAULT_FRAMES
 
 # Clips forward() sees at once.
 BATCH = 16
@@ -102,9 +106,9 @@ def predict(mod, checkpoint: str | os.PathLike, *, data: str | None = None,
     clips that do not fit the model or are too short for its frames_in.
     """
     from convc.runtime.backend import get_backend
+    from convc.runtime.config import resolve_config
+    from convc.runtime.dataset import GENERATED_DATA, load_clips
     from convc.runtime.loader import sources
-    from convc.runtime.train import (GENERATED_DATA, load_checkpoint_params, load_clips,
-                                     predict_frames, resolve_config)
 
     model = mod.MODEL
     params, meta, where = load_checkpoint_params(checkpoint, model,
@@ -120,8 +124,8 @@ def predict(mod, checkpoint: str | os.PathLike, *, data: str | None = None,
     if array is not None:
         cfg["data"] = "<array>"
     forecast = model.get("task") == "forecast"
-    fi = cfg["frames_in"] or 10
-    fo = steps or cfg["frames_out"] or 10
+    fi = cfg["frames_in"] or DEFAULT_FRAMES
+    fo = steps or cfg["frames_out"] or DEFAULT_FRAMES
     loaded, p, _ = load_clips(model, cfg, fi + fo if forecast else fi + 1, array)
     if loaded.shape[1] < fi + (0 if forecast else 1):
         raise DataError(f"{cfg['data']}: clips have {loaded.shape[1]} frames; the model reads "
@@ -151,13 +155,95 @@ def predict(mod, checkpoint: str | os.PathLike, *, data: str | None = None,
 def _data_of(data, model: dict, run_config: dict):
     """The data a prediction reads: `data`, else the run's, else the spec's, else the
     default (what resolve_config picks)."""
-    from convc.runtime.train import DEFAULTS
+    from convc.runtime.config import DEFAULTS
 
     for layer in (run_config, model.get("train", {}), DEFAULTS):
         if data is not None:
             break
         data = layer.get("data")
     return data
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and the forward pass
+# ---------------------------------------------------------------------------
+
+
+def check_params(model: dict, params: dict, where: str, allow_nonfinite: bool = False) -> None:
+    """Raise CheckpointError unless `params` has exactly the model's names and shapes,
+    and (unless `allow_nonfinite`) only finite values: a checksum proves a file is what
+    was written, not that what was written is usable."""
+    specs = model["params"]
+    missing = sorted(set(specs) - set(params))
+    extra = sorted(set(params) - set(specs))
+    if missing or extra:
+        raise CheckpointError(f"{where} does not fit model {model['name']}: missing "
+                              f"{missing or 'nothing'}, unexpected {extra or 'nothing'}")
+    for name in sorted(specs):
+        if tuple(params[name].shape) != tuple(specs[name]["shape"]):
+            raise CheckpointError(f"{where}: parameter {name} has shape "
+                                  f"{tuple(params[name].shape)}, model {model['name']} "
+                                  f"needs {tuple(specs[name]['shape'])}")
+        value = params[name]
+        if not allow_nonfinite and isinstance(value, np.ndarray) and value.dtype.kind in "fc":
+            bad = int(np.count_nonzero(~np.isfinite(value)))
+            if bad:
+                raise CheckpointError(f"{where}: parameter {name} has {bad} non-finite "
+                                      f"value{'s' if bad != 1 else ''} (NaN or Inf); refusing "
+                                      f"to use it (--allow-nonfinite loads it anyway)")
+
+
+def load_checkpoint_params(path: str | os.PathLike, model: dict, allow_nonfinite: bool = False
+                           ) -> tuple[dict, dict, Path]:
+    """(params, metadata, file) from a checkpoint file or a run folder (its newest valid one)."""
+    from convc.runtime.checkpoint import latest_valid_checkpoint, load_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        found = latest_valid_checkpoint(path, report=note)
+        if found is None:
+            raise CheckpointError(f"{path}: no valid checkpoint in this folder")
+        path, arrays, meta = found
+    else:
+        arrays, meta = load_checkpoint(path)
+    user = meta.get("user") or {}
+    if user.get("model") not in (None, model["name"]):
+        raise CheckpointError(f"{path} was written by model {user.get('model')!r}, "
+                              f"not {model['name']!r}")
+    params = {key.partition("/")[2]: arrays[key] for key in sorted(arrays)
+              if key.startswith("param/")}
+    check_params(model, params, str(path), allow_nonfinite=allow_nonfinite)
+    return params, meta, path
+
+
+def predict_frames(mod, params: dict, x: np.ndarray, y: np.ndarray | None = None, *,
+                   patch: int = 1, frames_out: int | None = None, backend=None
+                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Run the model on clips x; return (inputs, targets, predictions) as full frames.
+
+    Forecast models predict `frames_out` frames (default: as many as y has).
+    With patch=p > 1 every result is unpatched back to one-channel frames.
+    """
+    from convc.runtime import data as D
+    from convc.runtime.model import default_backend
+
+    B = backend if backend is not None else default_backend()
+    dtype = params[sorted(params)[0]].dtype
+    (input_name, _), = mod.MODEL["inputs"].items()
+    kw: dict[str, Any] = {"backend": B}
+    if mod.MODEL.get("task") == "forecast":
+        kw["steps"] = frames_out or (y.shape[1] if y is not None else DEFAULT_FRAMES)
+    outputs, _ = mod.forward(params, {input_name: B.asarray(np.ascontiguousarray(x, dtype))},
+                             **kw)
+    name = next(iter(mod.MODEL["outputs"]))
+    pred = np.asarray(B.asnumpy(outputs[name]), dtype=np.float32)
+    x = np.asarray(x, dtype=np.float32)
+    y = None if y is None else np.asarray(y, dtype=np.float32)
+    if patch > 1:
+        x = D.unpatch(x, patch)
+        y = None if y is None else D.unpatch(y, patch)
+        pred = D.unpatch(pred, patch)
+    return x, y, pred
 
 
 # ---------------------------------------------------------------------------

@@ -9,10 +9,11 @@ a check that the loss and the gradient are finite, global-norm clipping,
 the learning rate from the schedule, one optimizer update. Around it:
 validation, early stopping, a CSV log, checkpoints, two PNGs.
 
-Every setting comes from three layers, the later winning: the built-in
-`DEFAULTS`, the spec's `train { ... }` block (`MODEL['train']`), and the
-arguments given to `train()`. A resumed run puts the settings saved in its
-checkpoint between the last two, so `--resume` alone continues the same run.
+The settings are resolved in runtime/config.py (built-in defaults < the
+spec's `train { ... }` block < a resumed run's saved settings < the
+arguments), the clips prepared in runtime/dataset.py, the progress lines and
+log.csv written by runtime/runlog.py; this module runs the steps, saves and
+restores the run's state and handles interruptions.
 
 Two promises shape the code:
 
@@ -29,9 +30,6 @@ Two promises shape the code:
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import io
 import linecache
 import math
 import os
@@ -46,48 +44,14 @@ from typing import Any, Callable
 import numpy as np
 
 from convc.errors import CheckpointError, ConvcError, DataError, NonFiniteError
-from convc.spec.settings import TRAIN as TRAIN_SCHEMA
+from convc.runtime.config import (TRAJECTORY_KEYS, check_config, make_optimizer,
+                                  make_schedule, resolve_config)
+from convc.runtime.dataset import GENERATED_DATA, prepare_data, task_lengths
+from convc.runtime.predict import check_params, predict_frames
+from convc.runtime.runlog import (LOG_NAME, Progress, append_row, log_text, note, read_log,
+                                  steps_label)
+from convc.spec.settings import DEFAULT_CLIPS, DEFAULT_STEPS
 
-# Built-in defaults, used where neither the spec nor the caller says otherwise.
-DEFAULTS: dict[str, Any] = {
-    "data": "synthetic",
-    "clips": None,          # generated data: DEFAULT_CLIPS; files: every sequence
-    "size": None,           # frame size in pixels; fixed by the model's input shape
-    "steps": None,          # DEFAULT_STEPS when neither steps nor epochs is set
-    "epochs": None,
-    "batch_size": 8,
-    "optimizer": "adam",
-    "lr": 1e-3,
-    "momentum": None,
-    "decay": None,          # RMSProp's moving-average factor (PyTorch's alpha)
-    "eps": None,
-    "weight_decay": None,
-    "schedule": "constant",
-    "clip": None,           # a limit turns clipping on
-    "clip_mode": "global_norm",
-    "bptt": None,           # truncate backpropagation to windows of this many steps
-    "stateful": False,
-    "val_fraction": 0.1,
-    "val_every": None,      # steps between validations; default: every epoch or 10% of steps
-    "patience": None,       # validations without improvement before stopping early
-    "frames_in": None,      # next_frame: sequence length (default 10); forecast: frames seen
-    "frames_out": None,     # forecast: frames predicted (default 10)
-    "dtype": "float32",
-    "seed": 0,
-}
-DEFAULT_STEPS = 200
-DEFAULT_CLIPS = 512
-DEFAULT_FRAMES = 10
-
-# Settings whose change on resume breaks the bitwise continuation; a note says so.
-_TRAJECTORY_KEYS = ("data", "clips", "size", "batch_size", "optimizer", "lr", "momentum",
-                    "decay", "eps", "weight_decay", "schedule", "clip", "clip_mode", "bptt",
-                    "stateful", "val_fraction", "frames_in", "frames_out", "dtype", "seed")
-
-GENERATED_DATA = ("synthetic", "synthetic:digits", "synthetic:shapes", "sklearn-digits")
-
-LOG_NAME = "log.csv"
-LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "seconds")
 OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
 
 
@@ -98,19 +62,6 @@ OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
 # The summary line compares the mean loss of the first and of the last this
 # many logged steps (fewer when the run has fewer).
 SUMMARY_STEPS = 10
-
-
-def steps_label(first: int, last: int, count: int | None = None) -> str:
-    """Which steps a reported loss covers: "step 7", "mean of steps 3-12".
-
-    `count` is how many steps were averaged, when the range may have gaps.
-    The progress lines and the summary line say it in these same words.
-    """
-    if first == last:
-        return f"step {first}"
-    if count is not None and count != last - first + 1:
-        return f"mean of {count} logged steps from {first} to {last}"
-    return f"mean of steps {first}-{last}"
 
 
 def _mean_loss(rows: list[dict]) -> str:
@@ -208,360 +159,8 @@ class _Stop(Exception):
 
 
 # ---------------------------------------------------------------------------
-# Settings
-# ---------------------------------------------------------------------------
-
-
-def resolve_config(model_train: dict, explicit: dict, saved: dict | None = None) -> dict:
-    """Merge DEFAULTS < spec train block < saved run settings < explicit arguments.
-
-    `steps` and `epochs` are one choice: a layer that sets one of them
-    clears the other from the layers below it, so `--epochs 3` on a spec
-    that says `steps = 200` trains for three epochs.
-    """
-    cfg = dict(DEFAULTS)
-    for layer_name, layer in (("train block", model_train), ("checkpoint", saved or {}),
-                              ("arguments", explicit)):
-        layer = {k: v for k, v in layer.items() if k in cfg and v is not None}
-        if layer.get("steps") is not None and layer.get("epochs") is not None:
-            if layer_name == "checkpoint":
-                layer.pop("epochs")
-            else:
-                where = "the train block" if layer_name == "train block" else "train()"
-                raise ConvcError(f"{where} sets both steps and epochs; give one of them")
-        if "steps" in layer:
-            cfg["epochs"] = None
-        if "epochs" in layer:
-            cfg["steps"] = None
-        cfg.update(layer)
-    return cfg
-
-
-def _check_config(cfg: dict) -> None:
-    """Reject settings that cannot work, with the setting's name and what it may be
-    (spec/settings.py, the schema the checker and the command line use too)."""
-    for key, setting in TRAIN_SCHEMA.items():
-        v = cfg.get(key)
-        if key == "data" or v is None:  # data: a name, a path or arrays, read by load_clips
-            continue
-        if setting.problem(v) is not None:
-            raise ConvcError(f"{key} must be {setting.describe()}, got {v!r}")
-
-
-def _parse_schedule(text: str) -> tuple[str, dict]:
-    """'cosine' or 'step:step_size=100,gamma=0.5' -> (name, options)."""
-    name, _, rest = str(text).partition(":")
-    options: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConvcError(f"schedule option {item!r} must look like key=value "
-                             f"(for example 'step:step_size=100,gamma=0.5')")
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConvcError(f"schedule option {key}={value!r} is not a number") from None
-        options[key.strip()] = int(number) if number.is_integer() and key.strip() in (
-            "step_size", "total_steps", "patience") else number
-    return name.strip(), options
-
-
-def _make_schedule(cfg: dict, total_steps: int):
-    from convc.runtime.optim import make_schedule
-
-    name, options = _parse_schedule(cfg["schedule"])
-    # Defaults that fit a run of `total_steps`; plateau counts validations, not steps.
-    builtin = {"step": {"step_size": max(1, total_steps // 3), "gamma": 0.1},
-               "cosine": {"total_steps": max(1, total_steps)},
-               "plateau": {"factor": 0.5, "patience": 2}}.get(name, {})
-    return make_schedule(name, cfg["lr"], **{**builtin, **options})
-
-
-def _make_optimizer(cfg: dict):
-    from convc.runtime.optim import make_optimizer
-
-    options = {k: cfg[k] for k in ("momentum", "decay", "eps", "weight_decay")
-               if cfg[k] is not None}
-    return make_optimizer(cfg["optimizer"], cfg["lr"], **options)
-
-
-# ---------------------------------------------------------------------------
-# Data
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Dataset:
-    """Training and validation (inputs, targets) in the model's layout (N, T, C, H, W)."""
-
-    input_name: str
-    target_name: str
-    train_x: np.ndarray
-    train_y: np.ndarray
-    val_x: np.ndarray
-    val_y: np.ndarray
-    patch: int  # p when frames were cut into p x p patches, else 1
-    task: str
-    frames_out: int | None
-    fingerprint: dict
-
-
-def _patch_factor(channels: int) -> int:
-    """p for a model that reads C = p*p channels of patched one-channel frames, else 1."""
-    p = int(round(math.sqrt(channels)))
-    return p if p > 1 and p * p == channels else 1
-
-
-def _fingerprint(spec: str, clips: np.ndarray) -> dict:
-    """Enough to notice that a resumed run sees different data: shape and a content hash.
-
-    Large files are hashed on a sample of sequences (the first, middle and
-    last) to keep resuming fast.
-    """
-    digest = hashlib.sha256()
-    if clips.nbytes <= 64 << 20:
-        digest.update(np.ascontiguousarray(clips).tobytes())
-    else:
-        for i in sorted({0, len(clips) // 2, len(clips) - 1}):
-            digest.update(np.ascontiguousarray(clips[i]).tobytes())
-    return {"source": str(spec), "shape": list(clips.shape), "sha256": digest.hexdigest()}
-
-
-def _task_lengths(model: dict, cfg: dict) -> tuple[int, int | None, int]:
-    """(frames_in, frames_out or None, clip length) of the model's task."""
-    fi = cfg["frames_in"] or DEFAULT_FRAMES
-    if model.get("task") == "forecast":
-        fo = cfg["frames_out"] or DEFAULT_FRAMES
-        return fi, fo, fi + fo
-    return fi, None, fi + 1
-
-
-def load_clips(model: dict, cfg: dict, length: int, clips: np.ndarray | None = None
-               ) -> tuple[np.ndarray, int, dict]:
-    """Clips in the model's input layout: (clips, patch factor p, fingerprint).
-
-    Generated data is made at the model's frame size, `length` frames long;
-    a model whose input has C = p*p > 1 channels gets (H*p)x(W*p) one-channel
-    clips cut into p x p patches (Shi et al. 2015: 64x64 -> 16x16x16). A file
-    must match the model, patched or not. Anything else is a DataError that
-    names what the model expects and what the data has. `clips` (an array of
-    clips) skips loading.
-    """
-    from convc.runtime import data as D
-
-    if len(model["inputs"]) != 1 or len(model["targets"]) != 1:
-        raise ConvcError(f"training on clip data needs a model with one input and one target; "
-                         f"{model['name']} has inputs {sorted(model['inputs'])} and targets "
-                         f"{sorted(model['targets'])}")
-    (in_name, in_shape), = model["inputs"].items()
-    (tg_name, tg_shape), = model["targets"].items()
-    C, H, W = (int(d) for d in in_shape)
-    if tuple(tg_shape) != tuple(in_shape):
-        raise ConvcError(f"training on clip data needs the target to have the input's shape; "
-                         f"{in_name} is {_shape(in_shape)} but {tg_name} is {_shape(tg_shape)}")
-    p = _patch_factor(C)
-    spec = str(cfg["data"])
-    frame = (H * p, W * p)
-    if cfg["size"] is not None and cfg["size"] != frame[0]:
-        how = f" cut into {p}x{p} patches" if p > 1 else ""
-        raise ConvcError(f"size {cfg['size']} does not fit model {model['name']}: its input "
-                         f"{in_name} is {_shape(in_shape)}, so frames are {frame[0]}x{frame[1]} "
-                         f"pixels{how}; leave size out or set it to {frame[0]}")
-    if clips is None:
-        if spec in GENERATED_DATA:
-            if C > 1 and p == 1:
-                raise DataError(f"{spec} data has one channel, but model {model['name']} reads "
-                                f"{C} channels ({_shape(in_shape)}); give a data file instead")
-            if frame[0] != frame[1]:
-                raise DataError(f"{spec} data has square frames, but model {model['name']} "
-                                f"reads {frame[0]}x{frame[1]} frames")
-            clips = D.load_data(spec, n=cfg["clips"] or DEFAULT_CLIPS, length=length,
-                                size=frame[0], seed=cfg["seed"])
-        else:
-            clips = D.load_data(spec, n=cfg["clips"])
-    clips = np.asarray(clips)
-    if clips.ndim != 5:
-        raise DataError(f"{spec}: expected clips shaped (N, T, C, H, W), found {clips.shape}")
-    fingerprint = _fingerprint(spec, clips)
-    found = tuple(clips.shape[2:])
-    if found == (C, H, W):
-        pass
-    elif p > 1 and found == (1, H * p, W * p):
-        clips = D.patch(clips, p)
-    else:
-        also = f" (or 1x{H * p}x{W * p} frames to cut into {p}x{p} patches)" if p > 1 else ""
-        raise DataError(f"{spec}: model {model['name']} reads {in_name} frames of "
-                        f"{C}x{H}x{W} (channels x height x width){also}, but the data has "
-                        f"{found[0]}x{found[1]}x{found[2]} (clips of shape {clips.shape})")
-    return clips, p, fingerprint
-
-
-def prepare_data(model: dict, cfg: dict, clips: np.ndarray | None = None) -> Dataset:
-    """Load clips sized to the model (see `load_clips`), split them, cut the task's pairs.
-
-    next_frame: x = clip[:, :-1], y = clip[:, 1:] over frames_in + 1 frames;
-    forecast: x = clip[:, :frames_in], y = the next frames_out frames. The
-    split into training and validation clips depends only on the seed.
-    """
-    from convc.runtime import data as D
-
-    fi, fo, length = _task_lengths(model, cfg)
-    clips, p, fingerprint = load_clips(model, cfg, length, clips)
-    if clips.shape[1] < length:
-        need = (f"{fi} input + {fo} target frames" if fo is not None else
-                f"{fi} input frames + 1 for the last target")
-        raise DataError(f"{cfg['data']}: clips have {clips.shape[1]} frames, too short for "
-                        f"{need} ({length}); set frames_in/frames_out to fit")
-    clips = clips[:, :length]
-    val_fraction = float(cfg["val_fraction"])
-    if val_fraction > 0 and len(clips) < 2:
-        val_fraction = 0.0
-    elif val_fraction > 0 and round(len(clips) * val_fraction) < 1:
-        val_fraction = 1.0 / len(clips)  # hold out at least one sequence
-    train, val = D.split(clips, val_fraction, seed=cfg["seed"])
-    cut = (fi, fo) if fo is not None else (None, None)
-    tx, ty = D.frames_for_task(train, *cut)
-    vx, vy = D.frames_for_task(val, *cut)
-    (in_name, _), = model["inputs"].items()
-    (tg_name, _), = model["targets"].items()
-    return Dataset(in_name, tg_name, tx, ty, vx, vy, p, model.get("task", "next_frame"), fo,
-                   fingerprint)
-
-
-def _shape(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
-# ---------------------------------------------------------------------------
-# Progress
-# ---------------------------------------------------------------------------
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(round(max(0.0, seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Progress:
-    """A one-line bar on a terminal, plain lines every ~10% of the steps otherwise.
-
-    On a terminal the bar is redrawn at most ten times a second, and every
-    10% it leaves a permanent line behind, so the falling loss stays on
-    screen. The loss in a permanent line is the mean over the steps since the
-    previous one, and the line says which ("loss 0.6183 (mean of steps 23-24)");
-    "val" is the latest validation loss, with the step it was measured at.
-    """
-
-    def __init__(self, total: int, start: int = 0, stream=None, enabled: bool = True,
-                 tty: bool | None = None):
-        self.total = max(int(total), 1)
-        self.start = int(start)
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.tty = tty if tty is not None else bool(getattr(self.stream, "isatty",
-                                                            lambda: False)())
-        self.every = max(1, self.total // 10)
-        self.t0 = time.perf_counter()
-        self.last_draw = 0.0
-        self.window: list[float] = []
-        self.window_first = 0  # the step of window[0]
-        self.val: float | None = None
-        self.val_step: int | None = None
-        self.bar_shown = False
-
-    def _rate(self, step: int) -> tuple[float, float]:
-        done = step - self.start
-        elapsed = time.perf_counter() - self.t0
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else 0.0
-        return rate, eta
-
-    def update(self, step: int, loss: float, lr: float, val_loss: float | None = None) -> None:
-        if not self.enabled:
-            return
-        if not self.window:
-            self.window_first = step
-        self.window.append(loss)
-        if val_loss is not None:
-            self.val, self.val_step = val_loss, step
-        rate, eta = self._rate(step)
-        if step % self.every == 0 or step == self.total or step == self.start + 1:
-            mean = sum(self.window) / len(self.window)
-            covered = steps_label(self.window_first, step, len(self.window))
-            self.window = []
-            val = (f"  val {self.val:.4f} (step {self.val_step})" if self.val is not None
-                   else "")
-            self.line(f"step {step:>{len(str(self.total))}}/{self.total}  loss {mean:.4f} "
-                      f"({covered}){val}  lr {lr:.3g}  {rate:.1f} steps/s  "
-                      f"eta {_duration(eta)}")
-        elif self.tty and time.perf_counter() - self.last_draw > 0.1:
-            self.last_draw = time.perf_counter()
-            width = 24
-            filled = int(width * step / self.total)
-            bar = "=" * filled + (">" if filled < width else "") + " " * (width - filled - 1)
-            text = (f"[{bar}] {step}/{self.total}  loss {loss:.4f}  {rate:.1f} steps/s  "
-                    f"eta {_duration(eta)}")
-            self.stream.write("\r" + text + "\x1b[K")
-            self.stream.flush()
-            self.bar_shown = True
-
-    def line(self, text: str) -> None:
-        """A permanent line (clearing the bar first on a terminal)."""
-        if not self.enabled:
-            return
-        prefix = "\r\x1b[K" if self.tty and self.bar_shown else ""
-        self.bar_shown = False
-        self.stream.write(prefix + text + "\n")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty and self.bar_shown:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-            self.bar_shown = False
-
-
-# ---------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------
-
-
-def _format_row(row: dict) -> list[str]:
-    """A log row as CSV text; floats as repr so they read back bit for bit."""
-    val = row.get("val_loss")
-    return [str(row["step"]), str(row["epoch"]), repr(float(row["loss"])),
-            repr(float(row["lr"])), repr(float(row["grad_norm"])),
-            "" if val is None else repr(float(val)), f"{row['seconds']:.3f}"]
-
-
-def read_log(path: str | os.PathLike, tolerant: bool = False) -> list[dict]:
-    """The rows of a log.csv as dicts with numbers (val_loss None where blank).
-
-    A malformed row raises ValueError, or with `tolerant=True` ends the log
-    there: a run killed while appending a row leaves half a line at the end,
-    and resuming must not fail on it (the rows before it are intact, because
-    rows are only ever appended and the file is rewritten atomically).
-    """
-    rows = []
-    with open(path, newline="", encoding="utf-8") as stream:
-        reader = csv.DictReader(stream)
-        for rec in reader:
-            try:
-                rows.append({"step": int(rec["step"]), "epoch": int(rec["epoch"]),
-                             "loss": float(rec["loss"]), "lr": float(rec["lr"]),
-                             "grad_norm": float(rec["grad_norm"]),
-                             "val_loss": float(rec["val_loss"]) if rec["val_loss"] else None,
-                             "seconds": float(rec["seconds"])})
-            except (TypeError, ValueError, KeyError) as exc:
-                if tolerant:
-                    _note(f"{path}: ignoring line {reader.line_num} and after (an unfinished "
-                          f"row, as a killed run leaves)")
-                    break
-                raise ValueError(f"{path}: line {reader.line_num}: malformed row "
-                                 f"({type(exc).__name__}: {exc})") from None
-    return rows
 
 
 def _model_source(mod) -> str | None:
@@ -633,7 +232,7 @@ def _make_backend(device: str, conv: str, deterministic: bool):
     ops_cupy.set_deterministic_environment()
     backend = get_backend(device, conv)
     for warning in backend.make_deterministic():
-        _note(f"--deterministic: {warning}")
+        note(f"--deterministic: {warning}")
     return backend
 
 
@@ -671,7 +270,7 @@ class _Trainer:
                 saved_cfg = self.resume_from[2]["user"].get("config", {})
                 self.cfg = cfg = resolve_config(self.model.get("train", {}), explicit,
                                                 saved_cfg)
-                _check_config(cfg)
+                check_config(cfg)
         self.data = prepare_data(self.model, cfg, clips_array)
         self._fit_batch_size()
         self.bpe = len(self.data.train_x) // cfg["batch_size"]
@@ -694,8 +293,8 @@ class _Trainer:
                 raise ConvcError(f"unknown clip_mode {self.clip_method!r}; choose one of "
                                  f"{', '.join(m for m in CLIP_METHODS if m)}")
         self.dtype = np.dtype(cfg["dtype"])
-        self.opt = _make_optimizer(cfg)
-        self.schedule = _make_schedule(cfg, self.total)
+        self.opt = make_optimizer(cfg)
+        self.schedule = make_schedule(cfg, self.total)
         from convc.runtime.data import Batches
 
         self.batches = Batches(len(self.data.train_x), cfg["batch_size"], seed=cfg["seed"])
@@ -730,7 +329,7 @@ class _Trainer:
             raise DataError(f"batch size {self.cfg['batch_size']} needs at least that many "
                             f"training sequences; the data leaves {n} after holding out "
                             f"{len(self.data.val_x)} for validation")
-        _note(f"only {n} training sequences: batch size {self.cfg['batch_size']} -> {n}")
+        note(f"only {n} training sequences: batch size {self.cfg['batch_size']} -> {n}")
         self.cfg["batch_size"] = n
 
     def _initial_params(self, params) -> dict:
@@ -752,7 +351,7 @@ class _Trainer:
         """
         from convc.runtime.checkpoint import latest_valid_checkpoint, list_checkpoints
 
-        found = latest_valid_checkpoint(self.out, report=_note)
+        found = latest_valid_checkpoint(self.out, report=note)
         if found is None:
             existing = list_checkpoints(self.out)
             if existing:
@@ -761,7 +360,7 @@ class _Trainer:
                     f"{'s is' if len(existing) != 1 else ' is'} valid (see above), so there "
                     f"is nothing to resume from; move them away, or start again with "
                     f"--overwrite")
-            _note(f"{self.out} holds no checkpoint yet: starting the run from step 0")
+            note(f"{self.out} holds no checkpoint yet: starting the run from step 0")
         else:
             from convc.runtime.checkpoint import validate_run_meta
 
@@ -804,22 +403,22 @@ class _Trainer:
         self.seconds_before = float(user.get("seconds", 0.0))
         self.last_checkpoint, self.last_checkpoint_step = path, self.step
         if user.get("deterministic") and not self.deterministic and self.device == "gpu":
-            _note("the run was started with --deterministic; without it the GPU may use "
+            note("the run was started with --deterministic; without it the GPU may use "
                   "TF32 and accelerated reductions from here on")
         if user.get("data") != self.data.fingerprint:
-            _note(f"resuming with different data from the run in {self.out}; "
+            note(f"resuming with different data from the run in {self.out}; "
                   f"the losses will not match an uninterrupted run")
-        changed = [k for k in _TRAJECTORY_KEYS if saved_cfg.get(k) != self.cfg.get(k)
+        changed = [k for k in TRAJECTORY_KEYS if saved_cfg.get(k) != self.cfg.get(k)
                    and k in saved_cfg]
         if changed:
-            _note("resuming with changed settings: " + ", ".join(
+            note("resuming with changed settings: " + ", ".join(
                 f"{k}={self.cfg[k]!r} (was {saved_cfg[k]!r})" for k in changed))
         log = self.out / LOG_NAME
         if log.exists():
             try:
                 rows = [r for r in read_log(log, tolerant=True) if r["step"] <= self.step]
             except (ValueError, OSError) as exc:
-                _note(f"{log}: unreadable ({exc}); starting a new log")
+                note(f"{log}: unreadable ({exc}); starting a new log")
                 rows = []
             self.history = rows
         self.progress.start = self.step
@@ -828,34 +427,15 @@ class _Trainer:
 
     # ------------------------------------------------------------ log
     def _rewrite_log(self) -> None:
-        if self.out is None:
-            return
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(LOG_COLUMNS)
-        for row in self.history:
-            writer.writerow(_format_row(row))
-        self.folder.write(LOG_NAME, buffer.getvalue())
+        if self.out is not None:
+            self.folder.write(LOG_NAME, log_text(self.history))
 
     def _append_log(self, row: dict) -> None:
         if self.out is None:
             return
         path = self.out / LOG_NAME
-        line = io.StringIO()
-        csv.writer(line, lineterminator="\n").writerow(_format_row(row))
         try:
-            # Unbuffered, so that a full disk fails here with what was written known.
-            with open(path, "ab", buffering=0) as stream:
-                end = stream.seek(0, os.SEEK_END)
-                data = memoryview(line.getvalue().encode("utf-8"))
-                try:
-                    while data:
-                        data = data[stream.write(data):]
-                except OSError:
-                    # The disk took part of the row: cut it off, so the log still ends
-                    # with a whole row (--resume rewrites it from the checkpoint anyway).
-                    stream.truncate(end)
-                    raise
+            append_row(path, row)
         except OSError as exc:
             raise ConvcError(f"training stopped at step {row['step']}: cannot write {path}: "
                              f"{exc.strerror or exc}. {self._newest_valid()}") from exc
@@ -880,7 +460,7 @@ class _Trainer:
         if self.last_checkpoint_step == self.step:
             return self.last_checkpoint
         if not _all_finite(self.params):
-            _note(f"not saving step {self.step}: the parameters are not finite")
+            note(f"not saving step {self.step}: the parameters are not finite")
             return None
         meta = {
             "model": self.model["name"],
@@ -1174,84 +754,7 @@ class _Trainer:
                 title=f"{self.model['name']} after {self.step} steps "
                       f"({'validation' if self.has_val else 'training'} clips)")
         except (ConvcError, ValueError) as exc:
-            _note(f"skipping the PNGs: {exc}")
-
-
-def check_params(model: dict, params: dict, where: str, allow_nonfinite: bool = False) -> None:
-    """Raise CheckpointError unless `params` has exactly the model's names and shapes,
-    and (unless `allow_nonfinite`) only finite values: a checksum proves a file is what
-    was written, not that what was written is usable."""
-    specs = model["params"]
-    missing = sorted(set(specs) - set(params))
-    extra = sorted(set(params) - set(specs))
-    if missing or extra:
-        raise CheckpointError(f"{where} does not fit model {model['name']}: missing "
-                              f"{missing or 'nothing'}, unexpected {extra or 'nothing'}")
-    for name in sorted(specs):
-        if tuple(params[name].shape) != tuple(specs[name]["shape"]):
-            raise CheckpointError(f"{where}: parameter {name} has shape "
-                                  f"{tuple(params[name].shape)}, model {model['name']} "
-                                  f"needs {tuple(specs[name]['shape'])}")
-        value = params[name]
-        if not allow_nonfinite and isinstance(value, np.ndarray) and value.dtype.kind in "fc":
-            bad = int(np.count_nonzero(~np.isfinite(value)))
-            if bad:
-                raise CheckpointError(f"{where}: parameter {name} has {bad} non-finite "
-                                      f"value{'s' if bad != 1 else ''} (NaN or Inf); refusing "
-                                      f"to use it (--allow-nonfinite loads it anyway)")
-
-
-def load_checkpoint_params(path: str | os.PathLike, model: dict, allow_nonfinite: bool = False
-                           ) -> tuple[dict, dict, Path]:
-    """(params, metadata, file) from a checkpoint file or a run folder (its newest valid one)."""
-    from convc.runtime.checkpoint import latest_valid_checkpoint, load_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        found = latest_valid_checkpoint(path, report=_note)
-        if found is None:
-            raise CheckpointError(f"{path}: no valid checkpoint in this folder")
-        path, arrays, meta = found
-    else:
-        arrays, meta = load_checkpoint(path)
-    user = meta.get("user") or {}
-    if user.get("model") not in (None, model["name"]):
-        raise CheckpointError(f"{path} was written by model {user.get('model')!r}, "
-                              f"not {model['name']!r}")
-    params = {key.partition("/")[2]: arrays[key] for key in sorted(arrays)
-              if key.startswith("param/")}
-    check_params(model, params, str(path), allow_nonfinite=allow_nonfinite)
-    return params, meta, path
-
-
-def predict_frames(mod, params: dict, x: np.ndarray, y: np.ndarray | None = None, *,
-                   patch: int = 1, frames_out: int | None = None, backend=None
-                   ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """Run the model on clips x; return (inputs, targets, predictions) as full frames.
-
-    Forecast models predict `frames_out` frames (default: as many as y has).
-    With patch=p > 1 every result is unpatched back to one-channel frames.
-    """
-    from convc.runtime import data as D
-    from convc.runtime.model import default_backend
-
-    B = backend if backend is not None else default_backend()
-    dtype = params[sorted(params)[0]].dtype
-    (input_name, _), = mod.MODEL["inputs"].items()
-    kw: dict[str, Any] = {"backend": B}
-    if mod.MODEL.get("task") == "forecast":
-        kw["steps"] = frames_out or (y.shape[1] if y is not None else DEFAULT_FRAMES)
-    outputs, _ = mod.forward(params, {input_name: B.asarray(np.ascontiguousarray(x, dtype))},
-                             **kw)
-    name = next(iter(mod.MODEL["outputs"]))
-    pred = np.asarray(B.asnumpy(outputs[name]), dtype=np.float32)
-    x = np.asarray(x, dtype=np.float32)
-    y = None if y is None else np.asarray(y, dtype=np.float32)
-    if patch > 1:
-        x = D.unpatch(x, patch)
-        y = None if y is None else D.unpatch(y, patch)
-        pred = D.unpatch(pred, patch)
-    return x, y, pred
+            note(f"skipping the PNGs: {exc}")
 
 
 class _InterruptFlag:
@@ -1296,10 +799,6 @@ class _InterruptFlag:
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
         self._old = {}
         return False
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def _convc_version() -> str:
@@ -1390,7 +889,7 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     if not hasattr(mod, "MODEL") or not hasattr(mod, "loss_and_grad"):
         raise ConvcError("train() needs a compiled model module (from convc.load)")
     cfg = resolve_config(mod.MODEL.get("train", {}), explicit)
-    _check_config(cfg)
+    check_config(cfg)
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 1):
         raise ConvcError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
@@ -1413,7 +912,7 @@ def _check_memory(model: dict, cfg: dict, clips_array) -> None:
     """Refuse, before allocating anything, a run whose step cannot fit in memory."""
     from convc.runtime import memory
 
-    fi, fo, length = _task_lengths(model, cfg)
+    fi, fo, length = task_lengths(model, cfg)
     data_values = 0
     if clips_array is None and str(cfg["data"]) in GENERATED_DATA and model["inputs"]:
         (shape,) = list(model["inputs"].values())[:1]

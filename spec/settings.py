@@ -7,6 +7,10 @@ line, with the allowed values), the options of every `convc` command
 the settings `train()` receives from Python. A value that passes here can
 be used: no NaN or infinity, no integer too large for an array dimension.
 
+The training settings (`TRAIN`) also carry their built-in default and their
+help text: `convc train` makes its options from them, `train()` its keywords,
+its defaults and its documentation.
+
     >>> TRAIN["batch_size"].problem(0)
     'expected a positive integer, got 0'
     >>> TRAIN["lr"].problem(float("inf")) is None
@@ -15,7 +19,8 @@ be used: no NaN or infinity, no integer too large for an array dimension.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 # The largest count or size any setting may hold: what an array dimension (a
 # signed 64-bit index) can hold. Larger numbers are refused before anything
@@ -27,6 +32,15 @@ SCHEDULES = ("constant", "step", "cosine", "plateau")
 CLIP_MODES = ("global_norm", "value", "per_tensor_norm")
 DTYPES = ("float32", "float64")
 
+# What a setting left unset (None) means where it depends on the run: the
+# steps of a run given neither steps nor epochs, the clips generated, and the
+# input and predicted frames of a sequence.
+DEFAULT_STEPS = 200
+DEFAULT_CLIPS = 512
+DEFAULT_FRAMES = 10
+# A layer of settings (train block, checkpoint, arguments) gives one of these.
+LENGTH = ("steps", "epochs")
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -36,6 +50,11 @@ class Setting:
     value, `open_low` / `open_high` exclude the bound itself. For strings,
     `choices` lists the allowed values (of the part before a ':' when
     `options` is true: `step:step_size=100`).
+
+    Training settings also have a built-in `default` (None: unset, decided
+    by the run), a `help` text, the `metavar` of their option, the `group`
+    of options it is listed in, and `trajectory`: whether changing it on
+    resume changes the losses a run continues with.
     """
 
     kind: type
@@ -45,6 +64,18 @@ class Setting:
     open_high: bool = False
     choices: tuple[str, ...] = ()
     options: bool = False
+    default: Any = None
+    help: str = ""
+    metavar: str | None = None
+    group: str = ""
+    trajectory: bool = True
+
+    def explain(self) -> str:
+        """The help text, with the built-in default where there is one."""
+        if self.default is None or self.kind is bool:
+            return self.help
+        default = f"{self.default:g}" if self.kind is float else self.default
+        return f"{self.help} (default {default})"
 
     def describe(self) -> str:
         """The allowed values in words: 'a positive integer', 'a number in [0, 1)'."""
@@ -145,30 +176,59 @@ POSITIVE = Setting(float, low=0, open_low=True)       # learning rate, clip limi
 NONNEG = Setting(float, low=0)                        # weight decay, momentum, seconds
 FRACTION = Setting(float, low=0, high=1, open_high=True)
 
-# What a spec's `train { ... }` block, `convc train` and `train()` accept.
+def _train(kind: Setting, help: str, default=None, metavar: str | None = None,
+           group: str = "optimisation", trajectory: bool = True) -> Setting:
+    return replace(kind, default=default, help=help, metavar=metavar, group=group,
+                   trajectory=trajectory)
+
+
+# What a spec's `train { ... }` block, `convc train` and `train()` accept, in the
+# order `convc train --help` lists them.
 TRAIN: dict[str, Setting] = {
-    "optimizer": Setting(str, choices=OPTIMIZERS),
-    "lr": NONNEG,                 # 0 freezes the weights, as PyTorch allows
-    "momentum": FRACTION,
-    "decay": FRACTION,
-    "eps": POSITIVE,
-    "weight_decay": NONNEG,
-    "clip": POSITIVE,
-    "clip_mode": Setting(str, choices=CLIP_MODES),
-    "bptt": COUNT,
-    "batch_size": COUNT,
-    "epochs": COUNT,
-    "steps": COUNT,
-    "frames_in": COUNT,
-    "frames_out": COUNT,
-    "schedule": Setting(str, choices=SCHEDULES, options=True),
-    "seed": NONNEG_COUNT,
-    "dtype": Setting(str, choices=DTYPES),
-    "val_fraction": FRACTION,
-    "val_every": COUNT,
-    "patience": NONNEG_COUNT,
-    "data": Setting(str),
-    "clips": COUNT,
-    "size": COUNT,
-    "stateful": Setting(bool),
+    "data": _train(Setting(str), "synthetic (moving digits), synthetic:shapes, "
+                   "sklearn-digits, or a .npy/.npz clip file (N, T, [C,] H, W)",
+                   default="synthetic", group="data"),
+    "clips": _train(COUNT, f"sequences to generate (default {DEFAULT_CLIPS}) or to keep "
+                    f"from a file (default all)", metavar="N", group="data"),
+    "size": _train(COUNT, "frame size in pixels; fixed by the model, checked if given",
+                   metavar="PX", group="data"),
+    "frames_in": _train(COUNT, f"input frames per sequence (default {DEFAULT_FRAMES})",
+                        metavar="T", group="data"),
+    "frames_out": _train(COUNT, f"frames to predict, forecast models (default "
+                         f"{DEFAULT_FRAMES})", metavar="T", group="data"),
+    "val_fraction": _train(FRACTION, "share of the sequences held out for validation",
+                           default=0.1, metavar="F", group="data"),
+    "steps": _train(COUNT, f"optimizer steps (default {DEFAULT_STEPS}); with --resume "
+                    f"(resume=True), the total the run ends at, not the number of steps "
+                    f"to add", metavar="N", trajectory=False),
+    "epochs": _train(COUNT, "passes over the data (instead of steps)", metavar="N",
+                     trajectory=False),
+    "batch_size": _train(COUNT, "sequences per optimizer step", default=8, metavar="N"),
+    "optimizer": _train(Setting(str, choices=OPTIMIZERS), "the optimizer", default="adam"),
+    # lr 0 freezes the weights, as PyTorch allows
+    "lr": _train(NONNEG, "learning rate", default=1e-3),
+    "momentum": _train(FRACTION, "SGD/RMSProp momentum"),
+    "decay": _train(FRACTION, "RMSProp decay (PyTorch's alpha; default 0.9)"),
+    "eps": _train(POSITIVE, "Adam/RMSProp epsilon"),
+    "weight_decay": _train(NONNEG, "L2 penalty added to the gradient"),
+    "schedule": _train(Setting(str, choices=SCHEDULES, options=True),
+                       "constant, step, cosine or plateau (observes the validation loss), "
+                       "with options as 'step:step_size=100,gamma=0.5'",
+                       default="constant", metavar="NAME"),
+    "clip": _train(POSITIVE, "clip the gradient to this limit (a global norm unless "
+                   "clip_mode says otherwise); the pre-clip global norm is logged",
+                   metavar="MAX"),
+    "clip_mode": _train(Setting(str, choices=CLIP_MODES), "how clip clips",
+                        default="global_norm"),
+    "bptt": _train(COUNT, "truncate backpropagation through time to windows of this many "
+                   "steps", metavar="K"),
+    "stateful": _train(Setting(bool), "carry the final states of a batch into the next "
+                       "(no gradient between them; reset every epoch)", default=False),
+    "val_every": _train(COUNT, "steps between validations (default: every epoch, or 10% "
+                        "of the steps)", metavar="N", trajectory=False),
+    "patience": _train(NONNEG_COUNT, "validations without improvement before stopping early",
+                       metavar="N", trajectory=False),
+    "dtype": _train(Setting(str, choices=DTYPES), "floating-point type of parameters and "
+                    "data", default="float32"),
+    "seed": _train(NONNEG_COUNT, "seed of data, split, order and init", default=0),
 }

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from convc.errors import ConvcError
-from convc.runtime import train as T
+from convc.runtime import config
 from convc.runtime.clip import (
     clip_by_global_norm,
     clip_by_value,
@@ -425,7 +425,7 @@ def test_the_settings_schema_names_what_the_runtime_has():
     assert set(settings.OPTIMIZERS) == set(optim._OPTIMIZERS)
     assert set(settings.SCHEDULES) == set(optim._SCHEDULES)
     assert set(settings.CLIP_MODES) == {m for m in CLIP_METHODS if m}
-    assert set(settings.TRAIN) == set(T.DEFAULTS)
+    assert set(settings.TRAIN) == set(config.DEFAULTS)
 
 
 @pytest.mark.parametrize("key,value", [("batch_size", 0), ("lr", float("nan")),
@@ -433,6 +433,6 @@ def test_the_settings_schema_names_what_the_runtime_has():
                                        ("optimizer", "sgdd"), ("momentum", -0.5),
                                        ("val_fraction", 1.0), ("seed", True)])
 def test_train_refuses_what_the_schema_refuses(key, value):
-    cfg = dict(T.DEFAULTS, **{key: value})
+    cfg = dict(config.DEFAULTS, **{key: value})
     with pytest.raises(ConvcError, match=f"^{key} must be "):
-        T._check_config(cfg)
+        config.check_config(cfg)

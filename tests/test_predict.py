@@ -78,7 +78,7 @@ def test_predictions_are_the_models_forward_pass(seed_run):
     assert pred.data == "<array>"
     np.testing.assert_array_equal(pred.inputs, clips[:, :4])
     np.testing.assert_array_equal(pred.targets, clips[:, 1:5])
-    from convc.runtime.train import load_checkpoint_params
+    from convc.runtime.predict import load_checkpoint_params
 
     params, _, _ = load_checkpoint_params(run, mod.MODEL)
     outputs, _ = mod.forward(params, {"x": clips[:, :4]})

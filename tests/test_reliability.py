@@ -35,7 +35,7 @@ import pytest
 import convc.api as api
 from convc import cli
 from convc.errors import CheckpointError, ConvcError
-from convc.runtime import kernels, ops_cupy
+from convc.runtime import dataset, kernels, ops_cupy, runlog
 from convc.runtime import train as T
 from convc.runtime.checkpoint import (checkpoint_path, latest_valid_checkpoint,
                                       list_checkpoints, load_checkpoint)
@@ -246,7 +246,7 @@ def test_resume_with_nothing_to_resume_starts_from_step_zero(capsys, tmp_path):
                        *TINY_ARGS)
     assert code == 0, err
     assert "holds no checkpoint yet" in err
-    assert [r["step"] for r in T.read_log(out / "log.csv")] == [1, 2]
+    assert [r["step"] for r in runlog.read_log(out / "log.csv")] == [1, 2]
 
 
 def test_resume_over_only_damaged_checkpoints_is_an_error_that_deletes_nothing(capsys,
@@ -275,7 +275,7 @@ def test_half_a_log_row_from_a_killed_run_does_not_stop_a_resume(seed, tmp_path)
     with pytest.raises(ValueError, match="line 8: malformed row"):
         with open(cut / "log.csv", "a") as stream:
             stream.write("7,3\n")
-        T.read_log(cut / "log.csv")
+        runlog.read_log(cut / "log.csv")
 
 
 # ---------------------------------------------------------------- non-finite values
@@ -394,7 +394,7 @@ def test_poison_changes_no_loss_and_no_parameter_of_any_example(path, poison):
     (_, (channels, height, _)), = mod.MODEL["inputs"].items()
     kw = dict(clips=_clips_for(mod), steps=3, batch_size=2, frames_in=3, val_fraction=0.0,
               progress=False,
-              size=height * T._patch_factor(channels),  # the spec's train block says 16 or 64
+              size=height * dataset.patch_factor(channels),  # the spec's train block says 16 or 64
               **({"frames_out": 2} if forecast else {}))
     clean = T.train(mod, poison=False, **kw)
     poisoned = T.train(mod, poison=True, **kw)
@@ -508,12 +508,12 @@ def test_a_full_disk_while_appending_to_the_log_is_a_clear_error(seed, tmp_path,
     out = tmp_path / "run"
 
     def disk_full_on_step_3(path, mode="r", *args, **kwargs):
-        if "a" in mode and len(T.read_log(path)) == 2:
+        if "a" in mode and len(runlog.read_log(path)) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return open(path, mode, *args, **kwargs)
 
-    # `open` as train.py sees it (a module global shadows the builtin there only)
-    monkeypatch.setattr(T, "open", disk_full_on_step_3, raising=False)
+    # `open` as runlog.py sees it (a module global shadows the builtin there only)
+    monkeypatch.setattr(runlog, "open", disk_full_on_step_3, raising=False)
     with pytest.raises(ConvcError, match=r"step 3: cannot write .*log.csv: No space left"):
         T.train(seed, steps=5, checkpoint_every=1, out=out, **TINY)
     assert latest_valid_checkpoint(out)[2]["step"] == 2
@@ -542,7 +542,7 @@ def test_ctrl_c_to_a_training_process_saves_a_checkpoint_and_exits_130(seed, tmp
     path, _, meta = latest_valid_checkpoint(out)
     step = meta["step"]
     assert f"saved step {step} to {path}" in err
-    assert len(T.read_log(out / "log.csv")) == step
+    assert len(runlog.read_log(out / "log.csv")) == step
     # Resuming continues the same run: in-process, the losses of an unbroken run.
     resumed = T.train(seed, steps=step + 2, out=out, resume=True, **TINY)
     whole = T.train(seed, steps=step + 2, **TINY)

@@ -14,8 +14,10 @@ import pytest
 
 import convc.api as api
 from convc.errors import ConvcError, DataError, NonFiniteError
+from convc.runtime import config, dataset, runlog
 from convc.runtime import train as T
 from convc.runtime.checkpoint import latest_valid_checkpoint, list_checkpoints, load_checkpoint
+from convc.runtime.predict import predict_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_CELL = ROOT / "examples" / "seed.cell"
@@ -52,7 +54,7 @@ def test_run_writes_log_checkpoints_model_and_pictures(seed, tmp_path):
     result = T.train(seed, steps=6, checkpoint_every=3, out=out, **TINY)
 
     assert result.steps == 6 and result.stopped == "steps"
-    rows = T.read_log(out / "log.csv")
+    rows = runlog.read_log(out / "log.csv")
     header = (out / "log.csv").read_text().splitlines()[0]
     assert header == "step,epoch,loss,lr,grad_norm,val_loss,seconds"
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
@@ -118,15 +120,15 @@ def test_resume_after_ctrl_c_is_bitwise_identical(seed, tmp_path):
         T.train(seed, out=tmp_path / "cut", on_step=interrupt_at_7, **_resume_settings())
     assert info.value.checkpoint == tmp_path / "cut" / "ckpt-00000007.npz"
     assert "--resume" in str(info.value)
-    assert len(T.read_log(tmp_path / "cut" / "log.csv")) == 7
+    assert len(runlog.read_log(tmp_path / "cut" / "log.csv")) == 7
 
     resumed = T.train(seed, out=tmp_path / "cut", resume=True, **_resume_settings())
     assert resumed.losses == whole.losses
     assert resumed.val_losses == whole.val_losses
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in whole.history]
     assert all(np.array_equal(resumed.params[k], whole.params[k]) for k in whole.params)
-    cut_log = T.read_log(tmp_path / "cut" / "log.csv")
-    whole_log = T.read_log(tmp_path / "whole" / "log.csv")
+    cut_log = runlog.read_log(tmp_path / "cut" / "log.csv")
+    whole_log = runlog.read_log(tmp_path / "whole" / "log.csv")
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in cut_log]
     assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in whole_log]
 
@@ -140,7 +142,7 @@ def test_resume_from_a_mid_run_checkpoint_truncates_the_log(seed, tmp_path):
     (out / "ckpt-00000008.npz").write_bytes(b"PK\x03\x04 a damaged checkpoint")
     resumed = T.train(seed, out=out, resume=True, **settings)
     assert resumed.losses == whole.losses
-    rows = T.read_log(out / "log.csv")
+    rows = runlog.read_log(out / "log.csv")
     assert [r["step"] for r in rows] == list(range(1, 11))
 
 
@@ -150,7 +152,7 @@ def test_a_folder_with_a_run_needs_resume_or_overwrite(seed, tmp_path):
         T.train(seed, steps=2, out=tmp_path, **TINY)
     again = T.train(seed, steps=3, out=tmp_path, overwrite=True, **TINY)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-00000003.npz"]
-    assert len(T.read_log(tmp_path / "log.csv")) == again.steps == 3
+    assert len(runlog.read_log(tmp_path / "log.csv")) == again.steps == 3
 
 
 def test_stateful_training_carries_states_and_resets_each_epoch(seed, monkeypatch):
@@ -195,7 +197,7 @@ def test_nan_loss_stops_with_a_clear_error_and_a_valid_checkpoint(seed, tmp_path
     path, arrays, meta = found
     assert meta["step"] == 4
     assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
-    assert len(T.read_log(out / "log.csv")) == 4
+    assert len(runlog.read_log(out / "log.csv")) == 4
 
 
 def test_nan_gradient_names_the_parameters(seed, monkeypatch):
@@ -261,11 +263,11 @@ def test_out_folder_that_cannot_be_made_is_a_convc_error(seed, tmp_path):
 
 
 def test_settings_come_from_the_train_block_then_arguments(seed):
-    cfg = T.resolve_config(seed.MODEL["train"], {"lr": 0.1, "epochs": 2})
+    cfg = config.resolve_config(seed.MODEL["train"], {"lr": 0.1, "epochs": 2})
     assert cfg["optimizer"] == "sgd" and cfg["lr"] == 0.1 and cfg["clip"] == 1.0
     assert cfg["epochs"] == 2 and cfg["steps"] is None  # epochs replaces the block's steps
     with pytest.raises(ConvcError, match="both steps and epochs"):
-        T.resolve_config({}, {"steps": 3, "epochs": 1})
+        config.resolve_config({}, {"steps": 3, "epochs": 1})
 
 
 def test_patched_model_gets_patched_synthetic_clips_and_full_frame_pictures(tmp_path):
@@ -285,9 +287,9 @@ def test_patched_model_gets_patched_synthetic_clips_and_full_frame_pictures(tmp_
     mod = api.load(spec)
     result = T.train(mod, steps=2, out=tmp_path / "run", **TINY)
     assert result.steps == 2
-    data = T.prepare_data(mod.MODEL, T.resolve_config({}, {"clips": 8, "frames_in": 4}))
+    data = dataset.prepare_data(mod.MODEL, config.resolve_config({}, {"clips": 8, "frames_in": 4}))
     assert data.patch == 2 and data.train_x.shape[2:] == (4, 8, 8)
-    x, y, pred = T.predict_frames(mod, result.params, data.val_x, data.val_y, patch=2)
+    x, y, pred = predict_frames(mod, result.params, data.val_x, data.val_y, patch=2)
     assert x.shape[2:] == y.shape[2:] == pred.shape[2:] == (1, 16, 16)
     assert _read_png(tmp_path / "run" / "predictions.png").ndim == 3
 
@@ -297,7 +299,7 @@ def test_forecast_model_trains_on_frames_in_and_frames_out():
     result = T.train(mod, steps=2, frames_in=3, frames_out=2, clips=8, batch_size=4,
                      progress=False)
     assert result.steps == 2 and all(math.isfinite(v) for v in result.losses)
-    data = T.prepare_data(mod.MODEL, T.resolve_config(mod.MODEL["train"], {
+    data = dataset.prepare_data(mod.MODEL, config.resolve_config(mod.MODEL["train"], {
         "frames_in": 3, "frames_out": 2, "clips": 8}))
     assert data.train_x.shape[1] == 3 and data.train_y.shape[1] == 2
 
@@ -340,7 +342,7 @@ def test_reported_losses_say_which_steps_they_average(seed, tmp_path, capsys, st
     result = T.train(seed, steps=steps, progress=True, out=out, clips=16, batch_size=4,
                      frames_in=4)
     err = capsys.readouterr().err
-    rows = T.read_log(out / "log.csv")
+    rows = runlog.read_log(out / "log.csv")
     lines = [line for line in err.splitlines() if line.startswith("step")]
     progress = [_reported(line) for line in lines]
     assert all(len(p) == 1 for p in progress), lines
@@ -372,7 +374,7 @@ def test_reported_losses_say_which_steps_they_average(seed, tmp_path, capsys, st
                      "-q"])
     stdout = capsys.readouterr().out
     assert code == 0
-    cli_rows = T.read_log(tmp_path / "cli" / "log.csv")
+    cli_rows = runlog.read_log(tmp_path / "cli" / "log.csv")
     assert [r["loss"] for r in cli_rows] == [r["loss"] for r in rows]
     (line,) = [line for line in stdout.splitlines() if line.startswith("trained")]
     assert line.split(" s: ", 1)[1] == summary.split(" s: ", 1)[1]
@@ -382,7 +384,7 @@ def test_progress_on_a_terminal_redraws_one_line_and_keeps_every_tenth():
     import io
 
     stream = io.StringIO()
-    progress = T.Progress(total=100, stream=stream, tty=True)
+    progress = runlog.Progress(total=100, stream=stream, tty=True)
     for step in range(1, 101):
         progress.last_draw = 0.0  # pretend the redraw interval has passed
         progress.update(step, loss=1.0 / step, lr=0.1)
