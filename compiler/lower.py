@@ -989,7 +989,7 @@ class Lowerer:
                     raise _Fail()
         if fname == "conv":
             return Tensor(self.conv(e, args, kwargs))
-        if fname in ("sigmoid", "hard_sigmoid", "tanh", "relu"):
+        if fname in OPS and OPS[fname].function:
             return Tensor(self.node(fname, (args[0].id,), e.loc))
         if fname == "concat":
             return self.concat(args, e.loc)

@@ -99,6 +99,9 @@ class OpDef:
     grad_from_output: str | None = None
     # a loss: reduces a prediction and a target to the scalar the backward pass starts from
     loss: bool = False
+    # the language calls it by its name on one value (`softplus(x)`): spec/builtins.py
+    # lists the functions marked here, lowering applies them by name
+    function: bool = False
     # False: the op only moves or reinterprets data (a source, a view, concat): reports
     # count no work for it
     arithmetic: bool = True
@@ -291,14 +294,14 @@ defop(name="scale", arity=1, elementwise=True, shape=_same,
 
 # ---------------------------------------------------------------- activations
 
-defop(name="sigmoid", arity=1, elementwise=True, shape=_same,
+defop(name="sigmoid", arity=1, elementwise=True, shape=_same, function=True,
       code=lambda a, at: f"rt.sigmoid({a[0]})",
       into=OUT, alias=(0,), activation=True, grad_from_output="sigmoid_grad",
       ref=lambda x: R.sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("sigmoid_grad", n.id, g),),
       doc="logistic sigmoid 1/(1+exp(-x))")
 
-defop(name="tanh", arity=1, elementwise=True, shape=_same,
+defop(name="tanh", arity=1, elementwise=True, shape=_same, function=True,
       code=lambda a, at: f"xp.tanh({a[0]})",
       # rt.tanh: from exp, faster than NumPy's float32 tanh
       into=lambda a, at, out: f"rt.tanh({a[0]}, out={out})", alias=(0,), zero_if_all=True,
@@ -307,7 +310,7 @@ defop(name="tanh", arity=1, elementwise=True, shape=_same,
       vjp=(lambda b, n, g, i: b.op("tanh_grad", n.id, g),),
       doc="hyperbolic tangent")
 
-defop(name="relu", arity=1, elementwise=True, shape=_same,
+defop(name="relu", arity=1, elementwise=True, shape=_same, function=True,
       code=lambda a, at: f"xp.maximum({a[0]}, 0)",
       into=lambda a, at, out: f"xp.maximum({a[0]}, 0, out={out})", alias=(0,),
       zero_if_all=True, activation=True, grad_from_output="relu_grad",
@@ -315,12 +318,20 @@ defop(name="relu", arity=1, elementwise=True, shape=_same,
       vjp=(lambda b, n, g, i: b.op("relu_grad", n.id, g),),
       doc="max(x, 0)")
 
-defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same,
+defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same, function=True,
       code=lambda a, at: f"rt.hard_sigmoid({a[0]})",
       into=OUT, alias=(0,), activation=True,
       ref=lambda x: R.hard_sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("hard_sigmoid_grad", n.inputs[0], g),),
       doc="clip(0.2*x + 0.5, 0, 1), as in Keras")
+
+defop(name="softplus", arity=1, elementwise=True, shape=_same, function=True,
+      code=lambda a, at: f"xp.logaddexp(0.0, {a[0]})",
+      into=lambda a, at, out: f"xp.logaddexp(0.0, {a[0]}, out={out})", alias=(0,),
+      activation=True,
+      ref=lambda x: np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0),
+      vjp=(lambda b, n, g, i: b.op("mul", g, b.op("sigmoid", n.inputs[0])),),
+      doc="log(1 + exp(x)), a smooth relu")
 
 # gradients of activations: primitives of the backward pass (no VJP of their own)
 defop(name="sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
@@ -618,6 +629,58 @@ def without_zeros(op: OpDef, zeros: list[bool]):
             return (ALIAS, rest[0])
         return ("terms", rest)
     return None
+
+
+def record_problems(op: OpDef) -> list[str]:
+    """The facts a record lacks or gets wrong, for the stages that read them.
+
+    The op table's test runs this on every record; a new primitive that
+    forgets a fact (an elementwise op without `into` makes every time loop
+    allocate its result at every step) fails there, not silently later.
+    """
+    problems = []
+
+    def need(ok, what):
+        if not ok:
+            problems.append(f"{op.name}: {what}")
+
+    n_in = 1 if op.variadic else op.arity
+    need(callable(op.shape), "no shape rule")
+    need(op.variadic == (op.arity == -1), "variadic ops have arity -1, others their count")
+    if op.source:
+        need(op.code is None and op.ref is None and not op.owned and not op.arithmetic,
+             "a source has no code nor ref, is not owned and does no arithmetic")
+        return problems
+    if op.name != "carry_out":  # passes its operand through (the backward pass's plumbing)
+        need(op.code is not None, "no code template (code generation)")
+        need(op.ref is not None, "no reference evaluation (compiler/reference.py, interp)")
+    need(len(op.vjp) in (0, n_in), f"vjp has {len(op.vjp)} rules for {n_in} inputs")
+    need(all(k < n_in for k in op.alias + op.zero_if_any + op.shape_only),
+         "alias / zero_if_any / shape_only name an operand the op does not have")
+    need(not op.terms or len(op.terms) == n_in and set(op.terms) <= {1, -1},
+         "terms: one sign (+1 or -1) per operand")
+    if op.elementwise:
+        need(op.writes_into, "elementwise without `into`: time loops would allocate its "
+                             "result at every step")
+    if op.alias:
+        need(op.writes_into, "alias without `into`")
+    if op.view:
+        need(not op.writes_into, "a view has no buffer to write into")
+    if op.function:
+        need(op.elementwise and op.arity == 1 and op.vjp and op.vjp[0] is not None,
+             "a language function here is elementwise on one value, with a VJP")
+    if op.grad_from_output:
+        g = OPS.get(op.grad_from_output)
+        need(g is not None and g.arity == 2 and g.elementwise,
+             f"grad_from_output {op.grad_from_output!r} is not an elementwise (y, g) op")
+    if op.loss:
+        need(op.vjp and op.vjp[0] is not None and (len(op.vjp) < 2 or op.vjp[1] is None),
+             "a loss has a gradient for its prediction only")
+    return problems
+
+
+def table_problems() -> list[str]:
+    return [p for op in OPS.values() for p in record_problems(op)]
 
 
 def vjp_rule(op: OpDef, i: int):

@@ -1,7 +1,10 @@
 """The names the language knows without an import: functions, weight kinds, losses.
 
 Only names and signatures live here (the spec knows nothing of arrays); the
-compiler maps each function to ops in compiler/lower.py.
+compiler maps each function to ops in compiler/lower.py. The pointwise
+functions (sigmoid, tanh, ...) are the op table's records marked `function`
+(compiler/ops.py), so a new one is one record there; their names and
+one-line docs are all the spec reads of the table.
 """
 from __future__ import annotations
 
@@ -21,14 +24,17 @@ class Sig:
         return f"{name}({', '.join(parts)})"
 
 
+def _pointwise() -> dict[str, Sig]:
+    from convc.compiler.ops import OPS
+
+    return {op.name: Sig(("x",), doc=op.doc) for op in OPS.values() if op.function}
+
+
 # equations: tensor -> tensor
 FUNCTIONS: dict[str, Sig] = {
     "conv": Sig(("x", "W"), {"stride": 1, "padding": "same", "dilation": 1},
                 doc="2-D convolution of x with kernel W"),
-    "sigmoid": Sig(("x",), doc="logistic sigmoid"),
-    "hard_sigmoid": Sig(("x",), doc="clip(0.2*x + 0.5, 0, 1)"),
-    "tanh": Sig(("x",), doc="hyperbolic tangent"),
-    "relu": Sig(("x",), doc="max(x, 0)"),
+    **_pointwise(),
     "concat": Sig(variadic=True, doc="concatenation along channels"),
     "split": Sig(("x", "n"), doc="n equal parts along channels"),
 }

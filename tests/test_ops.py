@@ -131,6 +131,7 @@ VJP_CASES = [
     Case("tanh", {"x": S(3, 4, 5)}, ("x",)),
     Case("relu", {"x": S(3, 4, 5, draw="away0")}, ("x",)),
     Case("hard_sigmoid", {"x": S(3, 4, 5, draw="hsig")}, ("x",)),
+    Case("softplus", {"x": S(3, 4, 5)}, ("x",)),
     conv_case((3, 6, 6), (4, 3, 3, 3), pad=(1, 1), id="3x3-same"),
     conv_case((5, 4, 6), (3, 5, 1, 1), id="1x1"),
     conv_case((3, 5, 5), (2, 3, 5, 5), pad=(2, 2), id="5x5-same"),
@@ -297,7 +298,7 @@ CODE_CASES = VJP_CASES + EXTRA_CODE_CASES
 
 # ops the generated code also runs on whole sequences, (T, N, C, H, W) at once
 TIME_BATCHED = ("add", "sub", "mul", "addn", "neg", "scale", "sigmoid", "tanh", "relu",
-                "hard_sigmoid", "sigmoid_grad", "tanh_grad", "relu_grad", "hard_sigmoid_grad",
+                "hard_sigmoid", "softplus", "sigmoid_grad", "tanh_grad", "relu_grad", "hard_sigmoid_grad",
                 "conv", "conv_grad_input", "conv_grad_weight", "concat", "slice",
                 "pad_channels", "sum_to", "expand")
 
