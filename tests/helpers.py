@@ -131,3 +131,39 @@ def tree_bytes(arrays: dict) -> bytes:
         a = np.ascontiguousarray(np.asarray(arrays[name]))
         out.append(f"{name}:{a.dtype.str}:{a.shape}".encode() + a.tobytes())
     return b"\0".join(out)
+
+
+
+# Models built from the cells of the standard library (spec/stdlib/std.cell), for the
+# tests that check properties of the generated source of every model: each std cell
+# alone with a 1x1 head, and a ConvGRU encoder-forecaster (a second loop, init=).
+def _std_model(name: str, doc: str, body: str, head: str) -> str:
+    return (f'import std\n\nmodel {name} {{\n    """{doc}"""\n'
+            "    input x: [1, 8, 8]\n    target y: [1, 8, 8]\n"
+            f"{body}"
+            "    weight W_out = kernel(1, 1)\n    weight b_out = bias(1)\n"
+            f"    pred = sigmoid(conv({head}, W_out) + b_out)\n"
+            "    output pred\n    loss mse(pred, y)\n}\n")
+
+
+def _one_cell(name: str, cell: str, args: str) -> str:
+    return _std_model(name, f"One {cell} of std.cell and a 1x1 convolution.",
+                      f"    l = {cell}({args})\n    h = l(x)\n", "h")
+
+
+STD_MODELS = {
+    "std_convlstm": _one_cell("std_convlstm", "ConvLSTM", "hidden = 4, kernel = 3, peephole = true"),
+    "std_convlstm_nopeep": _one_cell("std_convlstm_nopeep", "ConvLSTM",
+                                     "hidden = 4, kernel = 3, peephole = false"),
+    "std_convlstm_fused": _one_cell("std_convlstm_fused", "ConvLSTMFused", "hidden = 4, kernel = 3"),
+    "std_convgru": _one_cell("std_convgru", "ConvGRU", "hidden = 4, kernel = 3"),
+    "std_gru_forecaster": _std_model(
+        "std_gru_forecaster", "A ConvGRU encoder and a ConvGRU forecaster started from its state.",
+        "    enc = ConvGRU(hidden = 4, kernel = 3)\n    fc = ConvGRU(hidden = 4, kernel = 3)\n"
+        "    h = enc(x)\n    g = fc(steps = y, init = enc)\n", "g"),
+}
+
+
+def std_model_path(name: str) -> Path:
+    """The path (not a file) a STD_MODELS text is compiled under: its comments name it."""
+    return ROOT / "tests" / f"{name}.cell"
