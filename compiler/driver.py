@@ -2,6 +2,9 @@
 
 `compile_model` runs every stage and keeps what each produced, so every
 stage can be looked at (`convc compile --emit ir,dot,json`, `--timings`).
+With `snapshots=True` it also keeps the IR's text after each stage of
+`IR_STAGES` (`convc compile --emit ir@STAGE`), so a change can be bisected
+to the stage whose output moved.
 """
 from __future__ import annotations
 
@@ -21,6 +24,21 @@ from .schedule import Schedule, schedule
 from .shapes import infer_shapes
 
 
+# The stages after which the IR can be looked at, in the order they run.
+IR_STAGES = (
+    "lower",  # the graph as lowering builds it from the checked program
+    "fold",  # constants folded (a forecaster's zero input path vanishes)
+    "fuse_bce_logits",  # bce(sigmoid(a)) -> bce_logits(a)
+    "cse",  # common subexpressions merged
+    "dce",  # dead code removed, unused parameters dropped
+    "shapes",  # every shape inferred
+    "fold_zero_channels",  # convolutions skip the zero channels of inputs not given
+    "autodiff",  # the backward pass added (BPTT), unused backward nodes removed
+    "loop_rewrites",  # input convolutions hoisted, sibling activations merged
+    "schedule",  # every node placed in a block (forward loops, batched stages, backward loops)
+)
+
+
 @dataclass
 class Compiled:
     """Everything one compile produced."""
@@ -33,13 +51,22 @@ class Compiled:
     warnings: list[Diagnostic] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     pass_counts: dict[str, int] = field(default_factory=dict)
+    snapshots: dict[str, str] = field(default_factory=dict)  # stage -> IR text after it
 
     @property
     def name(self) -> str:
         return self.lowered.name
 
-    def ir_text(self) -> str:
-        return self.lowered.graph.dump() + "\n"
+    def ir_text(self, stage: str | None = None) -> str:
+        """The IR's text: the final graph, or the graph after `stage` (of IR_STAGES; the
+        compile must have kept snapshots)."""
+        if stage is None:
+            return self.lowered.graph.dump() + "\n"
+        if stage not in IR_STAGES:
+            raise ValueError(f"unknown stage {stage!r}; the stages are {', '.join(IR_STAGES)}")
+        if stage not in self.snapshots:
+            raise ValueError(f"no snapshot of stage {stage!r}: compile with snapshots=True")
+        return self.snapshots[stage]
 
     def dot(self) -> str:
         return self.lowered.graph.to_dot(self.name)
@@ -112,26 +139,36 @@ def model_errors(prog: Program, model: str | None, low: Lowered | None = None,
 
 def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
-                  debug_nans: bool = False, recompute: int | None = None) -> Compiled:
+                  debug_nans: bool = False, recompute: int | None = None,
+                  snapshots: bool = False) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
-    c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute)
+    c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute,
+                        snapshots=snapshots)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
-                    debug_nans: bool = False, recompute: int | None = None) -> Compiled:
+                    debug_nans: bool = False, recompute: int | None = None,
+                    snapshots: bool = False) -> Compiled:
     """Check, lower, differentiate, schedule and generate one model.
 
     recompute=K: loss_and_grad keeps the forward values the backward pass
     reads for one window of K steps (and the states at each window's start),
     recomputing each window in the backward loop: less memory, one more
-    forward pass over all but the last window.
+    forward pass over all but the last window. snapshots: keep the IR's text
+    after each stage of IR_STAGES (`Compiled.ir_text(stage)`).
     """
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
+    texts: dict[str, str] = {}
+
+    def snap(name):
+        assert name in IR_STAGES, name
+        if snapshots:
+            texts[name] = low.graph.dump() + "\n"
 
     def stage(name):
         class _T:
@@ -155,32 +192,45 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         if any(d.severity == "error" for d in low.diagnostics):
             raise CellError(in_order(unique(model_errors(prog, model, low))))
     g = low.graph
+    snap("lower")
     with stage("passes"):
-        counts.update(_run_passes(low))
+        counts.update(_run_passes(low, snap))
     rep = Reporter()
     with stage("shapes"):
         infer_shapes(g, rep, where=low.locate)
         rep.check()
+    snap("shapes")
     with stage("passes"):
         counts["fold_zero_channels"] = passes.fold_zero_channels(g)
         counts["dce"] += passes.dce(g, _roots(low))
+    snap("fold_zero_channels")
     with stage("autodiff"):
         bw = differentiate(low)
         counts["bwd_dce"] = _prune_backward(low, bw)
+    snap("autodiff")
     with stage("schedule"):
-        sched = schedule(low, bw)
+        rewrites = passes.loop_rewrites(low, bw)
+        snap("loop_rewrites")
+        sched = schedule(low, bw, rewrites)
+    snap("schedule")
     with stage("codegen"):
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute)
-    return Compiled(prog, low, bw, sched, source, warnings, timings, counts)
+    return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts)
 
 
-def _run_passes(low: Lowered) -> dict[str, int]:
-    """The passes before shape inference; how many rewrites each made."""
+def _run_passes(low: Lowered, snap=lambda stage: None) -> dict[str, int]:
+    """The passes before shape inference; how many rewrites each made. `snap(stage)`
+    is called after each."""
     g, roots = low.graph, _roots(low)
-    counts = dict(fold=passes.fold_constants(g, roots),
-                  fuse_bce_logits=passes.fuse_bce_logits(g),
-                  cse=passes.cse(g), dce=passes.dce(g, roots))
-    _prune_params(low)
+    counts = {}
+    for name, run in (("fold", lambda: passes.fold_constants(g, roots)),
+                      ("fuse_bce_logits", lambda: passes.fuse_bce_logits(g)),
+                      ("cse", lambda: passes.cse(g)),
+                      ("dce", lambda: passes.dce(g, roots))):
+        counts[name] = run()
+        if name == "dce":
+            _prune_params(low)
+        snap(name)
     return counts
 
 

@@ -20,8 +20,8 @@ two of them (layer 2's input-to-hidden convolution of layer 1's output, or
 its gradient) runs batched in a `mid` stage. Blocks are (kind, segment, k)
 with k numbering the loops of one segment.
 
-Before placing anything, the loop-aware rewrites of passes.py run on the
-differentiated graph (they need the recurrences this module computes): a
+Before placing anything, the loop-aware rewrites of passes.py have run on
+the differentiated graph (the driver's `loop_rewrites` stage): a
 convolution over concat(input, state) is split so that its input half can
 be hoisted, a cotangent built of slice gradients becomes a concat, gates
 of one kind share one activation call.
@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from . import passes
 from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
@@ -126,9 +125,13 @@ def recurrences(g: Graph, nodes: set[str], links) -> list[tuple[str, set[str]]]:
     return groups
 
 
-def schedule(low: Lowered, bw: Backward | None) -> Schedule:
+def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None = None
+             ) -> Schedule:
+    """Place every node in a block. The loop-aware rewrites (passes.loop_rewrites) must
+    have run on the differentiated graph (the driver runs them: a stage of its own);
+    `rewrites` is what they changed, kept in the Schedule for reports."""
     g = low.graph
-    rewrites = passes.loop_rewrites(low, bw) if bw is not None else {}
+    rewrites = dict(rewrites or {})
     segs = [s.id for s in sorted(low.segments, key=lambda s: s.index)]
 
     if bw is not None:

@@ -1,0 +1,59 @@
+"""The IR after every stage (`compile_model(snapshots=True)`, `convc compile --emit ir@STAGE`).
+
+Each stage of driver.IR_STAGES leaves a text snapshot of the graph; the
+snapshots show what each stage did (folding removes the forecaster's input
+path, autodiff adds the backward nodes), the last one is the final IR, and
+keeping them changes nothing the compile produces.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from convc.compiler.driver import IR_STAGES, compile_model
+
+ROOT = Path(__file__).resolve().parent.parent
+EF = ROOT / "examples" / "encoder_forecaster.cell"
+
+
+@pytest.fixture(scope="module")
+def ef():
+    return compile_model(EF, snapshots=True)
+
+
+def test_every_stage_has_a_snapshot_and_the_last_is_the_final_ir(ef):
+    assert list(ef.snapshots) == list(IR_STAGES)
+    assert ef.ir_text("schedule") == ef.ir_text()
+
+
+def test_the_snapshots_show_what_each_stage_did(ef):
+    lines = {s: ef.ir_text(s).splitlines() for s in IR_STAGES}
+    text = {s: ef.ir_text(s) for s in IR_STAGES}
+    # the forecaster runs without input: folding bypasses what its zeros gave, dce removes it
+    assert text["fold"] != text["lower"]
+    assert len(lines["dce"]) < len(lines["cse"])
+    # the sigmoid before the bce loss becomes one bce_logits
+    assert "bce_logits(" not in text["fold"] and "bce_logits(" in text["fuse_bce_logits"]
+    # shape inference fills in every "?" of the lowered graph
+    assert "?" in ef.ir_text("lower") and "?" not in ef.ir_text("shapes")
+    # autodiff adds the backward pass
+    assert len(lines["autodiff"]) > len(lines["fold_zero_channels"])
+    assert not any("grad" in line for line in lines["fold_zero_channels"])
+    # the loop rewrites merge sibling activations (and their gradients)
+    assert len(lines["loop_rewrites"]) < len(lines["autodiff"])
+
+
+def test_snapshots_change_nothing_else(ef):
+    plain = compile_model(EF)
+    assert plain.snapshots == {}
+    assert plain.source == ef.source and plain.ir_text() == ef.ir_text()
+
+
+def test_an_unknown_or_unkept_stage_is_a_clear_error(ef):
+    with pytest.raises(ValueError, match="unknown stage 'parse'; the stages are lower, fold"):
+        ef.ir_text("parse")
+    with pytest.raises(ValueError, match="compile with snapshots=True"):
+        compile_model(EF).ir_text("fold")
