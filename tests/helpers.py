@@ -152,10 +152,12 @@ def _one_cell(name: str, cell: str, args: str) -> str:
 
 
 STD_MODELS = {
-    "std_convlstm": _one_cell("std_convlstm", "ConvLSTM", "hidden = 4, kernel = 3, peephole = true"),
+    "std_convlstm": _one_cell("std_convlstm", "ConvLSTM",
+                              "hidden = 4, kernel = 3, peephole = true"),
     "std_convlstm_nopeep": _one_cell("std_convlstm_nopeep", "ConvLSTM",
                                      "hidden = 4, kernel = 3, peephole = false"),
-    "std_convlstm_fused": _one_cell("std_convlstm_fused", "ConvLSTMFused", "hidden = 4, kernel = 3"),
+    "std_convlstm_fused": _one_cell("std_convlstm_fused", "ConvLSTMFused",
+                                    "hidden = 4, kernel = 3"),
     "std_convgru": _one_cell("std_convgru", "ConvGRU", "hidden = 4, kernel = 3"),
     "std_gru_forecaster": _std_model(
         "std_gru_forecaster", "A ConvGRU encoder and a ConvGRU forecaster started from its state.",

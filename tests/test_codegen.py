@@ -820,7 +820,8 @@ def test_every_cell_statement_names_its_source_line(model):
 
 def test_comment_checkers_flag_missing_and_wrong_comments():
     c = compiled(example("seed"))
-    assert quote_problems(c.source.replace("# seed.cell:20  o = sigmoid", "# seed.cell:20  o = tanh"))
+    assert quote_problems(c.source.replace("# seed.cell:20  o = sigmoid",
+                                           "# seed.cell:20  o = tanh"))
     assert quote_problems(c.source.replace("# seed.cell:22  h", "# seed.cell:23  h"))
 
     class Moved:  # the same compile with one comment gone, and one naming another line
