@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 from convc import __version__
+from convc.argtypes import argtype
 from convc.argtypes import nonneg_int as _nonneg_int
 from convc.argtypes import positive_float as _positive_float
 from convc.argtypes import positive_int as _positive_int
-from convc.argtypes import train_type as _train_type
 from convc.errors import ConvcError
+from convc.spec.settings import LENGTH, TRAIN
 
 EMITS = ("py", "ir", "dot", "json")
 
@@ -268,34 +269,22 @@ def _recompute_report(args, mod, steps, batch) -> str:
 # train, predict
 # ---------------------------------------------------------------------------
 
-# CLI option -> train() keyword, for the options passed through as given.
-_TRAIN_OPTIONS = ("data", "clips", "size", "steps", "epochs", "batch_size", "optimizer", "lr",
-                  "momentum", "decay", "eps", "weight_decay", "schedule", "clip", "clip_mode",
-                  "bptt", "stateful", "val_fraction", "val_every", "patience", "frames_in",
-                  "frames_out", "dtype", "seed", "checkpoint_every", "keep", "threads")
+# The options of `convc train` passed to train() as given: the settings and these.
+_RUN_OPTIONS = ("checkpoint_every", "keep", "threads")
 
 
 def cmd_train(args) -> int:
-    from convc.runtime.train import train
+    from convc.runtime.train import default_run_folder, train
 
     mod = _load(args, debug_nans=args.debug_nans)
-    out = args.out or os.path.join("runs", mod.MODEL["name"])
-    options = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
-    result = train(mod, out=out, device=args.device, conv=args.conv, resume=args.resume,
-                   overwrite=args.overwrite, progress=False if args.quiet else None,
+    options = {k: getattr(args, k) for k in (*TRAIN, *_RUN_OPTIONS)
+               if getattr(args, k) is not None}
+    result = train(mod, out=args.out or default_run_folder(mod.MODEL), device=args.device,
+                   conv=args.conv, resume=args.resume, overwrite=args.overwrite,
+                   progress=False if args.quiet else None,
                    poison=True if args.poison else None, deterministic=args.deterministic,
-                   ignore_memory_limit=args.ignore_memory_limit,
-                   **options)
-    if result.history:
-        print(result.summary())
-    print(f"wrote {result.out}/")
-    descriptions = {"model": "the generated model (import with convc.api.import_generated)",
-                    "log": "one row per step: loss, lr, grad_norm, val_loss",
-                    "checkpoint": "parameters and training state (continue with --resume)",
-                    "predictions": "inputs, targets and predictions of validation clips",
-                    "loss plot": "the loss curves"}
-    for kind, path in result.paths().items():
-        print(f"  {Path(path).name:<20} {descriptions[kind]}")
+                   ignore_memory_limit=args.ignore_memory_limit, **options)
+    sys.stdout.write(result.report())
     return 0
 
 
@@ -330,7 +319,7 @@ def cmd_gradcheck(args) -> int:
     """Float64 finite differences along random directions against the generated BPTT."""
     import json
 
-    from convc.runtime.gradcheck import SAFETY, gradcheck
+    from convc.runtime.gradcheck import format_report, gradcheck
 
     mod = _load(args)
     if args.json:  # refuse a bad output name before the check runs
@@ -340,39 +329,10 @@ def cmd_gradcheck(args) -> int:
     report = gradcheck(mod, batch=args.batch, frames=args.frames, frames_out=args.frames_out,
                        seed=args.seed, dirs=args.dirs, bptt=args.bptt, eps=args.eps,
                        tolerance=args.tolerance)
-    limit = (f"a relative error within {SAFETY:g}x the finite differences' resolution"
-             + (f" or {args.tolerance:g}" if args.tolerance is not None else ""))
-    print(f"gradient check of {report.model}: float64, batch {report.batch}, "
-          f"{report.frames} steps{f', bptt {args.bptt}' if args.bptt else ''}, "
-          f"{args.dirs} random directions per parameter, poisoned buffers")
-    print(f"loss {report.loss:.6g}, its rounding noise {report.noise:.1e}; "
-          f"{'steps from --eps ' + format(args.eps, 'g') if args.eps else 'step sweep'}; "
-          f"a parameter passes with {limit}")
-    width = max([len(p.name) for p in report.params] + [len("parameter")])
-    print(f"  {'parameter':<{width}}  {'error':>8}  {'resolution':>10}  {'step':>7}")
-    for p in report.params:
-        if p.status == "unchecked":
-            print(f"  {p.name:<{width}}  {'-':>8}  {'-':>10}  {'-':>7}  not checked: {p.reason}")
-            continue
-        print(f"  {p.name:<{width}}  {p.error:8.1e}  {p.resolution:10.1e}  {p.step:7.1e}  "
-              f"{p.status}")
-    checked = [p for p in report.params if p.status != "unchecked"]
-    worst = max((p.error for p in checked), default=0.0)
-    tail = (f"worst error {worst:.1e}; {report.evaluations} loss evaluations, "
-            f"{report.seconds:.1f} s")
-    n = len(report.params)
-    if report.failed:
-        print(f"FAIL ({len(report.failed)} of {n} parameters: "
-              f"{', '.join(p.name for p in report.failed)}): {tail}")
-    elif report.unchecked:
-        print(f"UNCHECKED: {len(checked)} of {n} parameters agree; "
-              f"{', '.join(p.name for p in report.unchecked)} could not be checked at this "
-              f"point (try another --seed): {tail}")
-    else:
-        print(f"PASS: all {n} parameters agree: {tail}")
+    sys.stdout.write(format_report(report, dirs=args.dirs, eps=args.eps))
     if args.json:
         _write(Path(args.json), json.dumps(report.to_json(), indent=1) + "\n", mod)
-    return 1 if report.failed else (3 if report.unchecked else 0)
+    return report.exit_status
 
 
 def cmd_doctor(args) -> int:
@@ -433,54 +393,40 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                    help="convolution: convc's own im2col+GEMM, or Chainer's; default numpy")
 
 
+# The groups of `convc train --help` the settings are listed in (Setting.group).
+_SETTING_GROUPS = {"data": "data",
+                   "optimisation": "optimisation (defaults: the spec's train block, then "
+                                   "built-in)"}
+
+
+def _add_setting(g, name: str) -> None:
+    """The option of training setting `name` (`--batch-size` for batch_size), made
+    from its entry in the schema: its type or choices, metavar and help."""
+    setting = TRAIN[name]
+    flag = "--" + name.replace("_", "-")
+    help = setting.explain().replace("%", "%%")  # argparse formats help with %
+    if setting.kind is bool:
+        g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+    elif setting.kind is str and setting.choices and not setting.options:
+        g.add_argument(flag, choices=setting.choices, help=help)
+    elif setting.kind is str:
+        g.add_argument(flag, metavar=setting.metavar, help=help)
+    else:
+        g.add_argument(flag, type=argtype(setting), metavar=setting.metavar, help=help)
+
+
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     _add_file(p)
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="synthetic (moving digits), synthetic:shapes, sklearn-digits, "
-                                  "or a .npy/.npz clip file (N, T, [C,] H, W); default synthetic")
-    g.add_argument("--clips", type=_train_type("clips"), metavar="N",
-                   help="sequences to generate (default 512) or to keep from a file")
-    g.add_argument("--size", type=_train_type("size"), metavar="PX",
-                   help="frame size in pixels; fixed by the model, checked if given")
-    g.add_argument("--frames-in", type=_train_type("frames_in"), metavar="T",
-                   help="input frames per sequence (default 10)")
-    g.add_argument("--frames-out", type=_train_type("frames_out"), metavar="T",
-                   help="frames to predict, forecast models (default 10)")
-    g.add_argument("--val-fraction", type=_train_type("val_fraction"), metavar="F",
-                   help="share of the sequences held out for validation (default 0.1)")
-    g = p.add_argument_group("optimisation (defaults: the spec's train block, then built-in)")
-    length = g.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_train_type("steps"), metavar="N",
-                        help="optimizer steps (default 200); with --resume, the total the "
-                             "run ends at, not the number of steps to add")
-    length.add_argument("--epochs", type=_train_type("epochs"), metavar="N", help="passes over the data")
-    g.add_argument("--batch-size", type=_train_type("batch_size"), metavar="N", help="default 8")
-    g.add_argument("--optimizer", choices=("sgd", "momentum", "nesterov", "adam", "rmsprop"),
-                   help="default adam")
-    g.add_argument("--lr", type=_train_type("lr"), help="learning rate (default 1e-3)")
-    g.add_argument("--momentum", type=_train_type("momentum"), help="SGD/RMSProp momentum")
-    g.add_argument("--decay", type=_train_type("decay"), help="RMSProp decay (PyTorch's alpha; default 0.9)")
-    g.add_argument("--eps", type=_train_type("eps"), help="Adam/RMSProp epsilon")
-    g.add_argument("--weight-decay", type=_train_type("weight_decay"), help="L2 penalty added to the gradient")
-    g.add_argument("--schedule", metavar="NAME",
-                   help="constant, step, cosine or plateau, with options as "
-                        "'step:step_size=100,gamma=0.5'")
-    g.add_argument("--clip", type=_train_type("clip"), metavar="MAX",
-                   help="clip the gradient to this global norm")
-    g.add_argument("--clip-mode", choices=("global_norm", "value", "per_tensor_norm"),
-                   help="how --clip clips (default global_norm)")
-    g.add_argument("--bptt", type=_train_type("bptt"), metavar="K",
-                   help="truncate backpropagation through time to windows of K steps")
-    g.add_argument("--stateful", action=argparse.BooleanOptionalAction, default=None,
-                   help="carry the final states of a batch into the next (reset every epoch)")
-    g.add_argument("--val-every", type=_train_type("val_every"), metavar="N",
-                   help="steps between validations (default: every epoch, or 10%% of steps)")
-    g.add_argument("--patience", type=_train_type("patience"), metavar="N",
-                   help="stop after N validations without improvement")
-    g.add_argument("--dtype", choices=("float32", "float64"), help="default float32")
-    g.add_argument("--seed", type=_train_type("seed"), help="seed of data, split, order and init "
-                                                    "(default 0)")
-    g = p.add_argument_group("run")
+    for group, title in _SETTING_GROUPS.items():
+        g = p.add_argument_group(title)
+        names = [name for name, setting in TRAIN.items() if setting.group == group]
+        length = g.add_mutually_exclusive_group() if set(LENGTH) & set(names) else None
+        for name in names:
+            _add_setting(length if name in LENGTH else g, name)  # steps or epochs
+    _add_run_arguments(p.add_argument_group("run"))
+
+
+def _add_run_arguments(g) -> None:
     g.add_argument("--out", metavar="DIR", help="output folder (default runs/<model>)")
     g.add_argument("--checkpoint-every", type=_positive_int, metavar="N",
                    help="save a checkpoint every N steps (one is always saved at the end)")
@@ -544,41 +490,30 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="convc", formatter_class=_Formatter,
-        description="convc compiles recurrent convolutional networks written in .cell files "
-                    "to Python\nmodules with a generated backward pass through time, and "
-                    "trains them.",
-        epilog="examples:\n"
-               "  convc check examples/seed.cell\n"
-               "  convc compile examples/seed.cell -o seed_model.py\n"
-               "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
-               "  convc summary examples/stack.cell\n\n"
-               "`convc COMMAND --help` describes each command.")
-    parser.add_argument("--version", action="version", version=f"convc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
-    sub.required = True
+def _subcommand(sub, name: str, func, description: str = "", epilog: str = ""):
+    """The parser of command `name`, run by `func`; described as COMMANDS says
+    unless `description` says more."""
+    p = sub.add_parser(name, help=COMMANDS[name], formatter_class=_Formatter,
+                       description=description or COMMANDS[name][0].upper()
+                       + COMMANDS[name][1:] + ".", epilog=epilog)
+    p.set_defaults(func=func)
+    return p
 
-    def command(name: str, func, description: str = "", epilog: str = ""):
-        p = sub.add_parser(name, help=COMMANDS[name], formatter_class=_Formatter,
-                           description=description or COMMANDS[name][0].upper()
-                           + COMMANDS[name][1:] + ".", epilog=epilog)
-        p.set_defaults(func=func)
-        return p
 
-    p = command("check", cmd_check,
-                "Parse, check and lower every model of FILE. Errors print as\n"
-                "file:line:col: error[CODE]: message, with the source line and a caret.\n"
-                "Exit status 0 without errors (warnings allowed), 1 with.")
+def _check_parsers(sub) -> None:
+    """check, compile, graph and fmt: the commands that read a spec and write text."""
+    p = _subcommand(sub, "check", cmd_check,
+                    "Parse, check and lower every model of FILE. Errors print as\n"
+                    "file:line:col: error[CODE]: message, with the source line and a caret.\n"
+                    "Exit status 0 without errors (warnings allowed), 1 with.")
     _add_file(p)
     p.add_argument("--diagnostics-format", choices=("text", "json"), default="text",
                    help="text (gcc-style, on stderr) or json (on stdout)")
 
-    p = command("compile", cmd_compile,
-                "Compile a model. Without -o the result goes to stdout; with several\n"
-                "--emit kinds, -o OUT.py names OUT.py, OUT.ir, OUT.dot and OUT.json.",
-                "example:\n  convc compile examples/seed.cell -o seed_model.py --emit py,ir")
+    p = _subcommand(sub, "compile", cmd_compile,
+                    "Compile a model. Without -o the result goes to stdout; with several\n"
+                    "--emit kinds, -o OUT.py names OUT.py, OUT.ir, OUT.dot and OUT.json.",
+                    "example:\n  convc compile examples/seed.cell -o seed_model.py --emit py,ir")
     _add_file(p)
     p.add_argument("-o", "--output", metavar="OUT", help="file to write")
     p.add_argument("--emit", type=_emits, default=["py"], metavar="KINDS",
@@ -590,26 +525,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generate a NaN/Inf check after every op (raises NonFiniteError)")
     _add_recompute(p)
 
-    p = command("graph", cmd_graph,
-                "Write the compiled graph (forward and backward nodes, loops as clusters).\n"
-                "SVG, PNG and PDF need Graphviz's `dot` program on PATH.")
+    p = _subcommand(sub, "graph", cmd_graph,
+                    "Write the compiled graph (forward and backward nodes, loops as "
+                    "clusters).\nSVG, PNG and PDF need Graphviz's `dot` program on PATH.")
     _add_file(p)
     p.add_argument("-o", "--output", metavar="OUT",
                    help="OUT.dot, OUT.svg, OUT.png or OUT.pdf (default: DOT on stdout)")
 
-    p = command("fmt", cmd_fmt, "Format a .cell file; prints the result unless --write or "
-                                "--check.")
+    p = _subcommand(sub, "fmt", cmd_fmt, "Format a .cell file; prints the result unless "
+                                         "--write or --check.")
     _add_file(p, with_model=False)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite FILE in place")
     mode.add_argument("--check", action="store_true",
                       help="exit 1 if FILE is not formatted (for CI)")
 
-    p = command("summary", cmd_summary,
-                "One row per cell instance and output: output shape per step, parameters,\n"
-                "convolution FLOPs, elementwise operations and the activation memory the\n"
-                "backward pass keeps, per sample and time step; then that memory for a\n"
-                "whole sequence, kept for all steps and with --recompute K.")
+
+def _summary_parser(sub) -> None:
+    p = _subcommand(sub, "summary", cmd_summary,
+                    "One row per cell instance and output: output shape per step, "
+                    "parameters,\nconvolution FLOPs, elementwise operations and the "
+                    "activation memory the\nbackward pass keeps, per sample and time step; "
+                    "then that memory for a\nwhole sequence, kept for all steps and with "
+                    "--recompute K.")
     _add_file(p)
     p.add_argument("--frames", type=_positive_int, default=10, metavar="T",
                    help="sequence length of the memory report (default 10)")
@@ -617,23 +555,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch size of the memory report (default 1)")
     _add_recompute(p)
 
-    p = command("train", cmd_train,
-                "Train a model on synthetic or file data. Settings not given here come\n"
-                "from the spec's train { ... } block, then from convc's defaults.\n"
-                "Writes model.py, log.csv, checkpoints, predictions.png and loss.png to\n"
-                "--out. Ctrl-C saves the last completed step; --resume continues it with\n"
-                "the same losses, bit for bit, as an uninterrupted run.",
-                "examples:\n"
-                "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
-                "  convc train examples/seed.cell --out runs/seed --resume --steps 300\n"
-                "  convc train examples/shi2015_small.cell --data mnist_test_seq.npy")
+
+def _train_parsers(sub) -> None:
+    """train, predict and eval: the commands of a training run."""
+    p = _subcommand(sub, "train", cmd_train,
+                    "Train a model on synthetic or file data. Settings not given here come\n"
+                    "from the spec's train { ... } block, then from convc's defaults.\n"
+                    "Writes model.py, log.csv, checkpoints, predictions.png and loss.png to\n"
+                    "--out. Ctrl-C saves the last completed step; --resume continues it "
+                    "with\nthe same losses, bit for bit, as an uninterrupted run.",
+                    "examples:\n"
+                    "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
+                    "  convc train examples/seed.cell --out runs/seed --resume --steps 300\n"
+                    "  convc train examples/shi2015_small.cell --data mnist_test_seq.npy")
     _add_train_arguments(p)
 
-    p = command("predict", cmd_predict,
-                "Run a trained model on clips and write predictions.npy (N, T, C, H, W,\n"
-                "full frames for models that read patches) and predictions.png.\n"
-                "Next-frame models predict the next frame at every input step; forecast\n"
-                "models predict --steps frames after the input.")
+    p = _subcommand(sub, "predict", cmd_predict,
+                    "Run a trained model on clips and write predictions.npy (N, T, C, H, "
+                    "W,\nfull frames for models that read patches) and predictions.png.\n"
+                    "Next-frame models predict the next frame at every input step; forecast\n"
+                    "models predict --steps frames after the input.")
     _add_file(p)
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a checkpoint (ckpt-*.npz) or a run folder (its newest valid one)")
@@ -649,22 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use a checkpoint whose parameters hold NaN or Inf (refused otherwise)")
     _add_backend(p)
 
-    p = command("eval", cmd_eval,
-                "Score a checkpoint's forecasts (MSE, MAE, SSIM, PSNR on full frames)\n"
-                "beside two baselines: the last input frame and the mean training frame.")
+    p = _subcommand(sub, "eval", cmd_eval,
+                    "Score a checkpoint's forecasts (MSE, MAE, SSIM, PSNR on full frames)\n"
+                    "beside two baselines: the last input frame and the mean training frame.")
     _add_eval_arguments(p)
 
-    p = command("gradcheck", cmd_gradcheck,
-                "Compare the generated BPTT gradients with float64 finite differences\n"
-                "along random directions, on a small random batch with poisoned buffers.\n"
-                "The step and the limit come from the loss itself: its rounding noise is\n"
-                "measured (ECnoise), a step sweep of Richardson-extrapolated central\n"
-                "differences keeps the step with the smallest error bound, and a\n"
-                "parameter passes when its error is within 3x that bound (its\n"
-                "resolution). Steps that cross a kink (relu, hard_sigmoid) are left\n"
-                "for smaller ones; a parameter no step resolves is reported as not\n"
-                "checked. Exit 0: every parameter agrees; 1: some disagree; 3: none\n"
-                "disagrees but some could not be checked.")
+
+def _gradcheck_parser(sub) -> None:
+    p = _subcommand(sub, "gradcheck", cmd_gradcheck,
+                    "Compare the generated BPTT gradients with float64 finite differences\n"
+                    "along random directions, on a small random batch with poisoned buffers.\n"
+                    "The step and the limit come from the loss itself: its rounding noise is\n"
+                    "measured (ECnoise), a step sweep of Richardson-extrapolated central\n"
+                    "differences keeps the step with the smallest error bound, and a\n"
+                    "parameter passes when its error is within 3x that bound (its\n"
+                    "resolution). Steps that cross a kink (relu, hard_sigmoid) are left\n"
+                    "for smaller ones; a parameter no step resolves is reported as not\n"
+                    "checked. Exit 0: every parameter agrees; 1: some disagree; 3: none\n"
+                    "disagrees but some could not be checked.")
     _add_file(p)
     p.add_argument("--bptt", type=_positive_int, metavar="K",
                    help="check the truncated gradient of windows of K steps")
@@ -686,11 +629,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", default=None,
                    help="also write the report as JSON")
 
-    p = command("bench", cmd_bench, "Time convc's convolution kernels and compiled models.")
-    _add_bench_arguments(p)
 
-    command("doctor", cmd_doctor, "Print versions, BLAS, threads and GPU: what to include "
-                                  "in a bug report.")
+def _tool_parsers(sub) -> None:
+    """bench and doctor: the commands about convc itself."""
+    p = _subcommand(sub, "bench", cmd_bench,
+                    "Time convc's convolution kernels and compiled models.")
+    _add_bench_arguments(p)
+    _subcommand(sub, "doctor", cmd_doctor, "Print versions, BLAS, threads and GPU: what to "
+                                           "include in a bug report.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convc", formatter_class=_Formatter,
+        description="convc compiles recurrent convolutional networks written in .cell files "
+                    "to Python\nmodules with a generated backward pass through time, and "
+                    "trains them.",
+        epilog="examples:\n"
+               "  convc check examples/seed.cell\n"
+               "  convc compile examples/seed.cell -o seed_model.py\n"
+               "  convc train examples/seed.cell --steps 100 --out runs/seed\n"
+               "  convc summary examples/stack.cell\n\n"
+               "`convc COMMAND --help` describes each command.")
+    parser.add_argument("--version", action="version", version=f"convc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    sub.required = True
+    for add in (_check_parsers, _summary_parser, _train_parsers, _gradcheck_parser,
+                _tool_parsers):
+        add(sub)
     return parser
 
 

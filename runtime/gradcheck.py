@@ -219,6 +219,11 @@ class Report:
         """PASS, FAIL, or UNCHECKED (nothing failed, something could not be checked)."""
         return "FAIL" if self.failed else ("UNCHECKED" if self.unchecked else "PASS")
 
+    @property
+    def exit_status(self) -> int:
+        """What `convc gradcheck` exits with: 0 PASS, 1 FAIL, 3 UNCHECKED."""
+        return {"PASS": 0, "FAIL": 1, "UNCHECKED": 3}[self.verdict]
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["verdict"] = self.verdict
@@ -228,6 +233,44 @@ class Report:
                 if not math.isfinite(p[k]):
                     p[k] = None  # JSON has no infinity
         return data
+
+
+def format_report(report: Report, *, dirs: int, eps: float | None = None) -> str:
+    """The report as `convc gradcheck` prints it: what was checked, one row per
+    parameter (error, resolution, step, status) and a PASS/FAIL/UNCHECKED line.
+    `dirs` and `eps` are the arguments the check ran with."""
+    limit = (f"a relative error within {SAFETY:g}x the finite differences' resolution"
+             + (f" or {report.tolerance:g}" if report.tolerance is not None else ""))
+    steps = "steps from --eps " + format(eps, "g") if eps else "step sweep"
+    lines = [f"gradient check of {report.model}: float64, batch {report.batch}, "
+             f"{report.frames} steps{f', bptt {report.bptt}' if report.bptt else ''}, "
+             f"{dirs} random directions per parameter, poisoned buffers",
+             f"loss {report.loss:.6g}, its rounding noise {report.noise:.1e}; {steps}; "
+             f"a parameter passes with {limit}"]
+    width = max([len(p.name) for p in report.params] + [len("parameter")])
+    lines.append(f"  {'parameter':<{width}}  {'error':>8}  {'resolution':>10}  {'step':>7}")
+    for p in report.params:
+        if p.status == "unchecked":
+            lines.append(f"  {p.name:<{width}}  {'-':>8}  {'-':>10}  {'-':>7}  "
+                         f"not checked: {p.reason}")
+        else:
+            lines.append(f"  {p.name:<{width}}  {p.error:8.1e}  {p.resolution:10.1e}  "
+                         f"{p.step:7.1e}  {p.status}")
+    checked = [p for p in report.params if p.status != "unchecked"]
+    worst = max((p.error for p in checked), default=0.0)
+    tail = (f"worst error {worst:.1e}; {report.evaluations} loss evaluations, "
+            f"{report.seconds:.1f} s")
+    n = len(report.params)
+    if report.failed:
+        lines.append(f"FAIL ({len(report.failed)} of {n} parameters: "
+                     f"{', '.join(p.name for p in report.failed)}): {tail}")
+    elif report.unchecked:
+        lines.append(f"UNCHECKED: {len(checked)} of {n} parameters agree; "
+                     f"{', '.join(p.name for p in report.unchecked)} could not be checked "
+                     f"at this point (try another --seed): {tail}")
+    else:
+        lines.append(f"PASS: all {n} parameters agree: {tail}")
+    return "\n".join(lines) + "\n"
 
 
 def _verdict(d: Derivative, analytic: float, sigma: float, tolerance: float | None):

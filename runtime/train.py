@@ -30,11 +30,13 @@ Two promises shape the code:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import linecache
 import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +52,7 @@ from convc.runtime.dataset import GENERATED_DATA, prepare_data, task_lengths
 from convc.runtime.predict import check_params, predict_frames
 from convc.runtime.runlog import (LOG_NAME, Progress, append_row, log_text, note, read_log,
                                   steps_label)
-from convc.spec.settings import DEFAULT_CLIPS, DEFAULT_STEPS
+from convc.spec.settings import DEFAULT_CLIPS, DEFAULT_STEPS, TRAIN
 
 OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
 
@@ -128,6 +130,30 @@ class TrainResult:
         found = {"checkpoint": self.checkpoint, "log": self.log, "model": self.model_py,
                  "predictions": self.predictions_png, "loss plot": self.loss_png}
         return {k: v for k, v in found.items() if v is not None}
+
+    def report(self) -> str:
+        """What `convc train` prints after a run: the summary line (when a step was
+        logged), the folder, and each file written in it with what it holds."""
+        lines = [self.summary()] if self.history else []
+        lines.append(f"wrote {self.out}/")
+        for kind, path in self.paths().items():
+            lines.append(f"  {Path(path).name:<20} {FILE_DESCRIPTIONS[kind]}")
+        return "\n".join(lines) + "\n"
+
+
+# What each kind of file in `TrainResult.paths()` holds, as `report()` says it.
+FILE_DESCRIPTIONS = {
+    "model": "the generated model (import with convc.api.import_generated)",
+    "log": "one row per step: loss, lr, grad_norm, val_loss",
+    "checkpoint": "parameters and training state (continue with --resume)",
+    "predictions": "inputs, targets and predictions of validation clips",
+    "loss plot": "the loss curves",
+}
+
+
+def default_run_folder(model: dict) -> Path:
+    """The run folder of a model when none is named: runs/<model name>."""
+    return Path("runs") / model["name"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -812,43 +838,21 @@ def _convc_version() -> str:
 # ---------------------------------------------------------------------------
 
 
-def train(mod, params: dict | None = None, *, data: str | None = None,
-          clips: int | np.ndarray | None = None, size: int | None = None,
-          steps: int | None = None, epochs: int | None = None,
-          batch_size: int | None = None, optimizer: str | None = None,
-          lr: float | None = None, momentum: float | None = None,
-          decay: float | None = None, weight_decay: float | None = None,
-          schedule: str | None = None, clip: float | None = None,
-          clip_mode: str | None = None, bptt: int | None = None,
-          stateful: bool | None = None, val_fraction: float | None = None,
-          patience: int | None = None, dtype: str | None = None, device: str = "cpu",
-          conv: str = "numpy", seed: int | None = None, out: str | os.PathLike | None = None,
-          checkpoint_every: int | None = None, keep: int | None = 3, resume: bool = False,
+def train(mod, params: dict | None = None, *, device: str = "cpu", conv: str = "numpy",
+          out: str | os.PathLike | None = None, checkpoint_every: int | None = None,
+          keep: int | None = 3, resume: bool = False, overwrite: bool = False,
           progress: bool | None = None, on_step: Callable[[dict], Any] | None = None,
-          eps: float | None = None, frames_in: int | None = None,
-          frames_out: int | None = None, val_every: int | None = None,
-          overwrite: bool = False, threads: int | None = None, poison: bool | None = None,
-          deterministic: bool = False, ignore_memory_limit: bool = False) -> TrainResult:
+          threads: int | None = None, poison: bool | None = None,
+          deterministic: bool = False, ignore_memory_limit: bool = False,
+          **settings) -> TrainResult:
     """Train a compiled model (from `convc.load` or `convc.api.import_generated`).
 
-    Settings left as None come from the spec's `train { ... }` block, then
-    from DEFAULTS (adam, lr 1e-3, batch 8, 200 steps, no clipping, float32,
-    seed 0, 10% of the clips for validation).
+    The training settings (`steps=`, `lr=`, ... listed below) are keywords;
+    those left as None come from the spec's `train { ... }` block, then
+    from the built-in defaults. `clips` may also be an array of clips
+    (N, L, C, H, W) to train on directly.
 
-    data: "synthetic" (moving digits, generated at the model's frame size),
-        "synthetic:shapes", "sklearn-digits", or a .npy/.npz clip file;
-        `clips` is how many sequences to generate or keep (or an array of
-        clips (N, L, C, H, W) to train on directly).
-    steps / epochs: how long; validation runs every epoch, or every
-        `val_every` steps (default 10% of the steps), and `patience`
-        validations without improvement stop the run early.
-    clip: a limit turns on clipping, by global norm unless `clip_mode` says
-        "value" or "per_tensor_norm". The pre-clip global norm is logged.
-    bptt: truncate backpropagation to windows of this many steps.
-    stateful: the final states of one batch start the next (no gradient
-        flows between them); every epoch starts from the initial states.
-    schedule: "constant", "step", "cosine" or "plateau" (observes the
-        validation loss), with options as "step:step_size=100,gamma=0.5".
+    device, conv: the backend ("cpu" or "gpu"; see runtime/backend.py).
     out: a folder for model.py, log.csv, checkpoints (every
         `checkpoint_every` steps, the newest `keep` kept, and one at the end),
         predictions.png and loss.png. `resume=True` continues from its newest
@@ -866,7 +870,6 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
         reductions (see runtime/ops_cupy.py and docs/reliability.md). On the
         CPU training is already bitwise reproducible for a given thread
         count, and the flag changes nothing.
-
     ignore_memory_limit: train even when the step's estimated memory
         (`convc.runtime.memory.estimate`) exceeds the machine's available
         memory; by default that is a ConvcError raised before allocating.
@@ -875,17 +878,16 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     (after saving the last good step), DataError for data that does not
     fit the model, and TrainingInterrupted (a KeyboardInterrupt) on Ctrl-C
     after saving the last completed step.
+
+    Settings (convc.spec.settings.TRAIN):
     """
-    explicit = {
-        "data": data, "clips": clips if not isinstance(clips, np.ndarray) else None,
-        "size": size, "steps": steps, "epochs": epochs, "batch_size": batch_size,
-        "optimizer": optimizer, "lr": lr, "momentum": momentum, "decay": decay,
-        "eps": eps, "weight_decay": weight_decay, "schedule": schedule, "clip": clip,
-        "clip_mode": clip_mode, "bptt": bptt, "stateful": stateful,
-        "val_fraction": val_fraction, "val_every": val_every, "patience": patience,
-        "frames_in": frames_in, "frames_out": frames_out, "dtype": dtype, "seed": seed,
-    }
-    explicit = {k: v for k, v in explicit.items() if v is not None}
+    unknown = sorted(set(settings) - set(TRAIN))
+    if unknown:
+        raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}")
+    clips_array = settings.get("clips") if isinstance(settings.get("clips"), np.ndarray) \
+        else None
+    explicit = {k: v for k, v in settings.items()
+                if v is not None and not (k == "clips" and clips_array is not None)}
     if not hasattr(mod, "MODEL") or not hasattr(mod, "loss_and_grad"):
         raise ConvcError("train() needs a compiled model module (from convc.load)")
     cfg = resolve_config(mod.MODEL.get("train", {}), explicit)
@@ -893,7 +895,6 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
     if checkpoint_every is not None and (not isinstance(checkpoint_every, int)
                                          or checkpoint_every < 1):
         raise ConvcError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    clips_array = clips if isinstance(clips, np.ndarray) else None
     if clips_array is not None:
         cfg["data"] = "<array>"
     if not ignore_memory_limit:
@@ -906,6 +907,26 @@ def train(mod, params: dict | None = None, *, data: str | None = None,
                            on_step=on_step, clips_array=clips_array,
                            deterministic=deterministic)
         return trainer.run()
+
+
+def _document_settings(func) -> None:
+    """Give `func` (train) the settings of the schema: in its signature, as keywords
+    defaulting to None, and at the end of its docstring, with their help and values."""
+    signature = inspect.signature(func)
+    kept = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    func.__signature__ = signature.replace(parameters=kept + [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None)
+        for name in TRAIN])
+    if func.__doc__ is None:  # python -OO
+        return
+    lines = []
+    for name, setting in TRAIN.items():
+        text = f"{name}: {setting.explain()}; {setting.describe()}."
+        lines += textwrap.wrap(text, 76, initial_indent="    ", subsequent_indent="        ")
+    func.__doc__ = func.__doc__.rstrip() + "\n" + "\n".join(lines) + "\n"
+
+
+_document_settings(train)
 
 
 def _check_memory(model: dict, cfg: dict, clips_array) -> None:

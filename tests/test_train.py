@@ -414,3 +414,21 @@ def test_debug_nans_error_keeps_its_location_and_the_last_good_state(seed, tmp_p
     assert info.value.node == "tanh_1" and info.value.where == "seed.cell:22"
     assert info.value.step == 3 and "seed.cell:22" in str(info.value)
     assert latest_valid_checkpoint(tmp_path)[2]["step"] == 2
+
+
+def test_every_training_setting_is_an_option_and_a_keyword_from_the_schema():
+    import inspect
+
+    from convc import cli
+    from convc.spec.settings import TRAIN
+
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    options = {a.dest: a for a in train_parser._actions}
+    keywords = inspect.signature(T.train).parameters
+    for name, setting in TRAIN.items():
+        assert options[name].help, name
+        assert keywords[name].default is None, name
+        assert f"    {name}: {setting.explain()}"[:40] in T.train.__doc__, name
+    assert "--resume" in options["steps"].help and "total" in options["steps"].help
+    with pytest.raises(TypeError, match="unexpected keyword argument 'learning_rate'"):
+        T.train(None, learning_rate=0.1)
