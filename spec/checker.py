@@ -1,14 +1,17 @@
-"""Semantic checks that need names, not shapes.
+"""Every semantic check (E2xx): what needs names and values, not shapes.
 
 Run after parsing and before lowering: unknown and duplicate names, calls to
 unknown functions, wrong arguments, bad delays, states without an equation,
 cells without an output, outputs that are never defined, models without a
 loss, unknown training settings and values of the wrong kind, unused
-weights, inputs and targets (warnings). Every problem is collected, so one
+weights, inputs and targets (warnings). Then, in spec/elaborate.py, what
+needs each instance of a cell: parameter values and `if`s, weight sizes,
+conv's and split's arguments, what an application gives, init= and steps=,
+a loss's operands, instantaneous cycles. Every problem is collected, so one
 run reports them all, and a name whose definition failed is not reported
-again where it is used. Shape and time checks need the graph and live in
-the compiler (compiler/lower.py, compiler/shapes.py), with the same
-diagnostics.
+again where it is used. Only shape checks need the graph and live in the
+compiler (compiler/lower.py, compiler/shapes.py), with the same diagnostics;
+lowering assumes a checked program.
 
 Lowering runs after errors here too, to find the shape errors in what is
 right: `prog.broken` holds the `id()` of every statement an error was
@@ -23,13 +26,10 @@ from . import ast as A
 from .builtins import (APPLY_KEYWORDS, FUNCTIONS, INITS, LOSS_STEPS, LOSSES, STATE_INITS,
                        WEIGHTS, Sig)
 from .diagnostics import Loc, Reporter
+from .elaborate import WORDS, check_models
 from .loader import Program
 from .settings import TRAIN
-
-# bare words that are values, not names: `padding=same`, `init=glorot`, `steps=last`
-WORDS = {"same", "valid", "zeros", "ones", "glorot", "all", "last", "none", "uniform",
-         "normal", "learned"}
-
+from .walk import walk_expr  # noqa: F401  (also lowering's)
 
 # names other tools use for convc's training settings
 _SETTING_ALIASES = {"learning_rate": "lr", "optim": "optimizer", "batch": "batch_size",
@@ -61,6 +61,9 @@ def check_program(prog: Program) -> Reporter:
                 _CellChecker(item, rep, prog.broken).run()
             elif isinstance(item, A.ModelDef):
                 _ModelChecker(item, prog, rep).run()
+    # what needs the cells instantiated: parameter values, what an application gives
+    check_models(prog, rep)
+    prog.checker_errors = rep.has_errors  # lowering meets only what was reported
     return rep
 
 
@@ -91,24 +94,6 @@ def _all_statements(body):
         if isinstance(st, A.If):
             stack.extend(st.then)
             stack.extend(st.orelse)
-
-
-def walk_expr(e):
-    """Every sub-expression of e, e first (iterative: no recursion limit)."""
-    stack = [e]
-    while stack:
-        x = stack.pop()
-        yield x
-        if isinstance(x, A.Call):
-            # a called name is checked as a function by the Call, not looked up as a value
-            head = [] if isinstance(x.func, A.Name) else [x.func]
-            stack.extend(reversed([*head, *x.args, *(k.value for k in x.kwargs)]))
-        elif isinstance(x, A.BinOp):
-            stack.extend([x.right, x.left])
-        elif isinstance(x, A.Neg):
-            stack.append(x.operand)
-        elif isinstance(x, A.TupleExpr):
-            stack.extend(reversed(x.items))
 
 
 def check_call_args(call: A.Call, sig: Sig, name: str, rep: Reporter) -> None:
