@@ -53,7 +53,8 @@ from convc.spec.diagnostics import SOURCES
 from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
-from .ops import ALIAS, OPS, ZERO, float_source, node_flops, without_zeros
+from .ops import OPS, float_source, node_flops
+from .peel import ALIAS, COMPUTE, ZERO, Variant, peel
 from .schedule import LOOP_KINDS, Schedule
 
 class _Out:
@@ -876,7 +877,7 @@ class Generator:
             # buffer goes to other buffers after its last reader here, and the loop it
             # flows to (the encoder's, its terminal carry) runs later
             own = plan.fixed.get(ct, ("",))[0] == "carried" and \
-                first.status.get(ct) != "alias"
+                first.status.get(ct) != ALIAS
             o(f"{co} = {ct}" if own else f"{co} = {ct}.copy()")
             if g.node(read).attrs["init"] == "learned":
                 o("if state is not None:  # started from a given state: no gradient to it")
@@ -1154,17 +1155,6 @@ _BLOCK_TITLES = {
 }
 
 
-class _Variant:
-    """One specialised copy of a loop body: what each node is, given some zero sources."""
-
-    def __init__(self, status: dict, alias: dict, args: dict, live: set, zero_sources: set):
-        self.status = status  # node -> "compute" | "zero" | "alias"
-        self.alias = alias  # alias node -> the node whose value it has
-        self.args = args  # compute node -> the operands it is computed from
-        self.live = live
-        self.zero_sources = zero_sources
-
-
 class _LoopPlan:
     """The memory plan of one loop block, and the emission of its body's variants.
 
@@ -1235,56 +1225,24 @@ class _LoopPlan:
         self.parents = {v[0] for v in self.part_of.values()}
 
     # ------------------------------------------------------------ folding
-    def variant(self, zero_sources: set[str], roots: set[str]) -> _Variant:
-        """Fold the body for sources known to be zero; keep what `roots` need."""
-        g = self.g
-        status, alias, args = {}, {}, {}
-        zero = set(zero_sources)
-        for n in self.body:
-            node = g.node(n)
-            ins = list(node.inputs)
-            zs = [i in zero for i in ins]
-            st, use = "compute", ins
-            folded = without_zeros(OPS[node.op], zs)  # the op table's zero rules
-            if folded is None:
-                pass
-            elif folded[0] == ZERO:
-                st = "zero"
-            elif folded[0] == ALIAS:
-                st, alias[n] = "alias", ins[folded[1]]
-            elif all(sign > 0 for sign in OPS[node.op].terms):  # a sum: zero terms drop out
-                use = [ins[k] for k in folded[1]]
-            status[n] = st
-            args[n] = use
-            if st == "zero":
-                zero.add(n)
-        live = {r for r in roots if r in self.pos}
-        for n in reversed(self.body):
-            if n not in live:
-                continue
-            if status[n] == "alias":
-                live.add(alias[n])
-            elif status[n] == "compute":
-                live.update(args[n])
-        live = {n for n in live if n in self.pos or n in zero_sources}
-        v = _Variant(status, alias, args, live, set(zero_sources))
+    def variant(self, zero_sources: set[str], roots: set[str]) -> Variant:
+        """The body peeled for `zero_sources` (peel.py), with its destinations."""
+        v = peel(self.g, self.body, zero_sources, roots)
         v.dest, v.retargeted = self._assign(v)
         return v
 
-    def resolve(self, v: _Variant, x: str) -> str:
-        while v.status.get(x) == "alias":
-            x = v.alias[x]
-        return x
+    def resolve(self, v: Variant, x: str) -> str:
+        return v.resolve(x)
 
     # ------------------------------------------------------------ buffers
-    def _temp(self, v: _Variant, n: str) -> bool:
+    def _temp(self, v: Variant, n: str) -> bool:
         """Does n need a work buffer (computed here, written with out=, no fixed place)?"""
         op = self.g.node(n).op
-        return (n in v.live and v.status[n] == "compute" and not _view(op)
+        return (n in v.live and v.status[n] == COMPUTE and not _view(op)
                 and _writes_into(op) and n not in self.fixed and n not in self.part_of
                 and n not in self.fresh)
 
-    def _assign(self, v: _Variant) -> tuple[dict[str, str], set[str]]:
+    def _assign(self, v: Variant) -> tuple[dict[str, str], set[str]]:
         """Destinations of one variant: fixed ones, then work buffers by linear scan."""
         g = self.g
         live = [n for n in self.body if n in v.live]
@@ -1293,12 +1251,12 @@ class _LoopPlan:
         retarget: dict[str, str] = {}
         direct: dict[str, set] = {}  # users naming a value itself, not an alias of it
         for u in live:
-            used = [v.alias[u]] if v.status[u] == "alias" else \
-                v.args[u] if v.status[u] == "compute" else []
+            used = [v.alias[u]] if v.status[u] == ALIAS else \
+                v.args[u] if v.status[u] == COMPUTE else []
             for i in used:
                 direct.setdefault(i, set()).add(u)
         for n in live:  # a value only seen through a fixed place it equals is made there
-            if v.status[n] == "alias" and (n in self.fixed or n in self.part_of):
+            if v.status[n] == ALIAS and (n in self.fixed or n in self.part_of):
                 m = v.alias[n]
                 if m in temps and direct.get(m) == {n} and m not in retarget:
                     retarget[m] = n
@@ -1309,7 +1267,7 @@ class _LoopPlan:
             while x in self.pos:
                 if x in self.part_of:
                     x = self.part_of[x][0]
-                elif _view(g.node(x).op) and v.status.get(x) == "compute":
+                elif _view(g.node(x).op) and v.status.get(x) == COMPUTE:
                     x = self.resolve(v, g.node(x).inputs[0])
                 else:
                     break
@@ -1327,8 +1285,8 @@ class _LoopPlan:
 
         last: dict[str, int] = {}
         for u in live:
-            used = [v.alias[u]] if v.status[u] == "alias" else \
-                v.args[u] if v.status[u] == "compute" else []
+            used = [v.alias[u]] if v.status[u] == ALIAS else \
+                v.args[u] if v.status[u] == COMPUTE else []
             for i in used:
                 r = root(i)
                 last[r] = max(last.get(r, -1), self.pos[u])
@@ -1407,15 +1365,15 @@ class _LoopPlan:
               "# work buffer of one step")
 
     # ------------------------------------------------------------ emission
-    def emit(self, o: _Out, v: _Variant) -> None:
+    def emit(self, o: _Out, v: Variant) -> None:
         g, gen = self.g, self.gen
         dest = v.dest
         expr: dict[str, str] = {}
         needed_zero = set()  # zero values some computation reads
         for n in self.body:
-            if n in v.live and v.status[n] == "compute":
+            if n in v.live and v.status[n] == COMPUTE:
                 needed_zero.update(i for i in v.args[n]
-                                   if v.status.get(i) == "zero" or i in v.zero_sources)
+                                   if v.status.get(i) == ZERO or i in v.zero_sources)
         for z in sorted(needed_zero & v.zero_sources):
             node = g.node(z)
             if node.op == "state":
@@ -1438,7 +1396,7 @@ class _LoopPlan:
             st = v.status[n]
             o.loc_comment(node)
             d = dest.get(n) if (n in self.fixed or n in self.part_of) else None
-            if st == "zero":
+            if st == ZERO:
                 carried = n in self.read_ct_of_carry.values()
                 if d is not None:
                     o(f"{d} = 0.0" if d.endswith("]") else f"{d}[...] = 0.0")
@@ -1450,7 +1408,7 @@ class _LoopPlan:
                     o(f"{n} = xp.zeros({_step_shape(node.shape)}, dtype)")
                     expr[n] = n
                 continue
-            if st == "alias":
+            if st == ALIAS:
                 e = ex(v.alias[n])
                 carried = n in self.read_ct_of_carry.values()
                 inside = self.resolve(v, n) in self.pos
