@@ -11,7 +11,14 @@ input's axis) or forecasting (it has its own).
 
 Equations are lowered on demand, so a cell's equations may come in any
 order; a name reached again while it is being lowered is an instantaneous
-cycle (a state read without [t-1]).
+cycle (a state read without [t-1]), which the checker reported.
+
+Lowering assumes a checked program: every semantic error (E2xx) is the
+checker's (spec/checker.py, spec/elaborate.py, which goes through the model
+as this does, with abstract values); lowering reports only shape errors
+(E3xx). Where it meets a semantic error, the checker reported it there, and
+the statement fails quietly (`_reported`; an AssertionError in a program
+the checker passed).
 
 After an error lowering goes on: a statement that fails (or that the checker
 reported, `Program.broken`) leaves no nodes behind, and the names it would
@@ -21,28 +28,21 @@ cell the same holds per weight and per equation, and an application whose
 state updates or outputs failed fails as a whole (after one weight fails,
 the others are not tried: the parameters that sized it would fail them too).
 
-Where an error inside a cell is reported: a cell of the standard library
-(spec/stdlib/) is not the user's to fix, so an error located there is moved
-to the user's line that caused it, with the library line as a note (`Site`,
-`relocate`): a shape error to the application `h = l(x)`, where the shapes
-met, any other to the instance `l = ConvLSTM(hidden = 0)`, at the argument
-the failing line reads when that is clear. An error in a cell of another
-file the user wrote stays there, with notes naming the instance and its
-application.
+Where an error inside a cell is reported: see spec/sites.py (a shape error
+in a cell of the standard library is moved to the user's application of it).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
 from convc.spec import ast as A
 from convc.spec.builtins import FUNCTIONS, LOSSES, WEIGHTS
-from convc.spec.checker import WORDS, walk_expr
-from convc.spec.diagnostics import SOURCES, Loc, Reporter
-from convc.spec.loader import Program, stdlib_dir
+from convc.spec.diagnostics import Loc
+from convc.spec.elaborate import WORDS, ConstError, Failed, Opaque, const_value, positive_int
+from convc.spec.loader import Program
+from convc.spec.sites import Site, SiteReporter, in_library, relocate  # noqa: F401 (in_library: also others')
 
 from .ir import Graph, Node
 from .ops import OPS, ShapeError, broadcast, fmt_shape
@@ -104,7 +104,7 @@ class Lowered:
         return "next_frame" if t_axes <= in_axes else "forecast"
 
 
-class Tensor:
+class Tensor(Opaque):
     __slots__ = ("id",)
 
     def __init__(self, nid: str):
@@ -114,106 +114,13 @@ class Tensor:
         return f"Tensor({self.id})"
 
 
-class Tup:
+class Tup(Opaque):
     def __init__(self, items):
         self.items = list(items)
 
 
 @dataclass
-class Site:
-    """Where the user made an instance and applied it: what an error inside the cell is about."""
-
-    name: str  # the instance
-    cell: A.CellDef
-    defined: Loc  # the call `ConvLSTM(hidden = 0)`
-    args: dict  # parameter -> Loc of the argument that gave it (`hidden = 0`)
-    applied: Loc | None = None  # the call `l(x)`
-    here: object = None  # the cell's statement (or expression) being lowered now
-
-
-@lru_cache(maxsize=256)
-def _in_library(file: str, cwd: str) -> bool:
-    try:
-        return Path(cwd, file).resolve().is_relative_to(stdlib_dir().resolve())
-    except (OSError, ValueError):
-        return False
-
-
-def in_library(file: str) -> bool:
-    """Whether `file` (a Loc's file) is one of convc's own, spec/stdlib/*.cell."""
-    return _in_library(file, str(Path.cwd()))
-
-
-def _quote(loc: Loc) -> str:
-    src = SOURCES.line(loc.file, loc.line)
-    return f": `{src.strip()}`" if src and src.strip() else ""
-
-
-def relocate(code: str, loc: Loc, site: Site | None) -> tuple[Loc, tuple[str, ...]]:
-    """The place to report an error found at `loc` while lowering `site`'s cell, and notes.
-
-    In the user's own file: unchanged. In the standard library: moved to the user's
-    line (a shape error, E3xx, to the application; any other to the instance, at
-    the argument it is about when that is clear), the library line as a note. In
-    another file the user wrote: unchanged, with notes naming the instance.
-    """
-    if site is None or loc.file == site.defined.file or in_library(site.defined.file):
-        return loc, ()
-    separate = site.applied is None or site.applied.file != site.defined.file or \
-        site.applied.line != site.defined.line
-    defined = f"{site.name!r} is defined at {site.defined}{_quote(site.defined)}"
-    if in_library(loc.file):
-        notes = [f"in {site.cell.name}, at {loc}{_quote(loc)}"]
-        if code.startswith("E3") and site.applied is not None:
-            if separate:
-                notes.append(defined)
-            return site.applied, tuple(notes)
-        return _blamed_argument(loc, site), tuple(notes)
-    notes = []
-    if site.applied is not None:
-        notes.append(f"in {site.name!r}, applied at {site.applied}{_quote(site.applied)}")
-    if separate:
-        notes.append(defined)
-    return loc, tuple(notes)
-
-
-def _blamed_argument(loc: Loc, site: Site) -> Loc:
-    """The argument of the instance an error at `loc` is about, else the instance's call.
-
-    The names the failing part of the cell's statement reads (and, for a weight it
-    reads, the names of the weight's declaration) that the user gave a value for:
-    when that is exactly one argument, it is the culprit.
-    """
-    here = site.here
-    if here is None:
-        return site.defined
-    root = {A.WeightDecl: lambda st: st.value, A.Equation: lambda st: st.value,
-            A.If: lambda st: st.cond}.get(type(here), lambda e: e)(here)
-    part = next((x for x in walk_expr(root) if getattr(x, "loc", None) == loc), root)
-    names = _names(part)
-    weights = {st.name: st for st in _statements(site.cell.body) if isinstance(st, A.WeightDecl)}
-    for reach in (names, names | {n for w in names & set(weights)
-                                  for n in _names(weights[w].value)}):
-        given = [p for p in site.args if p in reach]
-        if given:
-            return site.args[given[0]] if len(given) == 1 else site.defined
-    return site.defined
-
-
-def _names(e) -> set[str]:
-    return {x.id for x in walk_expr(e) if isinstance(x, A.Name)}
-
-
-def _statements(body):
-    for st in body:
-        yield st
-        if isinstance(st, A.If):
-            yield from _statements(st.then)
-            yield from _statements(st.orelse)
-
-
-@dataclass
-class Instance:
+class Instance(Opaque):
     name: str
     cell: A.CellDef
     params: dict
@@ -233,23 +140,6 @@ class _Fail(Exception):
 _FAILED = object()  # the value of a name whose definition already reported an error
 
 
-class _SiteReporter(Reporter):
-    """A Reporter that moves an error inside an instantiated cell to the user's line."""
-
-    def __init__(self, low: "Lowerer") -> None:
-        super().__init__()
-        self.low = low
-        self.moved: set[Loc] = set()  # user lines that library errors were moved to
-
-    def error(self, code: str, message: str, loc: Loc, *notes: str) -> None:
-        new, more = relocate(code, loc, self.low.site)
-        if new != loc and in_library(loc.file):
-            if new in self.moved:  # one mistake of the user's, seen again further in
-                return
-            self.moved.add(new)
-        super().error(code, message, new, *notes, *more)
-
-
 def _defines(st) -> tuple[str, ...]:
     """The names a model or cell statement defines."""
     if isinstance(st, A.Equation):
@@ -264,8 +154,9 @@ class Lowerer:
         self.prog = prog
         self.model = model
         self.g = Graph()
-        self.rep = _SiteReporter(self)
+        self.rep = SiteReporter(self)
         self.broken = prog.broken  # statements the checker reported: skipped without a word
+        self.checker_errors = getattr(prog, "checker_errors", None)
         self.site: Site | None = None  # the instance whose cell is being lowered, if any
         self.loc_owner: dict[Loc, str] = {}
         self.segments: dict[str, Segment] = {}
@@ -400,6 +291,15 @@ class Lowerer:
     def const(self, value: float, loc: Loc) -> str:
         return self.node("const", (), loc, base="c", seg=None, value=float(value))
 
+    def _reported(self) -> "_Fail":
+        """A semantic error here: the checker reported it (spec/elaborate.py goes through
+        the model as this does), so this statement fails without a word, like one the
+        checker marked broken. Lowering assumes a checked program: in one without errors
+        this cannot happen."""
+        if self.checker_errors is False:
+            raise AssertionError("lowering met a semantic error the checker did not report")
+        return _Fail()
+
     # ------------------------------------------------------------ the model
     def run(self, strict: bool = True) -> Lowered:
         """The lowered model; with strict=False also after errors (in `.diagnostics`)."""
@@ -473,8 +373,8 @@ class Lowerer:
                 v = env.get(n)
                 if v is _FAILED:
                     continue
-                if not isinstance(v, Tensor):
-                    self.rep.error("E205", f"output {n!r} is not a tensor", loc)
+                if not isinstance(v, Tensor):  # E205, the checker's
+                    self._reported()
                     continue
                 self.outputs[n] = v.id
         elif isinstance(st, A.Loss):
@@ -487,19 +387,13 @@ class Lowerer:
         locs = st.target_locs or (st.loc,) * len(st.targets)
         if len(st.targets) == 1:
             if isinstance(result, Tup):
-                self.rep.error("E203", f"this gives {len(result.items)} value"
-                               f"{'s' if len(result.items) != 1 else ''}; name each: "
-                               f"{', '.join(f'v{i}' for i in range(len(result.items)))} = ...",
-                               st.loc)
-                raise _Fail()
+                raise self._reported()
             env[st.targets[0]] = result
             self.rename(result, st.targets[0])
             return
         items = result.items if isinstance(result, Tup) else [result]
         if len(items) != len(st.targets):
-            self.rep.error("E203", f"{len(st.targets)} names on the left but {len(items)} "
-                           "value" + ("s" if len(items) != 1 else "") + " on the right", st.loc)
-            raise _Fail()
+            raise self._reported()
         for n, v, loc in zip(st.targets, items, locs):
             env[n] = v
             self.rename(v, n)
@@ -545,54 +439,13 @@ class Lowerer:
 
     # ------------------------------------------------------------ constants
     def const_value(self, e, env):
-        if isinstance(e, A.Num):
-            return e.value
-        if isinstance(e, A.Str):
-            return e.value
-        if isinstance(e, A.Bool):
-            return e.value
-        if isinstance(e, A.Name):
-            if env.get(e.id) is _FAILED:
-                raise _Fail()
-            if e.id in env and not isinstance(env[e.id], (Tensor, Tup, Instance)):
-                return env[e.id]
-            if e.id in WORDS:
-                return e.id
-            self.rep.error("E205", f"{e.id!r} is not a constant here", e.loc)
-            raise _Fail()
-        if isinstance(e, A.Neg):
-            v = self.const_value(e.operand, env)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                self.rep.error("E205", f"cannot negate {v!r}", e.loc)
-                raise _Fail()
-            return -v
-        if isinstance(e, A.BinOp):
-            a, b = self.const_value(e.left, env), self.const_value(e.right, env)
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b)):
-                self.rep.error("E205", f"cannot compute {a!r} {e.op} {b!r}", e.loc)
-                raise _Fail()
-            if e.op == "+":
-                return a + b
-            if e.op == "-":
-                return a - b
-            if e.op == "*":
-                return a * b
-            if b == 0:
-                self.rep.error("E205", "division by zero", e.right.loc)
-                raise _Fail()
-            r = a / b
-            return int(r) if isinstance(a, int) and isinstance(b, int) and a % b == 0 else r
-        if isinstance(e, A.TupleExpr):
-            return tuple(self.const_value(x, env) for x in e.items)
-        if isinstance(e, A.Call) and e.func_name in ("uniform", "normal") and \
-                len(e.args) == 1 and not e.kwargs:
-            v = self.const_value(e.args[0], env)
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                self.rep.error("E205", f"{e.func_name}() takes a number, got {v!r}", e.loc)
-                raise _Fail()
-            return (e.func_name, float(v))
-        self.rep.error("E205", "expected a constant", e.loc)
-        raise _Fail()
+        """The value of a constant expression (spec/elaborate.py: the checker's own)."""
+        try:
+            return const_value(e, env, _FAILED)
+        except Failed:
+            raise _Fail() from None
+        except ConstError:
+            raise self._reported() from None
 
     # ------------------------------------------------------------ weights
     def weight(self, st: A.WeightDecl, env, prefix: str) -> Tensor:
@@ -607,21 +460,15 @@ class Lowerer:
         name = f"{prefix}.{st.name}" if prefix else st.name
         kind = call.func_name
         for key in ("out", "channels"):
-            if key in args and not _positive_int(args[key]):
-                self._at(_argument(call, sig, key))
-                self.rep.error("E205", f"{key} must be a positive integer, got {args[key]!r}",
-                               call.loc)
-                raise _Fail()
+            if key in args and not positive_int(args[key]):
+                raise self._reported()
         if kind == "kernel":
             size = args["size"]
-            if _positive_int(size):
+            if positive_int(size):
                 size = (size, size)
             if not (isinstance(size, tuple) and len(size) == 2 and
-                    all(_positive_int(v) for v in size)):
-                self._at(_argument(call, sig, "size"))
-                self.rep.error("E205", "size must be a positive integer or a pair (h, w), got "
-                               f"{args['size']!r}", call.loc)
-                raise _Fail()
+                    all(positive_int(v) for v in size)):
+                raise self._reported()
             kh, kw_ = size
             shape = (args["out"], None, kh, kw_)
         elif kind == "bias" and not kw.get("per_pixel"):
@@ -661,9 +508,7 @@ class Lowerer:
         for p in cell.params:
             if p.name not in values:
                 if p.default is None:
-                    self.rep.error("E206", f"{cell.name} needs a value for parameter "
-                                   f"{p.name!r}", call.loc)
-                    raise _Fail()
+                    raise self._reported()
                 self.site, site.here = site, p.default
                 try:
                     values[p.name] = self.const_value(p.default, values)
@@ -671,17 +516,14 @@ class Lowerer:
                     self.site = site.here = None
         inst = Instance(name, cell, values, call.loc, site=site)
         if name in self.instances:
-            self.rep.error("E201", f"{name!r} is already defined", call.loc)
-            raise _Fail()
+            raise self._reported()
         self.instances[name] = inst
         self.cell_docs[cell.name] = cell.doc
         return inst
 
     def apply(self, inst: Instance, call: A.Call, env):
         if inst.applied:
-            self.rep.error("E201", f"cell {inst.name!r} is already applied; make another "
-                           f"instance to apply it again", call.loc)
-            raise _Fail()
+            raise self._reported()
         inst.applied = True
         if inst.site is not None:
             inst.site.applied = call.loc
@@ -695,8 +537,7 @@ class Lowerer:
         inputs = [self.expr(a, env, model=True) for a in call.args]
         for x, a in zip(inputs, call.args):
             if not isinstance(x, Tensor) or self.g.node(x.id).seg is None:
-                self.rep.error("E205", "a cell is applied to sequences", a.loc)
-                raise _Fail()
+                raise self._reported()
         kw = {k.name: k for k in call.kwargs}
         init_from = None
         if "init" in kw:
@@ -704,16 +545,13 @@ class Lowerer:
             if src is _FAILED or isinstance(src, Instance) and src.failed:
                 raise _Fail()  # reported where it failed
             if not isinstance(src, Instance) or not src.applied or src is inst:
-                self.rep.error("E205", "init= names a cell applied earlier", kw["init"].value.loc)
-                raise _Fail()
+                raise self._reported()
             init_from = src
         steps_axis = None
         if "steps" in kw:
             src = self.expr(kw["steps"].value, env, model=True)
             if not isinstance(src, Tensor) or not (self.g.node(src.id).seg or "").startswith("@"):
-                self.rep.error("E205", "steps= names an input or target sequence",
-                               kw["steps"].value.loc)
-                raise _Fail()
+                raise self._reported()
             steps_axis = self.g.node(src.id).seg[1:]
         # which loop runs this cell
         in_segs = [self.g.node(x.id).seg for x in inputs]
@@ -722,9 +560,7 @@ class Lowerer:
         elif steps_axis is not None:
             cand = "@" + steps_axis
         else:
-            self.rep.error("E203", f"{inst.name} has no input: give one, or steps=<sequence> "
-                           "to run it without input", call.loc)
-            raise _Fail()
+            raise self._reported()
         if cand.startswith("@"):
             axis = cand[1:]
             seg = self.default_seg.get(self.axis(axis))
@@ -798,10 +634,7 @@ class Lowerer:
                 failed |= id(st) in self.broken
                 outputs.extend(zip(st.names, st.locs))
         if len(inputs) > len(input_names):
-            self.rep.error("E203", f"{cell.name} takes {len(input_names)} input"
-                           f"{'s' if len(input_names) != 1 else ''} but {len(inputs)} were "
-                           "given", loc)
-            raise _Fail()
+            raise self._reported()
         for i, n in enumerate(input_names):
             if i < len(inputs):
                 env[n] = inputs[i]
@@ -819,9 +652,7 @@ class Lowerer:
             attrs = dict(state=f"{inst.name}.{name}", init=init_kind)
             if init_from is not None:
                 if name not in init_from.finals:
-                    self.rep.error("E205", f"init={init_from.name}: {init_from.cell.name} has no "
-                                   f"state {name!r} to start {inst.cell.name}.{name} from", loc)
-                    raise _Fail()
+                    raise self._reported()
                 attrs.update(init="final", init_from=init_from.finals[name])
             rid = self.node("state", (), st.loc, base=f"{name}_{inst.name}_prev", seg=seg,
                             shape=(None, None, None), **attrs)
@@ -866,9 +697,7 @@ class Lowerer:
         """Lower a state's equation and link it to the state's read at t-1."""
         upd = scope.value(name, st.loc)
         if not isinstance(upd, Tensor):
-            self._at(st)
-            self.rep.error("E205", f"state {name!r} must be a tensor", st.loc)
-            raise _Fail()
+            raise self._reported()
         upd_node = self.g.node(upd.id)
         if upd_node.seg is None:
             # the same at every step (in a cell run without input, what its zeros fold to):
@@ -898,9 +727,7 @@ class Lowerer:
                 self._at(st)
                 cond = self.const_value(st.cond, env)
                 if not isinstance(cond, bool):
-                    self.rep.error("E205", f"an if condition is true or false, got {cond!r}",
-                                   st.cond.loc)
-                    raise _Fail()
+                    raise self._reported()
                 stack.extend(reversed(st.then if cond else st.orelse))
             else:
                 out.append(st)
@@ -919,20 +746,17 @@ class Lowerer:
                 return env[e.id]
             if e.id in WORDS:
                 return e.id
-            self.rep.error("E200", f"unknown name {e.id!r}", e.loc)
-            raise _Fail()
+            raise self._reported()
         if isinstance(e, A.Delayed):
             if scope is None:
-                self.rep.error("E222", "[t-1] reads a cell's state, inside a cell", e.loc)
-                raise _Fail()
+                raise self._reported()
             return scope.delayed(e)
         if isinstance(e, A.Neg):
             v = self.expr(e.operand, env, model, scope)
             if isinstance(v, Tensor):
                 return Tensor(self.node("neg", (v.id,), e.loc))
             if not isinstance(v, (int, float)) or isinstance(v, bool):
-                self.rep.error("E205", f"cannot negate {v!r}", e.loc)
-                raise _Fail()
+                raise self._reported()
             return -v
         if isinstance(e, A.BinOp):
             return self.binop(e, self.expr(e.left, env, model, scope),
@@ -949,23 +773,16 @@ class Lowerer:
         if not ta and not tb:
             if isinstance(a, num) and isinstance(b, num) and not isinstance(a, bool):
                 if e.op == "/" and b == 0:
-                    self.rep.error("E205", "division by zero", e.right.loc)
-                    raise _Fail()
+                    raise self._reported()
                 return {"+": lambda: a + b, "-": lambda: a - b, "*": lambda: a * b,
                         "/": lambda: a / b}[e.op]()
-            self.rep.error("E205", f"cannot compute {a!r} {e.op} {b!r}", e.loc)
-            raise _Fail()
-        for v, side in ((a, e.left), (b, e.right)):
+            raise self._reported()
+        for v in (a, b):
             if not isinstance(v, (Tensor, int, float)) or isinstance(v, bool):
-                self.rep.error("E205", f"{e.op} needs tensors or numbers", side.loc)
-                raise _Fail()
+                raise self._reported()
         if e.op == "/":
-            if tb:
-                self.rep.error("E205", "division only by a constant", e.right.loc)
-                raise _Fail()
-            if b == 0:
-                self.rep.error("E205", "division by zero", e.right.loc)
-                raise _Fail()
+            if tb or b == 0:
+                raise self._reported()
             return Tensor(self.node("scale", (a.id,), e.loc, factor=1.0 / b))
         if e.op == "*" and (not ta or not tb):
             t, c = (a, b) if ta else (b, a)
@@ -977,16 +794,15 @@ class Lowerer:
     def call(self, e: A.Call, env, model, scope):
         fname = e.func_name
         if fname not in FUNCTIONS:
-            if env.get(fname) is not _FAILED:  # else its definition was reported already
-                self.rep.error("E202", f"unknown function {fname!r}", e.loc)
-            raise _Fail()
+            if env.get(fname) is _FAILED:  # its definition was reported already
+                raise _Fail()
+            raise self._reported()
         args = [self.expr(a, env, model, scope) for a in e.args]
         kwargs = {k.name: self.expr(k.value, env, model, scope) for k in e.kwargs}
         for a, src in zip(args, e.args):
             if fname != "split" or src is e.args[0]:
                 if not isinstance(a, Tensor):
-                    self.rep.error("E205", f"{fname}() takes tensors, got {a!r}", src.loc)
-                    raise _Fail()
+                    raise self._reported()
         if fname == "conv":
             return Tensor(self.conv(e, args, kwargs))
         if fname in OPS and OPS[fname].function:
@@ -996,8 +812,7 @@ class Lowerer:
         if fname == "split":
             x, n = args[0], args[1] if len(args) > 1 else kwargs.get("n")
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-                self.rep.error("E205", "split(x, n) needs a positive integer n", e.loc)
-                raise _Fail()
+                raise self._reported()
             xnode = self.g.node(x.id)
             implied = xnode.attrs.get("_implied")
             shape = xnode.shape
@@ -1100,9 +915,7 @@ class Lowerer:
         x, w = args[0], args[1]
         wnode = self.g.node(w.id)
         if wnode.op != "param" or wnode.shape is None or len(wnode.shape) != 4:
-            self.rep.error("E205", "the second argument of conv is a kernel weight "
-                           "(`weight W = kernel(out, size)`)", e.args[1].loc)
-            raise _Fail()
+            raise self._reported()
         kh, kw = wnode.shape[2], wnode.shape[3]
 
         def pair(v, what):
@@ -1110,9 +923,7 @@ class Lowerer:
                 v = (v, v)
             if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) for i in v)
                     and min(v) >= (0 if what == "padding" else 1)):
-                self.rep.error("E205", f"{what} must be {'a non-negative' if what == 'padding' else 'a positive'} "
-                               f"integer or a pair, got {v!r}", e.loc)
-                raise _Fail()
+                raise self._reported()
             return v
 
         stride = pair(kwargs.get("stride", 1), "stride")
@@ -1120,9 +931,7 @@ class Lowerer:
         padding = kwargs.get("padding", "same")
         if padding == "same":
             if (dil[0] * (kh - 1)) % 2 or (dil[1] * (kw - 1)) % 2:
-                self.rep.error("E205", f"padding=same needs an odd kernel size, got {kh}x{kw}; "
-                               "give the padding as a number", e.loc)
-                raise _Fail()
+                raise self._reported()
             pad = (dil[0] * (kh - 1) // 2, dil[1] * (kw - 1) // 2)
         elif padding == "valid":
             pad = (0, 0)
@@ -1153,19 +962,12 @@ class Lowerer:
         kw = {k.name: self.const_value(k.value, env) for k in call.kwargs}
         steps = kw.get("steps", sig.keywords["steps"])
         pred, target = args
-        if not isinstance(pred, Tensor) or not isinstance(target, Tensor):
-            self.rep.error("E205", "a loss compares two sequences", call.loc)
-            raise _Fail()
-        for value, a in zip(args, call.args):
-            if self.g.node(value.id).seg is None:
-                self.rep.error("E205", "a loss compares two sequences; this value is the "
-                               "same at every step (a weight or a constant)", a.loc)
-                raise _Fail()
-        if any(self.g.node(n).op == "param" for n in self.g.ancestors(target.id)):
-            # the losses' VJPs give a cotangent to the prediction only
-            self.rep.error("E205", "a loss's target (its second argument) must not depend on "
-                           "weights: compare a prediction with data, e.g. a target", call.args[1].loc)
-            raise _Fail()
+        if not isinstance(pred, Tensor) or not isinstance(target, Tensor) or \
+                any(self.g.node(v.id).seg is None for v in args) or \
+                any(self.g.node(n).op == "param" for n in self.g.ancestors(target.id)):
+            # the checker's: two sequences, the target not computed from weights (the
+            # losses' VJPs give a cotangent to the prediction only)
+            raise self._reported()
         op = {"bce": "bce", "mse": "mse", "cross_entropy": "xent_logits"}[fname]
         nid = self.node(op, (pred.id, target.id), call.loc, base="loss", steps=steps)
         self.g.node(nid).seg = None  # a loss is a scalar over every step
@@ -1178,7 +980,6 @@ class _CellScope:
     def __init__(self, low: Lowerer, inst: Instance, env, eqs, reads, cur, busy):
         self.low, self.inst, self.env = low, inst, env
         self.eqs, self.reads, self.cur, self.busy = eqs, reads, cur, busy
-        self.path: list[tuple[str, tuple]] = []  # (name, equation targets) being lowered
 
     def value(self, name: str, loc: Loc):
         if name in self.cur:
@@ -1192,16 +993,9 @@ class _CellScope:
                 for t in st.targets:
                     self.cur[t] = _FAILED
                 raise _Fail()
-            if key in self.busy:
-                start = next((i for i, (_, k) in enumerate(self.path) if k == key), 0)
-                chain = " -> ".join([n for n, _ in self.path[start:]] + [name])
-                self.low.rep.error(
-                    "E220", f"{name!r} depends on itself at the same time step ({chain}); "
-                    f"read the previous step with {name}[t-1]" if name in self.reads else
-                    f"{name!r} depends on itself at the same time step ({chain})", loc)
-                raise _Fail()
+            if key in self.busy:  # an instantaneous cycle (E220, the checker's)
+                raise self.low._reported()
             self.busy.add(key)
-            self.path.append((name, key))
             outer = self.low.site.here if self.low.site else None
             try:
                 self.low._at(st)
@@ -1212,20 +1006,17 @@ class _CellScope:
                 raise
             finally:
                 self.busy.discard(key)
-                self.path.pop()
                 self.low._at(outer)
             return self.cur[name]
-        if name in self.reads:
-            self.low.rep.error("E210", f"state {name!r} has no equation", loc)
-            raise _Fail()
+        if name in self.reads:  # E210, the checker's
+            raise self.low._reported()
         if name in self.env:
             if self.env[name] is _FAILED:  # a weight whose declaration reported an error
                 raise _Fail()
             return self.env[name]
         if name in WORDS:
             return name
-        self.low.rep.error("E200", f"unknown name {name!r}", loc)
-        raise _Fail()
+        raise self.low._reported()  # E200, the checker's
 
     def _lower(self, st: A.Equation, name: str) -> None:
         result = self.low.expr(st.value, self.env, scope=self)
@@ -1235,30 +1026,15 @@ class _CellScope:
             return
         items = result.items if isinstance(result, Tup) else [result]
         if len(items) != len(st.targets):
-            self.low.rep.error("E203", f"{len(st.targets)} names on the left but "
-                               f"{len(items)} values on the right", st.loc)
-            raise _Fail()
+            raise self.low._reported()
         for t, v in zip(st.targets, items):
             self.low.rename(v, t, self.inst.name)
             self.cur[t] = v
 
     def delayed(self, e: A.Delayed):
         if e.name not in self.reads:
-            self.low.rep.error("E222", f"{e.name!r} is not a state", e.loc)
-            raise _Fail()
+            raise self.low._reported()
         return Tensor(self.reads[e.name])
-
-
-def _argument(call: A.Call, sig, key: str):
-    """The expression that gives a weight's argument `key` (for `_blamed_argument`)."""
-    i = sig.positional.index(key) if key in sig.positional else len(call.args)
-    if i < len(call.args):
-        return call.args[i]
-    return next((k.value for k in call.kwargs if k.name == key), call)
-
-
-def _positive_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def _opname(op: str) -> str:
