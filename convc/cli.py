@@ -54,13 +54,13 @@ def _add_recompute(p) -> None:
                         "steps only, recomputing each window (less memory, more compute)")
 
 
-def _load(args, debug_nans: bool = False):
+def _load(args, debug_nans: bool = False, snapshots: bool = False):
     """Compile the command's FILE (and --model) in memory; warnings go to stderr."""
     import convc.api as api
 
     _require_file(args.file)
     mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans,
-                   recompute=getattr(args, "recompute", None))
+                   recompute=getattr(args, "recompute", None), snapshots=snapshots)
     _print_warnings(mod.compiled.warnings)
     return mod
 
@@ -87,11 +87,16 @@ def _write(path: Path, content, mod) -> None:
 
 
 def _emits(text: str) -> list[str]:
+    """py, ir, dot, json, or ir@STAGE: the IR after one compiler stage."""
+    from convc.compiler.driver import IR_STAGES
+
     kinds = [k.strip() for k in text.split(",") if k.strip()]
-    unknown = [k for k in kinds if k not in EMITS]
+    unknown = [k for k in kinds if k not in EMITS and not (
+        k.startswith("ir@") and k[3:] in IR_STAGES)]
     if unknown or not kinds:
         raise argparse.ArgumentTypeError(
-            f"unknown kind {', '.join(unknown) or '(none)'}; choose from {', '.join(EMITS)}")
+            f"unknown kind {', '.join(unknown) or '(none)'}; choose from {', '.join(EMITS)}, "
+            f"or ir@STAGE with STAGE one of {', '.join(IR_STAGES)}")
     return list(dict.fromkeys(kinds))
 
 
@@ -124,9 +129,11 @@ def cmd_check(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    mod = _load(args, debug_nans=args.debug_nans)
+    stages = [k[3:] for k in args.emit if k.startswith("ir@")]
+    mod = _load(args, debug_nans=args.debug_nans, snapshots=bool(stages))
     c = mod.compiled
-    texts = {"py": c.source, "ir": c.ir_text(), "dot": c.dot(), "json": c.json()}
+    texts = {"py": c.source, "ir": c.ir_text(), "dot": c.dot(), "json": c.json(),
+             **{f"ir@{s}": c.ir_text(s) for s in stages}}
     if args.output is None:
         for kind in args.emit:
             if len(args.emit) > 1:
@@ -139,7 +146,8 @@ def cmd_compile(args) -> int:
         out = Path(args.output)
         stem = out.with_suffix("") if out.suffix else out
         for kind in args.emit:
-            path = stem.with_name(f"{stem.name}.{kind}")
+            suffix = f"{kind[3:]}.ir" if kind.startswith("ir@") else kind  # OUT.fold.ir
+            path = stem.with_name(f"{stem.name}.{suffix}")
             _write(path, texts[kind], mod)
             print(f"wrote {path}", file=sys.stderr)
     if args.recompute:
@@ -518,6 +526,9 @@ def _check_parsers(sub) -> None:
     p.add_argument("-o", "--output", metavar="OUT", help="file to write")
     p.add_argument("--emit", type=_emits, default=["py"], metavar="KINDS",
                    help="comma-separated: py (the module), ir (text dump of the graph), "
+                        "ir@STAGE (the graph after one compiler stage: lower, fold, "
+                        "fuse_bce_logits, cse, dce, shapes, fold_zero_channels, autodiff, "
+                        "loop_rewrites, schedule; several -o files are OUT.STAGE.ir), "
                         "dot (Graphviz), json (the graph); default py")
     p.add_argument("--timings", action="store_true",
                    help="print the time of each compiler stage and what the passes changed")

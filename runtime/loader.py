@@ -35,7 +35,8 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
 
 
 def load(path, model: str | None = None, text: str | None = None,
-         debug_nans: bool = False, recompute: int | None = None) -> types.ModuleType:
+         debug_nans: bool = False, recompute: int | None = None,
+         snapshots: bool = False) -> types.ModuleType:
     """Compile a `.cell` file (or `text`) in memory and import the generated module.
 
     The module has what the generated code defines (`init_params`, `forward`,
@@ -43,11 +44,13 @@ def load(path, model: str | None = None, text: str | None = None,
     `compiled` (every stage of the compile, a `convc.compiler.driver.Compiled`),
     `source` (the generated Python) and `spec_path` (`path` as a string, or
     None for `text`). Raises `CellError` with the diagnostics of a spec that
-    does not compile; warnings are in `mod.compiled.warnings`.
+    does not compile; warnings are in `mod.compiled.warnings`. snapshots: keep
+    the IR after every compiler stage (`mod.compiled.ir_text(stage)`).
     """
     from convc.compiler.driver import compile_model
 
-    c = compile_model(path, text=text, model=model, debug_nans=debug_nans, recompute=recompute)
+    c = compile_model(path, text=text, model=model, debug_nans=debug_nans, recompute=recompute,
+                      snapshots=snapshots)
     mod = module_from_source(c.source, c.name)
     mod.compiled = c
     mod.source = c.source

@@ -57,3 +57,26 @@ def test_an_unknown_or_unkept_stage_is_a_clear_error(ef):
         ef.ir_text("parse")
     with pytest.raises(ValueError, match="compile with snapshots=True"):
         compile_model(EF).ir_text("fold")
+
+
+def _convc(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "convc", *args], capture_output=True,
+                          text=True, cwd=cwd)
+
+
+def test_cli_emits_the_ir_after_a_stage(ef, tmp_path):
+    r = _convc("compile", str(EF), "--emit", "ir@fold,ir@autodiff")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ("# ---- ir@fold ----\n" + ef.ir_text("fold")
+                        + "# ---- ir@autodiff ----\n" + ef.ir_text("autodiff"))
+    out = tmp_path / "m.py"
+    r = _convc("compile", str(EF), "--emit", "py,ir@shapes", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "m.shapes.ir").read_text() == ef.ir_text("shapes")
+    assert (tmp_path / "m.py").read_text() == ef.source
+
+
+def test_cli_names_the_stages_for_an_unknown_one():
+    r = _convc("compile", str(EF), "--emit", "ir@parse")
+    assert r.returncode == 2
+    assert "unknown kind ir@parse" in r.stderr and "ir@STAGE with STAGE one of lower" in r.stderr
