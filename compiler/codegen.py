@@ -838,7 +838,7 @@ class Generator:
         o("# the last step: nothing flows back from after it")
         keep_carries(last=True)
         plan.emit(o, last)
-        self.carry_step(o, plan, carries)
+        self.carry_step(o, plan, carries, first=True)
         o(f"for t in range({T} - 2, 0, -1):")
         o.indent()
         o.last_loc = None
@@ -884,16 +884,24 @@ class Generator:
                 o(f"    {co} = xp.zeros_like({co})")
         plan.drop_step_names(o)
 
-    def carry_step(self, o: _Out, plan: "_LoopPlan", carries: list[str]) -> None:
-        """Hand each state's cotangent to the previous step; cut at truncation windows."""
+    def carry_step(self, o: _Out, plan: "_LoopPlan", carries: list[str],
+                   first: bool = False) -> None:
+        """Hand each state's cotangent to the previous step; cut at truncation windows.
+
+        A cut hands on `{carry}_zero`, zeros made once (at the `first` call, before the
+        loop) and never written: the loop body does not write into its carries.
+        """
         moved = [c for c in carries if c in plan.read_ct_of_carry]
         for c in moved:
             o(f"{c} = {plan.read_ct_of_carry[c]}")
+        if moved and first:
+            for c in moved:
+                o(f"{c}_zero = xp.zeros_like({c}) if bptt else None  # truncated BPTT's cut")
         if moved:
             o("if bptt and t % bptt == 0:")
             o("    # truncated BPTT: no gradient crosses into the previous window")
             for c in moved:
-                o(f"    {c} = xp.zeros_like({c})")
+                o(f"    {c} = {c}_zero")
 
     # ------------------------------------------------------------ functions
     def forward_fn(self, o: _Out) -> None:

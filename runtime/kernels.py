@@ -11,6 +11,7 @@ table's reference evaluations and in tests; generated code never calls them.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 
@@ -82,8 +83,28 @@ def hard_sigmoid(x, out=None):
 def _strided(out) -> bool:
     """Whether `out` is a strided view (a slice of a channel-major cotangent): passes that
     read and write it cost twice those over a contiguous array, so the kernels below then
-    work in a contiguous temporary and write `out` only in their last pass."""
+    work in a contiguous scratch array (`_scratch`) and write `out` only in their last
+    pass."""
     return not out.flags.c_contiguous
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(xp, shape, dtype):
+    """A contiguous work array of `shape`, the calling thread's own, reused call after
+    call: kernels run inside time loops must not allocate at every step. (Its contents
+    are whatever the last call left: callers write it before reading it.)"""
+    cache = getattr(_SCRATCH, "arrays", None)
+    if cache is None:
+        cache = _SCRATCH.arrays = {}
+    key = (xp.__name__, tuple(shape), str(dtype))
+    a = cache.get(key)
+    if a is None:
+        if len(cache) >= 32:  # a bounded cache: shapes of models compiled long ago go
+            cache.clear()
+        a = cache[key] = xp.empty(tuple(shape), dtype=dtype)
+    return a
 
 
 def sigmoid_grad(y, g, out=None):
@@ -92,7 +113,7 @@ def sigmoid_grad(y, g, out=None):
         return g * y * (1.0 - y)
     xp = array_module(out)
     if _strided(out):
-        tmp = xp.subtract(1.0, y, dtype=out.dtype)
+        tmp = xp.subtract(1.0, y, out=_scratch(xp, out.shape, out.dtype))
         xp.multiply(tmp, y, out=tmp)
         return xp.multiply(tmp, g, out=out)
     xp.subtract(1.0, y, out=out)
@@ -106,7 +127,7 @@ def tanh_grad(y, g, out=None):
         return g * (1.0 - y * y)
     xp = array_module(out)
     if _strided(out):
-        tmp = xp.multiply(y, y, dtype=out.dtype)
+        tmp = xp.multiply(y, y, out=_scratch(xp, out.shape, out.dtype))
         xp.subtract(1.0, tmp, out=tmp)
         return xp.multiply(tmp, g, out=out)
     xp.multiply(y, y, out=out)

@@ -13,7 +13,7 @@
          only falls (COUNTER_FRACTION);
     (b2) one statement per graph node: one call or operator on atoms a statement;
     (b3) nothing allocates inside a `for t` time loop (every call writes into an
-         out=), but the known truncated-BPTT reset (a strict xfail shows it);
+         out=, truncated BPTT's cut included);
     (b4) a small structural golden, tests/golden/structure.json: the generated
          functions' signatures and the `.cell` lines each quotes. After a
          deliberate change, regenerate it with
@@ -480,12 +480,7 @@ def test_statement_checker_accepts_one_op_statements():
 # zeros_like, ones, full, array, asarray, ascontiguousarray, concatenate, stack, tile,
 # repeat, copy, ...) unless it is given out=, there is no .copy(), and no arithmetic
 # operator is applied to anything but the loop's integers (t, t0, T_<axis>, constants).
-#
-# Today every loss_and_grad_shard allocates in its backward loops: under
-# `if bptt and t % bptt == 0:` (truncated BPTT) each carried state gradient is reset with
-# `dh_<state>_next = xp.zeros_like(dh_<state>_next)`, a new array per window. That case
-# is KNOWN_LOOP_ALLOCATION: the ratchet test allows it and nothing else, and the strict
-# xfail test below flips once the compiler zeroes a preallocated buffer instead.
+# (Truncated BPTT's cut hands on `dh_<state>_next_zero`, zeros made once before the loop.)
 _ALLOCATING = frozenset({
     "empty", "empty_like", "zeros", "zeros_like", "ones", "ones_like", "full", "full_like",
     "array", "asarray", "ascontiguousarray", "asfortranarray", "concatenate", "stack",
@@ -504,18 +499,8 @@ def _parents(tree) -> dict:
     return {child: parent for parent in ast.walk(tree) for child in ast.iter_child_nodes(parent)}
 
 
-def known_loop_allocation(node, parents) -> bool:
-    """`x = xp.zeros_like(x)` directly under `if bptt and ...:` (the truncation reset)."""
-    stmt = parents.get(node)
-    block = parents.get(stmt)
-    return (isinstance(node, ast.Call) and ast.unparse(node.func) == "xp.zeros_like"
-            and isinstance(stmt, ast.Assign) and isinstance(block, ast.If)
-            and "bptt" in {n.id for n in ast.walk(block.test) if isinstance(n, ast.Name)})
-
-
-def loop_allocations(source: str) -> list[tuple[str, bool]]:
-    """(where and what, whether it is the KNOWN_LOOP_ALLOCATION) for each allocation that
-    code in a time loop would make."""
+def loop_allocations(source: str) -> list[str]:
+    """Where and what, for each allocation that code in a time loop would make."""
     tree = ast.parse(source)
     parents = _parents(tree)
     found = []
@@ -540,22 +525,12 @@ def loop_allocations(source: str) -> list[tuple[str, bool]]:
                     not _is_int(node):
                 why = "is arithmetic on arrays (a new array)"
             if why:
-                found.append((f"line {node.lineno}: {ast.unparse(node)} {why}",
-                              known_loop_allocation(node, parents)))
+                found.append(f"line {node.lineno}: {ast.unparse(node)} {why}")
     return found
 
 
 @pytest.mark.parametrize("model", sorted(MODELS))
-def test_no_allocation_in_time_loops_but_the_known_one(model):
-    found = loop_allocations(compiled_model(model).source)
-    assert [what for what, known in found if not known] == []
-
-
-@pytest.mark.xfail(strict=True, reason="truncated BPTT resets each carried state gradient "
-                   "with xp.zeros_like inside the backward time loop (a new array per "
-                   "window); flips when the compiler zeroes a preallocated buffer")
-@pytest.mark.parametrize("model", ["seed", "stack"])
-def test_no_allocation_in_time_loops_at_all(model):
+def test_no_allocation_in_time_loops(model):
     assert loop_allocations(compiled_model(model).source) == []
 
 
@@ -569,24 +544,24 @@ LOOP_SNIPPETS = {
     "no out=": "for t in range(T):\n    h = rt.tanh(z)\n",
     "operator": "for t in range(T):\n    h = h_buf[t] * 0.5 + x[t]\n",
     "nested loop": "for t in range(T):\n    for k in range(3):\n        a = xp.add(x, y)\n",
-    "zeros_like outside bptt": "for t in range(T):\n    dh_next = xp.zeros_like(dh_next)\n",
+    "zeros_like": "for t in range(T):\n    dh_next = xp.zeros_like(dh_next)\n",
+    "truncation reset": ("for t in range(T):\n    if bptt and t % bptt == 0:\n"
+                         "        dh_next = xp.zeros_like(dh_next)\n"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(LOOP_SNIPPETS))
 def test_loop_allocation_checker_flags_allocations(name):
-    found = loop_allocations(LOOP_SNIPPETS[name])
-    assert found and not any(known for _, known in found)
+    assert loop_allocations(LOOP_SNIPPETS[name])
 
 
 def test_loop_allocation_checker_accepts_writes_into_buffers():
     good = ("w = xp.zeros((N, 3))\nfor t in range(t0, T_x):\n    h_prev = h_buf[t]\n"
             "    a = xp.add(x[t], h_prev, out=w)\n    h = rt.tanh(a, out=h_buf[t + 1])\n"
             "    c = rt.concat([a, h], out=c_seq[t])\n    s = x[t + 1:T_x - 1]\n"
-            "    if bptt and t % bptt == 0:\n        dh_next = xp.zeros_like(dh_next)\n"
+            "    if bptt and t % bptt == 0:\n        dh_next = dh_next_zero\n"
             "h_last = h_buf[-1].copy()\n")
-    found = loop_allocations(good)
-    assert [known for _, known in found] == [True]
+    assert loop_allocations(good) == []
 
 
 # (b4) A small structural golden: each model's generated functions with their signatures,

@@ -26,20 +26,12 @@ NumPy makes of the Python scalars given to ufuncs, 8 bytes each call
 constant c = 1.0). They do grow with T (a strict xfail below shows it), but
 are not buffers.
 
-Known per-step allocations today (strict xfails: they flip when fixed):
-- every example with bptt=2: `dh_<state>_next = xp.zeros_like(dh_<state>_next)`
-  at each window start of the backward loop (see tests/test_codegen.py (b3));
-- loss_and_grad of every model with a ConvGRU or a ConvLSTMFused (stack,
-  std_convgru, std_gru_forecaster, std_convlstm_fused): rt.sigmoid_grad and
-  rt.tanh_grad (runtime/kernels.py) work in a contiguous temporary when their
-  out= is strided, and these cells' backward statements write into strided
-  views of channel-major cotangents. In stack: `dadd_15 =
-  rt.tanh_grad(n_l3_seq[t], dn_l3, out=dadd_15_seq[t])` (std.cell:86, the
-  ConvGRU's n), `dz_g_l2 = rt.tanh_grad(tanh_2_seq[t], dtanh_2,
-  out=dz_l2_seq[t, :, 9:12])` and `d_sigmoid_grad_9 =
-  rt.sigmoid_grad(sigmoid_9_seq[t], dsigmoid_9, out=dz_l2_seq[t, :, 0:9])`
-  (std.cell:60, ConvLSTMFused): three arrays a step; one a step per ConvGRU,
-  two per ConvLSTMFused.
+Two per-step allocations this test found are gone: truncated BPTT's cut
+made `xp.zeros_like` of each carried state gradient at every window (it now
+hands on zeros made once), and rt.sigmoid_grad / rt.tanh_grad worked in a
+new contiguous temporary whenever their out= was strided, as in the ConvGRU
+and ConvLSTMFused backward loops (they now reuse a per-thread scratch
+array, runtime/kernels.py `_scratch`).
 """
 from __future__ import annotations
 
@@ -231,27 +223,10 @@ def _call(mod, call: str, T: int):
 
 CALLS = ("forward", "loss", "loss_and_grad", "loss_and_grad_bptt2")
 
-_STRIDED = ("rt.tanh_grad/rt.sigmoid_grad make a contiguous temporary for a strided out= "
-            "(a view of a channel-major cotangent) each step")
-KNOWN = {
-    "loss_and_grad_bptt2": "truncated BPTT resets the carried state gradients with "
-                           "`dh_<state>_next = xp.zeros_like(dh_<state>_next)` at each window",
-    ("stack", "loss_and_grad"): _STRIDED + ": dadd_15_seq[t] (ConvGRU), dz_l2_seq[t, :, 9:12] "
-                                "and dz_l2_seq[t, :, 0:9] (ConvLSTMFused)",
-    ("std_convgru", "loss_and_grad"): _STRIDED + ": dadd_4_seq[t] (the ConvGRU's n)",
-    ("std_gru_forecaster", "loss_and_grad"): _STRIDED + ": dadd_4_seq[t], dadd_10_seq[t]",
-    ("std_convlstm_fused", "loss_and_grad"): _STRIDED + ": dz_l_seq[t, :, 12:16], "
-                                             "dz_l_seq[t, :, 0:12]",
-}
-
-
 def _cases():
     for model in MODELS:
         for call in CALLS:
-            reason = KNOWN.get((model, call)) or KNOWN.get(call)
-            marks = ([pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)]
-                     if reason else [])
-            yield pytest.param(model, call, id=f"{model}-{call}", marks=marks)
+            yield pytest.param(model, call, id=f"{model}-{call}")
 
 
 def _one_thread():
