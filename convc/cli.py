@@ -395,10 +395,15 @@ def _add_file(p: argparse.ArgumentParser, with_model: bool = True) -> None:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+    # the choices are the backend registry's (runtime/backend.py: no CuPy or Chainer import)
+    from convc.runtime.backend import DEVICES, backend_names
+
+    p.add_argument("--device", choices=DEVICES, default="cpu",
                    help="cpu (NumPy) or gpu (CuPy); default cpu")
-    p.add_argument("--conv", choices=("numpy", "chainer"), default="numpy",
-                   help="convolution: convc's own im2col+GEMM, or Chainer's; default numpy")
+    p.add_argument("--conv", choices=backend_names(), default="numpy",
+                   help="convolution: numpy (convc's own im2col+GEMM, the default), chainer "
+                        "(Chainer's), reference (the direct definition, slow), or another "
+                        "registered backend")
 
 
 # The groups of `convc train --help` the settings are listed in (Setting.group).

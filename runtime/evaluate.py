@@ -41,6 +41,7 @@ import numpy as np
 from convc.argtypes import train_type
 from convc.errors import CheckpointError, ConvcError, DataError
 from convc.runtime import data as D
+from convc.runtime.backend import DEVICES, backend_names
 from convc.runtime import metrics
 
 METRICS = ("mse", "mae", "ssim", "psnr")
@@ -298,8 +299,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--frames-out", type=train_type("frames_out"), default=None,
                         help="frames to predict (default: as in the run, or 10)")
     parser.add_argument("--batch-size", type=train_type("batch_size"), default=16)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--conv", default="numpy", choices=("numpy", "chainer"))
+    parser.add_argument("--device", default="cpu", choices=DEVICES)
+    parser.add_argument("--conv", default="numpy", choices=backend_names())  # the registry's
     parser.add_argument("--ssim", default=metrics.DEFAULT_SSIM, choices=metrics.SSIM_VARIANTS,
                         help="gaussian (default): Wang et al.'s SSIM, an 11x11 Gaussian window "
                              "of sigma 1.5, data range 1; uniform: OpenSTL's, scikit-image's "

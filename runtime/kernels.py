@@ -15,6 +15,7 @@ import threading
 
 import numpy as np
 
+from .backend import Capabilities
 from .calls import check_call  # noqa: F401  (the first call of every generated function)
 
 
@@ -246,8 +247,22 @@ def _flat_view(out):
     return view
 
 
+def capabilities(B):
+    """What backend B declared it can do (runtime/backend.py's Capabilities); None means
+    the default backend, and an object that declares nothing gets the safe defaults."""
+    if B is None:
+        from convc.runtime.model import default_backend
+
+        B = default_backend()
+    caps = getattr(B, "capabilities", None)
+    return caps if isinstance(caps, Capabilities) else _PLAIN
+
+
+_PLAIN = Capabilities()  # what a backend that declares nothing is taken to do
+
+
 def _accepts_out(B) -> bool:
-    return bool(getattr(B, "accepts_out", False))
+    return capabilities(B).writes_out
 
 
 def conv2d(B, x, w, stride, pad, dilation, out=None):
@@ -481,7 +496,7 @@ def check_finite(value, node, where, t, direction):
 # puts every op on every core: the samples of a batch are independent until the
 # gradients are summed. NumPy releases the GIL inside ufuncs, copies and matmul.
 
-_SHARDS: dict = {"blas": None, "pool": None, "workers": 0, "backends": []}
+_SHARDS: dict = {"blas": None, "pool": None, "workers": 0, "backends": {}}
 
 
 def _blas():
@@ -503,14 +518,14 @@ SMALL_STEP_FLOPS = 40e6
 
 
 def shard_count(backend, n: int, work: float = float("inf")) -> int:
-    """How many shards to run a batch of n in: the BLAS threads allowed now (NumPy only).
+    """How many shards to run a batch of n in: the BLAS threads allowed now, on a
+    backend whose capabilities allow shards (NumPy's; None is the default backend).
 
     work: convolution FLOPs of one step of one sample (the generated code knows them).
     0 means: too small even for the BLAS threads, run everything on one.
     """
-    from convc.runtime.ops_numpy import NumpyBackend
-
-    if backend is not None and type(backend) is not NumpyBackend:
+    caps = capabilities(backend)
+    if not caps.shards or caps.device != "cpu":
         return 1
     blas = _blas()
     if blas is None or not blas.lib_controllers:
@@ -644,24 +659,23 @@ def in_shards(fn, params, inputs, targets, state=None, bptt=None, backend=None,
         return fn(params, inputs, targets, state=state, bptt=bptt, backend=backend)
     from concurrent.futures import ThreadPoolExecutor
 
-    from convc.runtime.ops_numpy import NumpyBackend
+    if backend is None:
+        from convc.runtime.model import default_backend
 
+        backend = default_backend()
     bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
-    while len(_SHARDS["backends"]) < k - 1:
-        _SHARDS["backends"].append(NumpyBackend())  # each thread its own work arrays
+    spawned = _SHARDS["backends"].setdefault(type(backend), [])
+    while len(spawned) < k - 1:
+        spawned.append(backend.spawn())  # each thread its own work arrays
     if _SHARDS["workers"] != k - 1:
         if _SHARDS["pool"] is not None:
             _SHARDS["pool"].shutdown()
         _SHARDS["pool"] = ThreadPoolExecutor(max_workers=k - 1, thread_name_prefix="convc")
         _SHARDS["workers"] = k - 1
     ins, tgs, sts = _split(inputs, bounds), _split(targets, bounds), _split(state, bounds)
-    if backend is None:
-        from convc.runtime.model import default_backend
-
-        backend = default_backend()
     crew = Crew(k)
     with _blas().limit(limits=1):
-        futures = [_SHARDS["pool"].submit(_shard, crew, fn, _SHARDS["backends"][i - 1], params,
+        futures = [_SHARDS["pool"].submit(_shard, crew, fn, spawned[i - 1], params,
                                           ins[i], tgs[i], state=sts[i], bptt=bptt)
                    for i in range(1, k)]
         parts = [_shard(crew, fn, backend, params, ins[0], tgs[0], state=sts[0], bptt=bptt)]

@@ -23,13 +23,15 @@ import numpy
 
 from convc.errors import BackendError
 from convc.runtime._chainer_compat import import_chainer
-from convc.runtime.backend import Backend, Pair, check_conv2d_shapes
+from convc.runtime.backend import Backend, Capabilities, Pair, check_conv2d_shapes
 
 
 class ChainerBackend(Backend):
     """NumPy (or, with gpu=True, CuPy) arrays with Chainer 7.8.1's convolution."""
 
     name = "chainer"
+    capabilities = Capabilities(device="cpu", writes_out=False, shards=False,
+                                deterministic=True, float64=True)
 
     def __init__(self, gpu: bool = False) -> None:
         chainer = import_chainer()
@@ -83,3 +85,14 @@ class ChainerBackend(Backend):
 
     def asarray(self, a):
         return self.xp.asarray(a)
+
+
+class ChainerGpuBackend(ChainerBackend):
+    """Chainer's convolution on CuPy arrays: cuDNN picks its algorithms, some of which
+    accumulate with atomics, so it is not declared deterministic."""
+
+    capabilities = Capabilities(device="gpu", writes_out=False, shards=False,
+                                deterministic=False, float64=True)
+
+    def __init__(self) -> None:
+        super().__init__(gpu=True)

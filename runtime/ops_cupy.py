@@ -44,7 +44,7 @@ import numpy
 
 from convc.errors import BackendError
 from convc.runtime import ops_numpy
-from convc.runtime.backend import Backend, Pair
+from convc.runtime.backend import Backend, Capabilities, Pair
 
 
 # Read by CuPy and the CUDA libraries when they load or first need them, so they
@@ -93,6 +93,11 @@ class CupyBackend(Backend):
     """
 
     name = "cupy"
+    # the same im2col + GEMM code as the CPU, but called without out= and never sharded
+    # (one stream); deterministic by construction (no cuDNN, no atomics)
+    capabilities = Capabilities(device="gpu", writes_out=False, shards=False,
+                                deterministic=True, float64=True,
+                                weight_gradient_layout="channel-major")
 
     def __init__(self) -> None:
         self.xp = import_cupy()

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import numpy
 
-from convc.runtime.backend import Backend, Pair, check_conv2d_shapes
+from convc.runtime.backend import Backend, Capabilities, Pair, check_conv2d_shapes
 
 # The widest image that im2col/col2im handle flat (`im2col_flat`): on wider images a row
 # is long enough already, and the mask's multiply costs more than the runs it saves
@@ -853,7 +853,11 @@ class NumpyBackend(Backend):
 
     name = "numpy"
     xp = numpy
-    accepts_out = True  # conv2d and conv2d_grad_input write into a given `out`
+    # out= straight into the caller's buffer; batch shards in threads (NumPy releases the
+    # GIL in ufuncs, copies and matmul); gy read channel-major by the weight gradient's GEMM
+    capabilities = Capabilities(device="cpu", writes_out=True, shards=True,
+                                deterministic=True, float64=True,
+                                weight_gradient_layout="channel-major")
 
     def __init__(self) -> None:
         self.workspace = Workspace()
@@ -918,3 +922,8 @@ class NumpyBackend(Backend):
 
     def asarray(self, a) -> numpy.ndarray:
         return numpy.asarray(a)
+
+    def spawn(self) -> "NumpyBackend":
+        """A fresh backend of this class (its own workspace) for a shard's thread; a
+        subclass whose __init__ takes settings overrides this to pass them on."""
+        return type(self)()

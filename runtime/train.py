@@ -245,19 +245,22 @@ def _make_backend(device: str, conv: str, deterministic: bool):
     The environment part of those settings must be in place before CuPy is
     imported (get_backend imports it), the rest is applied to the module.
     """
-    from convc.runtime.backend import get_backend
+    from convc.runtime.backend import backend_names, declared_capabilities, get_backend
 
     if not (deterministic and device == "gpu"):
         return get_backend(device, conv)
-    if conv != "numpy":
-        raise ConvcError(f"deterministic GPU training needs convc's own convolution "
-                         f"(--conv numpy); --conv {conv} uses cuDNN, whose algorithms may "
-                         f"accumulate with atomics")
+    if not declared_capabilities(device, conv).deterministic:  # read without importing CuPy
+        choices = [n for n in backend_names("gpu") if declared_capabilities("gpu", n).deterministic]
+        raise ConvcError(f"deterministic GPU training needs a convolution that declares itself "
+                         f"deterministic (--conv {' or --conv '.join(choices)}); --conv {conv} "
+                         f"does not (Chainer's uses cuDNN, whose algorithms may accumulate "
+                         f"with atomics)")
     from convc.runtime import ops_cupy
 
     ops_cupy.set_deterministic_environment()
     backend = get_backend(device, conv)
-    for warning in backend.make_deterministic():
+    make_deterministic = getattr(backend, "make_deterministic", None)
+    for warning in make_deterministic() if make_deterministic is not None else ():
         note(f"--deterministic: {warning}")
     return backend
 

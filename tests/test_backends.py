@@ -108,7 +108,12 @@ def chainer_backend():
     return get_backend("cpu", "chainer")
 
 
-@pytest.fixture(params=["numpy", "chainer"])
+@pytest.fixture(scope="module")
+def reference_backend():
+    return get_backend("cpu", "reference")
+
+
+@pytest.fixture(params=["numpy", "chainer", "reference"])
 def backend(request):
     """Every CPU backend; the Chainer one is skipped where Chainer is missing."""
     return request.getfixturevalue(f"{request.param}_backend")
@@ -172,10 +177,12 @@ def test_random_shapes_match_reference(n, c, o, kh, kw, sh, sw, ph, pw, dh, dw,
                                rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("which", ["numpy", "reference"])
 @pytest.mark.parametrize("pad", [(0, 0), (1, 2)])
 @pytest.mark.parametrize("kernel", [(1, 1), (3, 2)])
-def test_non_contiguous_operands(numpy_backend, kernel, pad):
+def test_non_contiguous_operands(request, which, kernel, pad):
     """Generated code passes views (splits, transposes); strides must be honoured."""
+    numpy_backend = request.getfixturevalue(f"{which}_backend")
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 3, 7, 6)).transpose(0, 1, 3, 2)  # (2, 3, 6, 7), not C-order
     w = rng.standard_normal((4, 6) + kernel)[:, ::2]             # (4, 3, kh, kw), strided
@@ -378,3 +385,20 @@ def test_missing_chainer_is_a_backend_error(monkeypatch):
 def test_unknown_names_raise_backend_error(device, conv):
     with pytest.raises(BackendError, match="unknown"):
         get_backend(device, conv)
+
+
+def test_every_available_backend_satisfies_the_protocol_it_declares():
+    """Methods, capabilities, and `out=` exactly where writes_out says (all registered)."""
+    import inspect
+
+    from convc.runtime.backend import available_backends, protocol_problems
+
+    for entry in available_backends():
+        if not entry.available:
+            continue
+        made = get_backend(entry.device, entry.conv)
+        assert protocol_problems(made) == [], entry
+        caps = made.capabilities
+        assert caps.device == entry.device
+        takes_out = "out" in inspect.signature(made.conv2d).parameters
+        assert takes_out == caps.writes_out, (entry, "conv2d's out= and writes_out disagree")
