@@ -47,12 +47,15 @@ generated code to check).
 """
 from __future__ import annotations
 
+import re
+
 from convc import __version__
 from convc.spec.diagnostics import SOURCES
 
 from .autodiff import Backward
 from .ir import Graph
 from .lower import Lowered
+from .naming import Names
 from .ops import OPS, float_source, node_flops
 from .peel import ALIAS, COMPUTE, ZERO, Variant, peel
 from .schedule import LOOP_KINDS, Schedule
@@ -215,11 +218,16 @@ class Generator:
         self.seg_T = {seg.id: f"T_{seg.axis}" for seg in low.segments}
         self.stored: set[str] = set(sched.stored)  # of the function being emitted
         self.channel_major: set[str] = set()
+        self.names = Names(self.g, low.loc_owner, low.cells)  # every variable's name
 
     # ------------------------------------------------------------ names
+    def v(self, nid: str) -> str:
+        """The variable holding node nid's value (naming.py)."""
+        return self.names[nid]
+
     def buf(self, read: str) -> str:
         """The (T+1, N, ...) buffer of a state, named after its update."""
-        return self.g.node(read).attrs["update"] + "_buf"
+        return self.v(self.g.node(read).attrs["update"]) + "_buf"
 
     def is_view_of_step(self, nid: str) -> bool:
         """A slice of a loop value, read outside its step through its operand's buffer."""
@@ -237,7 +245,7 @@ class Generator:
         return f"{t} + {plus}" if plus else t
 
     def ckpt(self, read: str) -> str:
-        return self.g.node(read).attrs["update"] + "_ckpt"
+        return self.v(self.g.node(read).attrs["update"]) + "_ckpt"
 
     def batched(self, nid: str) -> str:
         """Expression for a value over all its steps, (T, N, ...) (or static)."""
@@ -254,17 +262,17 @@ class Generator:
                 return OPS["slice"].code([self.batched(node.inputs[0])], node.attrs)
             if nid not in self.stored:
                 raise AssertionError(f"{nid} is read outside its loop but not stored")
-            return f"{nid}_seq"
-        return nid
+            return f"{self.v(nid)}_seq"
+        return self.v(nid)
 
     def at_step(self, nid: str, ctx: tuple) -> str:
         """Expression for a value at step t, seen from inside loop block `ctx`."""
         node = self.g.node(nid)
         b = self.s.block_of[nid]
         if node.seg is None or b == ctx:
-            return nid
+            return self.v(nid)
         if nid in self.window_values:
-            return f"{nid}[t - start]"
+            return f"{self.v(nid)}[t - start]"
         if node.op == "state":
             return f"{self.buf(nid)}[{self.step_ix(nid)}]"
         if b[0] == "loop" and nid in self.state_of_update:
@@ -273,7 +281,7 @@ class Generator:
         if b[0] in LOOP_KINDS and self.is_view_of_step(nid):
             return OPS["slice"].code([self.at_step(node.inputs[0], ctx)], node.attrs)
         if nid in self.ring:
-            return f"{nid}_seq[{self.step_ix(nid)}]"
+            return f"{self.v(nid)}_seq[{self.step_ix(nid)}]"
         return f"{self.batched(nid)}[t]"
 
     def check(self, o: _Out, nid: str, expr: str, step: bool, backward: bool) -> None:
@@ -282,7 +290,7 @@ class Generator:
             return
         node = self.g.node(nid)
         where = f"{node.loc.file}:{node.loc.line}"
-        o(f"rt.check_finite({expr}, {nid!r}, {where!r}, {'t' if step else 'None'}, "
+        o(f"rt.check_finite({expr}, {self.v(nid)!r}, {where!r}, {'t' if step else 'None'}, "
           f"{'backward' if backward else 'forward'!r})")
 
     def keep_arg(self, slot) -> str:
@@ -292,19 +300,20 @@ class Generator:
     def seq_alloc(self, o: _Out, n: str, T: str) -> None:
         """The (T, N, ...) buffer of a stored loop value (in its place of the memory plan)."""
         shape = tuple(self.g.node(n).shape)
+        name = self.v(n)
         if n in self.ring:  # one window of steps, rows t % K
             T = self.seg_T[self.g.node(n).seg]
-            o(f"{n}_seq = rt.empty(xp, {_seq_shape(f'min({self.ring[n]}, {T})', shape)}, dtype, "
-              f"{self.keep_arg(n + '_seq')})  # steps of one window")
+            o(f"{name}_seq = rt.empty(xp, {_seq_shape(f'min({self.ring[n]}, {T})', shape)}, "
+              f"dtype, {self.keep_arg(name + '_seq')})  # steps of one window")
             return
         keep = self.at_arg(n) if n in self.place_of else "keep=None"
         if n in self.channel_major and len(shape) == 3:
-            o(f"{n}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype, "
+            o(f"{name}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype, "
               f"{keep})")
-            o(f"{n}_seq = {n}_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a "
+            o(f"{name}_seq = {name}_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a "
               "weight gradient")
         else:
-            o(f"{n}_seq = rt.empty(xp, {_seq_shape(T, shape)}, dtype, {keep})")
+            o(f"{name}_seq = rt.empty(xp, {_seq_shape(T, shape)}, dtype, {keep})")
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
@@ -399,12 +408,12 @@ class Generator:
         first = sorted(low.params)[0] if low.params else None
         o(f"dtype = params[{first!r}].dtype" if first else "dtype = np.float32")
         for name in sorted(low.params):
-            o(f"{low.params[name].node} = params[{name!r}]")
+            o(f"{self.v(low.params[name].node)} = params[{name!r}]")
         for name, nid in low.inputs.items():
-            o(f"{nid} = rt.time_major({'inputs'}[{name!r}], dtype, xp)")
+            o(f"{self.v(nid)} = rt.time_major({'inputs'}[{name!r}], dtype, xp)")
         if with_targets:
             for name, nid in low.targets.items():
-                o(f"{nid} = rt.time_major(targets[{name!r}], dtype, xp)")
+                o(f"{self.v(nid)} = rt.time_major(targets[{name!r}], dtype, xp)")
         # time lengths per axis, batch size
         axes = {}
         for name in list(low.inputs) + (list(low.targets) if with_targets else []):
@@ -412,11 +421,11 @@ class Generator:
         nodes = dict(low.inputs, **(low.targets if with_targets else {}))
         for ax in sorted({s.axis for s in low.segments} | set(axes)):
             if ax in axes:
-                o(f"T_{ax} = {nodes[axes[ax]]}.shape[0]")
+                o(f"T_{ax} = {self.v(nodes[axes[ax]])}.shape[0]")
             else:
                 o(f"T_{ax} = int(steps[{ax!r}] if isinstance(steps, dict) else steps)")
         src = next(iter(nodes.values()))
-        o(f"N = {src}.shape[1]")
+        o(f"N = {self.v(src)}.shape[1]")
         # (every shape and time length was checked by rt.check_call, the first statement)
 
     # ------------------------------------------------------------ blocks
@@ -445,16 +454,17 @@ class Generator:
             o.loc_comment(node)
             args = [self.batched(i) for i in node.inputs]
             over = self.overwritable(n)
+            name = self.v(n)
             if over is not None:
-                o(f"{n} = {_into(node.op, args, node.attrs, args[over])}  # in place: "
-                  f"{node.inputs[over]} is not read again")
+                o(f"{name} = {_into(node.op, args, node.attrs, args[over])}  # in place: "
+                  f"{self.v(node.inputs[over])} is not read again")
             elif n in self.place_of:
                 shape = _seq_shape(self.batched_t(n), node.shape)
                 buf = f"rt.empty(xp, {shape}, dtype, {self.at_arg(n)})"
-                o(f"{n} = {_into(node.op, args, node.attrs, buf)}")
+                o(f"{name} = {_into(node.op, args, node.attrs, buf)}")
             else:
-                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
-            self.check(o, n, n, step=False, backward=node.grad)
+                o(f"{name} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, name, step=False, backward=node.grad)
 
     def overwritable(self, n: str) -> int | None:
         """An operand of a batched elementwise op that its result may overwrite, if any.
@@ -610,11 +620,11 @@ class Generator:
                 continue
             if b[0] in LOOP_KINDS:
                 if n in self.stored:
-                    names.append(f"{n}_seq")
+                    names.append(f"{self.v(n)}_seq")
                     if n in self.channel_major:
-                        names.append(f"{n}_buf")
+                        names.append(f"{self.v(n)}_buf")
             else:
-                names.append(n)
+                names.append(self.v(n))
         if names:
             o(f"del {', '.join(names)}  # not read again: let its memory go")
 
@@ -624,20 +634,31 @@ class Generator:
         if kind == "zeros":
             return "0.0"
         if kind == "learned":
-            return node.attrs["init_from"]
+            return self.v(node.attrs["init_from"])
         src = node.attrs["init_from"]  # an update node of an earlier loop
         return f"{self.buf(self.state_of_update[src])}[-1]"
 
     def loop_title(self, block: tuple, sources: list[str]) -> str:
+        """`loop1.0: fc1.c, fc1.h`; a backward loop has its forward loop's id and title."""
         kind, seg, k = block
-        several = sum(1 for b in self.s.blocks if b[0] == kind and b[1] == seg) > 1
+        states = self.loop_states(block, sources)
+        forward = [b for b in self.s.blocks if b[0] == "loop" and b[1] == seg]
+        several = len(forward) > 1
+        if several and kind == "bloop":  # the forward loop of the same states
+            k = next((f[2] for f in forward if self.loop_states(f) == states), k)
         name = f"{seg}.{k}" if several else seg
-        states = sorted({self.g.node(r).attrs.get("state") or
-                         self.g.node(self.g.node(r).attrs["read"]).attrs.get("state", r)
-                         for r in sources})
         cells = next(s.cells for s in self.low.segments if s.id == seg)
         what = ", ".join(states) if several else ", ".join(cells)
         return f"{name}: {what}"
+
+    def loop_states(self, block: tuple, sources: list[str] | None = None) -> list[str]:
+        """The states a loop block carries (of its state reads or carries)."""
+        g = self.g
+        if sources is None:
+            sources = [n for n in self.s.members.get(block, [])
+                       if g.node(n).op in ("state", "carry")]
+        return sorted({g.node(r).attrs.get("state") or
+                       g.node(g.node(r).attrs["read"]).attrs.get("state", r) for r in sources})
 
     def emit_loop(self, o: _Out, block: tuple, nodes: list[str], state_arg: bool) -> None:
         g = self.g
@@ -673,14 +694,15 @@ class Generator:
                 self.seq_alloc(o, n, T)
         roots = {n for n in plan.body if n in self.stored or n in self.state_of_update}
         zero = {r for r in reads if g.node(r).attrs["init"] == "zeros"}
-        general = plan.variant(set(), roots)
+        general = plan.variant(set(), roots, main=True)
         first = plan.variant(zero, roots) if zero else None
         plan.emit_buffers(o)
         for n in sorted(self.window_values):
             if self.window_values[n] == block and self.has_window_buffer(n):
                 rows = f"min({K}, {self.batched_t(n)})"
-                o(f"{n}_win = rt.empty(xp, {_seq_shape(rows, g.node(n).shape)}, dtype, "
-                  f"{self.keep_arg(n + '_win')})  # one window of steps")
+                win_buf = self.v(n) + "_win"
+                o(f"{win_buf} = rt.empty(xp, {_seq_shape(rows, g.node(n).shape)}, dtype, "
+                  f"{self.keep_arg(win_buf)})  # one window of steps")
         start, stop = "0", T
         if win:
             o()
@@ -699,7 +721,7 @@ class Generator:
             o("t = 0")
             for r in reads:
                 if r not in zero:
-                    o(f"{r} = {self.buf(r)}[{self.step_ix(r)}]")
+                    o(f"{self.v(r)} = {self.buf(r)}[{self.step_ix(r)}]")
             plan.emit(o, first)
             o(f"t0 = {start} + 1" if win else "t0 = 1")
             o.dedent()
@@ -709,7 +731,7 @@ class Generator:
         o.indent()
         o.last_loc = None
         for r in reads:
-            o(f"{r} = {self.buf(r)}[{self.step_ix(r)}]")
+            o(f"{self.v(r)} = {self.buf(r)}[{self.step_ix(r)}]")
         plan.emit(o, general)
         o.dedent()
         if not win:
@@ -744,14 +766,15 @@ class Generator:
             args = []
             for i in node.inputs:
                 if i in self.window_values or g.node(i).seg is None:
-                    args.append(i)
+                    args.append(self.v(i))
                 else:
                     args.append(f"{self.batched(i)}[start:stop]")
+            name = self.v(n)
             if self.has_window_buffer(n):
-                o(f"{n} = {_into(node.op, args, node.attrs, f'{n}_win[:stop - start]')}")
+                o(f"{name} = {_into(node.op, args, node.attrs, f'{name}_win[:stop - start]')}")
             else:
-                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
-            self.check(o, n, n, step=False, backward=False)
+                o(f"{name} = {OPS[node.op].code(args, node.attrs)}")
+            self.check(o, n, name, step=False, backward=False)
         o.last_loc = None
 
     def has_window_buffer(self, n: str) -> bool:
@@ -808,7 +831,7 @@ class Generator:
         for c in carries:
             term = g.node(c).attrs.get("terminal")
             if term:
-                o(f"{c} = {' + '.join(term)}")
+                o(f"{self.v(c)} = {' + '.join(map(self.v, term))}")
             else:
                 zero.add(c)
         never = {c for c in carries if c not in plan.read_ct_of_carry}
@@ -825,13 +848,14 @@ class Generator:
             # nothing that needs a gradient, only its final value by a later loop)
             for c in kept:
                 nothing = c in zero if last else c in never
+                c = self.v(c)
                 o(f"{c}_seq[t] = 0" if nothing else f"{c}_seq[t] = {c}")
         stored = {n for n in plan.body if n in self.stored}
         cts = set(plan.read_ct_of_carry.values())
         with_out = {ct for c, ct in plan.read_ct_of_carry.items()
                     if bw.carry_outs.get(g.node(c).attrs["read"]) in g}
         last = plan.variant(zero, stored | cts)
-        middle = plan.variant(never, stored | cts)
+        middle = plan.variant(never, stored | cts, main=True)
         first = plan.variant(never, stored | with_out)
         plan.emit_buffers(o)
         o(f"t = {T} - 1")
@@ -878,6 +902,7 @@ class Generator:
             # flows to (the encoder's, its terminal carry) runs later
             own = plan.fixed.get(ct, ("",))[0] == "carried" and \
                 first.status.get(ct) != ALIAS
+            co, ct = self.v(co), self.v(ct)
             o(f"{co} = {ct}" if own else f"{co} = {ct}.copy()")
             if g.node(read).attrs["init"] == "learned":
                 o("if state is not None:  # started from a given state: no gradient to it")
@@ -893,7 +918,8 @@ class Generator:
         """
         moved = [c for c in carries if c in plan.read_ct_of_carry]
         for c in moved:
-            o(f"{c} = {plan.read_ct_of_carry[c]}")
+            o(f"{self.v(c)} = {self.v(plan.read_ct_of_carry[c])}")
+        moved = [self.v(c) for c in moved]
         if moved and first:
             for c in moved:
                 o(f"{c}_zero = xp.zeros_like({c}) if bptt else None  # truncated BPTT's cut")
@@ -964,7 +990,7 @@ class Generator:
             self.emit_block(o, block, members, state_arg=True)
             self.release(o, k)
         o()
-        o(f"return float({' + '.join(low.losses)})")
+        o(f"return float({' + '.join(map(self.v, low.losses))})")
         o.dedent()
 
     def step_flops(self) -> int:
@@ -978,6 +1004,7 @@ class Generator:
         g = self.g
         self.stored = set(stored)
         self.work_count = 0
+        self.names.begin_function()
         self.channel_major = set()
         for n in self.stored:
             users = g.consumers(n)
@@ -1021,7 +1048,7 @@ class Generator:
                 elements = 1
                 for d in node.shape:
                     elements *= int(d)
-                values.append(dict(name=node.attrs["update"] if node.op == "state" else n,
+                values.append(dict(name=self.v(node.attrs["update"] if node.op == "state" else n),
                                    loop=node.seg, elements=elements, state=node.op == "state",
                                    window=n in ring, ring=n in self.ring))
         return dict(recompute=self.recompute, values=values,
@@ -1129,7 +1156,7 @@ class Generator:
             self.emit_block(o, block, self.s.members, state_arg=True)
             self.release(o, k)
         o()
-        losses = " + ".join(low.losses)
+        losses = " + ".join(map(self.v, low.losses))
         o(f"loss = float({losses})")
         if self.debug_nans:
             o("rt.check_finite(loss, 'loss', " + repr(f"{low.file}") + ", None, 'forward')")
@@ -1137,9 +1164,9 @@ class Generator:
         for name in sorted(low.params):
             gid = self.bw.grads.get(name)
             if gid is None:
-                grads.append(f"{name!r}: xp.zeros_like({low.params[name].node})")
+                grads.append(f"{name!r}: xp.zeros_like({self.v(low.params[name].node)})")
             else:
-                grads.append(f"{name!r}: {gid}")
+                grads.append(f"{name!r}: {self.v(gid)}")
         o("grads = {")
         for gline in grads:
             o(f"    {gline},")
@@ -1163,6 +1190,10 @@ _BLOCK_TITLES = {
 }
 
 
+_WORK = "\x00"  # brackets a work buffer's placeholder until the buffer has its name
+_PLACEHOLDER = re.compile(f"{_WORK}\\d+{_WORK}")
+
+
 class _LoopPlan:
     """The memory plan of one loop block, and the emission of its body's variants.
 
@@ -1180,7 +1211,9 @@ class _LoopPlan:
         self.sources = [n for n in nodes if g.node(n).op in ("state", "carry")]
         self.source_set = set(self.sources)
         self.pos = {n: i for i, n in enumerate(self.body)}
-        self.buffers: list[tuple[str, tuple]] = []
+        self.buffers: list[tuple[str, tuple]] = []  # (placeholder, shape): see emit_buffers
+        self.held: dict[str, list[str]] = {}  # placeholder -> the values it holds, in order
+        self.buffer_names: dict[str, str] = {}  # placeholder -> its name
         self.fixed: dict[str, tuple[str, str]] = {}  # node -> (kind, destination)
         self.fresh: set[str] = set()  # allocated anew every step
         self.read_ct_of_carry: dict[str, str] = {}
@@ -1195,14 +1228,14 @@ class _LoopPlan:
                 read = gen.state_of_update[n]
                 self.fixed[n] = ("update", f"{gen.buf(read)}[{gen.step_ix(read, 1)}]")
             elif n in gen.stored:
-                self.fixed[n] = ("stored", f"{n}_seq[{gen.step_ix(n)}]")
+                self.fixed[n] = ("stored", f"{gen.v(n)}_seq[{gen.step_ix(n)}]")
         for c, ct in self.read_ct_of_carry.items():
             if ct in self.fixed:
                 continue  # a (T, ...) slot is not overwritten by the next step
             uses = [self.pos[u] for u in g.consumers(c) if u in self.pos]
             if _writes_into(g.node(ct).op) and not _view(g.node(ct).op) and \
                     (not uses or max(uses) < self.pos[ct]):
-                self.fixed[ct] = ("carried", f"{ct}_buf")
+                self.fixed[ct] = ("carried", f"{gen.v(ct)}_buf")
             else:
                 # the carry is read after its new value is made, or it is a view: a
                 # fresh array every step keeps the previous step's value intact
@@ -1233,9 +1266,11 @@ class _LoopPlan:
         self.parents = {v[0] for v in self.part_of.values()}
 
     # ------------------------------------------------------------ folding
-    def variant(self, zero_sources: set[str], roots: set[str]) -> Variant:
-        """The body peeled for `zero_sources` (peel.py), with its destinations."""
+    def variant(self, zero_sources: set[str], roots: set[str], main: bool = False) -> Variant:
+        """The body peeled for `zero_sources` (peel.py), with its destinations; `main`:
+        the body of the loop's general steps (its work buffers are named for it)."""
         v = peel(self.g, self.body, zero_sources, roots)
+        v.main = main
         v.dest, v.retargeted = self._assign(v)
         return v
 
@@ -1325,11 +1360,12 @@ class _LoopPlan:
                     free = [b for b, s in self.buffers if s == shape and b not in owner]
                     if free:
                         chosen = free[0]
-                    else:
-                        chosen = f"w{self.gen.work_count}"
+                    else:  # named when all variants are planned (emit_buffers)
+                        chosen = f"{_WORK}{self.gen.work_count}{_WORK}"
                         self.gen.work_count += 1
                         self.buffers.append((chosen, shape))
                 owner[chosen] = n
+                self.held.setdefault(chosen, []).append((v.main, n))
                 where[n] = chosen
             for b, val in list(owner.items()):
                 if last.get(val, start.get(val, p)) <= p:
@@ -1352,7 +1388,7 @@ class _LoopPlan:
     def drop_step_names(self, o: _Out) -> None:
         """After the loop: let go of the last step's names, or the views they hold would
         keep the (T, ...) buffers alive after the code that frees them."""
-        names = sorted(set(self.body) | set(self.sources))
+        names = sorted(self.gen.v(n) for n in set(self.body) | set(self.sources))
         line: list[str] = []
         for n in names + [None]:
             if n is not None and len(" = ".join(line + [n])) < 80:
@@ -1364,13 +1400,25 @@ class _LoopPlan:
 
     def emit_buffers(self, o: _Out) -> None:
         """Allocate the work buffers every variant planned, once, before the loop."""
-        keep = self.gen.keep_arg
+        gen = self.gen
+        keep = gen.keep_arg
         for ct in sorted(n for n, (k, _) in self.fixed.items() if k == "carried"):
-            o(f"{ct}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype, "
-              f"{keep(ct)})  # carried to the previous step")
-        for name, shape in self.buffers:
+            o(f"{gen.v(ct)}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype, "
+              f"{keep(gen.v(ct))})  # carried to the previous step")
+        for key, shape in self.buffers:
+            # named after what it holds in the loop's main body, then in its peeled steps
+            ids = [n for main, n in self.held[key] if main] + \
+                [n for main, n in self.held[key] if not main]
+            held = list(dict.fromkeys(gen.v(n) for n in ids))
+            name = gen.names.work_buffer(ids)
+            self.buffer_names[key] = name
+            what = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             o(f"{name} = rt.empty(xp, {_step_shape(shape)}, dtype, {keep(name)})  "
-              "# work buffer of one step")
+              f"# work buffer of one step: {what}")
+
+    def named(self, dest: str) -> str:
+        """A destination with its work buffer's placeholder replaced by the buffer's name."""
+        return _PLACEHOLDER.sub(lambda m: self.buffer_names[m.group()], dest)
 
     # ------------------------------------------------------------ emission
     def emit(self, o: _Out, v: Variant) -> None:
@@ -1382,19 +1430,20 @@ class _LoopPlan:
             if n in v.live and v.status[n] == COMPUTE:
                 needed_zero.update(i for i in v.args[n]
                                    if v.status.get(i) == ZERO or i in v.zero_sources)
+        dest = {n: self.named(d) for n, d in dest.items()}
         for z in sorted(needed_zero & v.zero_sources):
             node = g.node(z)
             if node.op == "state":
-                o(f"{z} = {gen.buf(z)}[{gen.step_ix(z)}]")
+                o(f"{gen.v(z)} = {gen.buf(z)}[{gen.step_ix(z)}]")
             else:
-                o(f"{z} = xp.zeros({_step_shape(node.shape)}, dtype)")
+                o(f"{gen.v(z)} = xp.zeros({_step_shape(node.shape)}, dtype)")
 
         def ex(x):
             x = self.resolve(v, x)
             if x in expr:
                 return expr[x]
             if x in self.pos or x in self.source_set:
-                return x
+                return gen.v(x)
             return gen.at_step(x, self.block)
 
         for n in self.body:
@@ -1402,6 +1451,7 @@ class _LoopPlan:
                 continue
             node = g.node(n)
             st = v.status[n]
+            name = gen.v(n)
             o.loc_comment(node)
             d = dest.get(n) if (n in self.fixed or n in self.part_of) else None
             if st == ZERO:
@@ -1410,11 +1460,11 @@ class _LoopPlan:
                     o(f"{d} = 0.0" if d.endswith("]") else f"{d}[...] = 0.0")
                     expr[n] = d
                     if carried:
-                        o(f"{n} = {d}")
-                        expr[n] = n
+                        o(f"{name} = {d}")
+                        expr[n] = name
                 elif n in needed_zero or carried:
-                    o(f"{n} = xp.zeros({_step_shape(node.shape)}, dtype)")
-                    expr[n] = n
+                    o(f"{name} = xp.zeros({_step_shape(node.shape)}, dtype)")
+                    expr[n] = name
                 continue
             if st == ALIAS:
                 e = ex(v.alias[n])
@@ -1433,23 +1483,23 @@ class _LoopPlan:
                     o(f"xp.copyto({d}, {e})")
                     e = d
                 if carried:
-                    o(f"{n} = {e}")
-                    e = n
+                    o(f"{name} = {e}")
+                    e = name
                 expr[n] = e
                 continue
             args = [ex(i) for i in v.args[n]]
             if n in self.parents and n in dest and n not in v.fresh and \
                     all(p in self.part_of for p in node.inputs):
-                o(f"{n} = {dest[n]}  # its parts were written into it above")
+                o(f"{name} = {dest[n]}  # its parts were written into it above")
             elif n in dest and n not in v.fresh and not _view(node.op) and \
                     _writes_into(node.op):
-                o(f"{n} = {_into(node.op, args, node.attrs, dest[n])}")
+                o(f"{name} = {_into(node.op, args, node.attrs, dest[n])}")
             else:
-                o(f"{n} = {OPS[node.op].code(args, node.attrs)}")
+                o(f"{name} = {OPS[node.op].code(args, node.attrs)}")
                 if n in self.fixed and self.fixed[n][0] in ("update", "stored"):
-                    o(f"{self.fixed[n][1]} = {n}")
-            expr[n] = n
-            gen.check(o, n, n, step=True, backward=self.backward)
+                    o(f"{self.fixed[n][1]} = {name}")
+            expr[n] = name
+            gen.check(o, n, name, step=True, backward=self.backward)
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
