@@ -1,7 +1,8 @@
 """Emit a readable, standalone Python module from a scheduled graph.
 
-One statement per node, named after the spec (`h_enc`, `dh_enc`), with a
-comment quoting the `.cell` line each group of statements comes from. The
+One statement per node, named by compiler/naming.py's fixed patterns (`h_enc`,
+`dh_enc`, `add_z_o_enc`, `work_f_enc`), with a comment quoting the `.cell` line
+each group of statements comes from. The
 module imports only NumPy and `convc.runtime`; the array module and the
 convolution come from the backend passed in, so the same code runs on NumPy
 and CuPy.
