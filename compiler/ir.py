@@ -32,6 +32,49 @@ from convc.spec.diagnostics import NOWHERE, Loc
 Shape = tuple  # tuple[int | None, ...]
 
 
+# ---------------------------------------------------------------- segment keys
+# A node's `seg` is a string of one of two forms: "@<name>", the sequence of the
+# input or target <name> (read on its own time axis), or "loop<k>", the k-th time
+# loop lowering made. These functions are the one place that spells the forms out.
+DATA_SEG_PREFIX = "@"
+LOOP_SEG_PREFIX = "loop"
+
+
+def data_seg(name: str) -> str:
+    """The segment key of the data sequence (input or target) `name`."""
+    return DATA_SEG_PREFIX + name
+
+
+def loop_seg(index: int) -> str:
+    """The segment key of the time loop numbered `index`."""
+    return f"{LOOP_SEG_PREFIX}{index}"
+
+
+def is_data_seg(seg: str | None) -> bool:
+    """Whether `seg` is a data sequence's key ("@x"); False for a loop's and for None."""
+    return seg is not None and seg.startswith(DATA_SEG_PREFIX)
+
+
+def data_name(seg: str) -> str:
+    """The input's or target's name of a data sequence's key: "@x" -> "x"."""
+    if not is_data_seg(seg):
+        raise ValueError(f"{seg!r} is not a data sequence's segment key")
+    return seg[len(DATA_SEG_PREFIX):]
+
+
+def loop_index(seg: str) -> int:
+    """The number of a time loop's key: "loop3" -> 3."""
+    if seg is None or not seg.startswith(LOOP_SEG_PREFIX):
+        raise ValueError(f"{seg!r} is not a time loop's segment key")
+    return int(seg[len(LOOP_SEG_PREFIX):])
+
+
+def seg_order(seg: str) -> tuple:
+    """A sort key of segment keys: data sequences ("@x", by name) before loops ("loop0",
+    "loop1", ..., by number)."""
+    return (0, seg) if is_data_seg(seg) else (1, loop_index(seg))
+
+
 @dataclass
 class Node:
     id: str

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import networkx as nx
 
 from .autodiff import Backward
-from .ir import Graph
+from .ir import Graph, is_data_seg, seg_order
 from .lower import Lowered
 
 LOOP_KINDS = ("loop", "bloop")
@@ -129,83 +129,133 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
              ) -> Schedule:
     """Place every node in a block. The loop-aware rewrites (passes.loop_rewrites) must
     have run on the differentiated graph (the driver runs them: a stage of its own);
-    `rewrites` is what they changed, kept in the Schedule for reports."""
+    `rewrites` is what they changed, kept in the Schedule for reports.
+
+    The steps: each segment's forward and backward nodes into its loops and batched
+    stages; the order of the blocks; every other node after what it reads; then two
+    moves that shorten the life of (T, ...) values, a soundness check, and the values
+    that need a (T, ...) buffer."""
     g = low.graph
     rewrites = dict(rewrites or {})
     segs = [s.id for s in sorted(low.segments, key=lambda s: s.index)]
 
     if bw is not None:
         _backward_segments(g, bw)
+    block_of: dict[str, tuple] = {}
     fwd_groups: dict[str, list] = {}
     bwd_groups: dict[str, list] = {}
-    block_of: dict[str, tuple] = {}
     for s in segs:
-        fwd = {n for n in g.g.nodes if g.node(n).seg == s and not g.node(n).grad}
-        reads = {n for n in fwd if g.node(n).op == "state"}
-        updates = {g.node(r).attrs["update"] for r in reads}
-        pre, loop, post = _stages(g, fwd, reads, updates)
-        for n in pre:
-            block_of[n] = ("pre", s, 0)
-        for n in post:
-            block_of[n] = ("post", s, 0)
-        groups = recurrences(g, loop, [(g.node(r).attrs["update"], r) for r in reads])
-        fwd_groups[s] = _place(groups, s, "loop", "mid", block_of)
+        fwd_groups[s] = _place_forward_segment(g, s, block_of)
         if bw is not None:
-            bnodes = {n for n in g.g.nodes if g.node(n).seg == s and g.node(n).grad}
-            carries = {c for r, c in bw.carries.items() if g.node(r).seg == s}
-            cts = {bw.read_cts[r] for r in bw.read_cts if g.node(r).seg == s}
-            bpre, bloop, bpost = _stages(g, bnodes, carries, cts & bnodes)
-            for n in bpre:
-                block_of[n] = ("bpre", s, 0)
-            for n in bpost:
-                block_of[n] = ("bpost", s, 0)
-            links = [(bw.read_cts[r], c) for r, c in bw.carries.items()
-                     if r in bw.read_cts and g.node(r).seg == s]
-            groups = recurrences(g, bloop, links)
-            bwd_groups[s] = _place(groups, s, "bloop", "bmid", block_of)
+            bwd_groups[s] = _place_backward_segment(g, bw, s, block_of)
+    fwd_blocks, bwd_blocks = _block_sequence(segs, fwd_groups, bwd_groups, bw is not None)
+    blocks = fwd_blocks + bwd_blocks
+    index = {b: i for i, b in enumerate(blocks)}
 
+    order = g.order()
+    _place_outside_loops(g, order, block_of, index)
+    _backward_reductions_early(g, order, block_of, index)
+    _forward_values_late(g, order, block_of, index)
+    members: dict[tuple, list[str]] = {b: [] for b in blocks}
+    for n in order:
+        members[block_of[n]].append(n)
+    _check_sound(g, order, block_of, index)
+    stored = through_views(g, _stored(g, order, block_of), block_of)
+    return Schedule(blocks, members, block_of, stored, fwd_blocks, bwd_blocks, rewrites)
+
+
+def _place_forward_segment(g: Graph, seg: str, block_of: dict) -> list[tuple]:
+    """A segment's forward nodes: on a recurrence (state read to state update) they run
+    in a loop, one per recurrence; the rest before the loops (pre) or after them (post).
+    Fills `block_of`; returns the loop and in-between blocks in order."""
+    fwd = {n for n in g.g.nodes if g.node(n).seg == seg and not g.node(n).grad}
+    reads = {n for n in fwd if g.node(n).op == "state"}
+    updates = {g.node(r).attrs["update"] for r in reads}
+    pre, loop, post = _stages(g, fwd, reads, updates)
+    for n in pre:
+        block_of[n] = ("pre", seg, 0)
+    for n in post:
+        block_of[n] = ("post", seg, 0)
+    groups = recurrences(g, loop, [(g.node(r).attrs["update"], r) for r in reads])
+    return _place(groups, seg, "loop", "mid", block_of)
+
+
+def _place_backward_segment(g: Graph, bw: Backward, seg: str, block_of: dict) -> list[tuple]:
+    """A segment's backward nodes, as the forward ones: the recurrence runs from the carries
+    to the state reads' cotangents (bloop), the rest in bpre and bpost. Fills `block_of`;
+    returns the backward loop and in-between blocks in order."""
+    bnodes = {n for n in g.g.nodes if g.node(n).seg == seg and g.node(n).grad}
+    carries = {c for r, c in bw.carries.items() if g.node(r).seg == seg}
+    cts = {bw.read_cts[r] for r in bw.read_cts if g.node(r).seg == seg}
+    bpre, bloop, bpost = _stages(g, bnodes, carries, cts & bnodes)
+    for n in bpre:
+        block_of[n] = ("bpre", seg, 0)
+    for n in bpost:
+        block_of[n] = ("bpost", seg, 0)
+    links = [(bw.read_cts[r], c) for r, c in bw.carries.items()
+             if r in bw.read_cts and g.node(r).seg == seg]
+    groups = recurrences(g, bloop, links)
+    return _place(groups, seg, "bloop", "bmid", block_of)
+
+
+def _block_sequence(segs: list[str], fwd_groups: dict, bwd_groups: dict, backward: bool
+                    ) -> tuple[list[tuple], list[tuple]]:
+    """The order blocks run in: static values, data sequences, each segment's forward
+    stages in segment order, the tail; then (with a backward pass) each segment's
+    backward stages in reverse segment order and the backward tail."""
     fwd_blocks = [("static", None, 0), ("data", None, 0)]
     for s in segs:
         fwd_blocks += [("pre", s, 0)] + fwd_groups[s] + [("post", s, 0)]
     fwd_blocks.append(("tail", None, 0))
     bwd_blocks = []
-    if bw is not None:
+    if backward:
         for s in reversed(segs):
             bwd_blocks += [("bpre", s, 0)] + bwd_groups[s] + [("bpost", s, 0)]
         bwd_blocks.append(("btail", None, 0))
-    blocks = fwd_blocks + bwd_blocks
-    index = {b: i for i, b in enumerate(blocks)}
+    return fwd_blocks, bwd_blocks
 
-    order = g.order()
+
+def _place_outside_loops(g: Graph, order: list[str], block_of: dict, index: dict) -> None:
+    """Every node no segment placed: a data sequence's in the data block, a static value
+    or reduction right after the last block it reads from (see _after_inputs)."""
     for n in order:
         node = g.node(n)
         if n in block_of:
             continue
-        if node.seg is not None and node.seg.startswith("@"):
+        if is_data_seg(node.seg):
             block_of[n] = ("data", None, 0)
             continue
-        # static values and reductions: right after the last block they read from
         ins = [block_of[i] for i in node.inputs if i in block_of]
         if not ins:
             block_of[n] = ("static", None, 0) if not node.grad else ("btail", None, 0)
             continue
-        last = max(ins, key=lambda b: index[b])
-        kind, s, _ = last
-        if kind in ("loop", "mid"):
-            last = ("post", s, 0)
-        elif kind in ("bloop", "bmid"):
-            # a reduction over a backward loop's steps (a weight gradient) runs right after
-            # that loop, so the loop's (T, ...) cotangents can go before the next one runs
-            last = ("bmid", s, last[2])
-        elif kind in ("static", "data") and node.grad:
-            last = ("btail", None, 0)
-        elif kind in ("static", "data"):
-            last = ("tail", None, 0) if any(index[b] > 1 for b in ins) else last
-        block_of[n] = last
+        block_of[n] = _after_inputs(node.grad, ins, index)
 
-    # what runs after a segment's backward loops but reads only the first few of them (a
-    # peephole's or a bias's gradient, summed over the steps of one layer) runs right after
-    # the last loop it reads, so the (T, ...) cotangents it reads go early
+
+def _after_inputs(grad: bool, ins: list[tuple], index: dict) -> tuple:
+    """The block for a value outside the loops that reads from the blocks `ins`: the
+    last of them, moved out of a loop to the batched stage after it, and into a tail
+    when it reads only static values and data sequences."""
+    last = max(ins, key=lambda b: index[b])
+    kind, s, _ = last
+    if kind in ("loop", "mid"):
+        return ("post", s, 0)
+    if kind in ("bloop", "bmid"):
+        # a reduction over a backward loop's steps (a weight gradient) runs right after
+        # that loop, so the loop's (T, ...) cotangents can go before the next one runs
+        return ("bmid", s, last[2])
+    if kind in ("static", "data") and grad:
+        return ("btail", None, 0)
+    if kind in ("static", "data"):
+        return ("tail", None, 0) if any(index[b] > 1 for b in ins) else last
+    return last
+
+
+def _backward_reductions_early(g: Graph, order: list[str], block_of: dict, index: dict
+                               ) -> None:
+    """What runs after a segment's backward loops but reads only the first few of them (a
+    peephole's or a bias's gradient, summed over the steps of one layer) runs right after
+    the last loop it reads, so the (T, ...) cotangents it reads go early."""
     for n in order:
         b = block_of[n]
         if b[0] != "bpost":
@@ -214,8 +264,11 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
         if last[0] in ("bloop", "bmid") and last[1] == b[1]:
             block_of[n] = ("bmid", last[1], last[2])
 
-    # a forward value only the backward pass reads (the concat(x, h[t-1]) a weight gradient
-    # needs) is made where it is first needed, so it does not live through the loops
+
+def _forward_values_late(g: Graph, order: list[str], block_of: dict, index: dict) -> None:
+    """A forward value only the backward pass reads (the concat(x, h[t-1]) a weight
+    gradient needs) is made where it is first needed, in a batched backward stage, so it
+    does not live through the loops."""
     batched = ("bpre", "bmid", "bpost", "btail")
     for n in reversed(order):
         node = g.node(n)
@@ -230,17 +283,19 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
         if first[0] in batched:
             block_of[n] = first
 
-    members: dict[tuple, list[str]] = {b: [] for b in blocks}
-    for n in order:
-        members[block_of[n]].append(n)
 
-    # a value must not be read before its block: check the schedule is sound
+def _check_sound(g: Graph, order: list[str], block_of: dict, index: dict) -> None:
+    """A value must not be read before its block: raises AssertionError if one is."""
     for n in order:
         for i in g.node(n).inputs:
             if index[block_of[i]] > index[block_of[n]]:
                 raise AssertionError(f"schedule: {n} in {block_of[n]} reads {i} from the later "
                                      f"block {block_of[i]}")
 
+
+def _stored(g: Graph, order: list[str], block_of: dict) -> set[str]:
+    """The loop values that need a (T, ...) buffer: those read outside their block (but
+    for carry_out), less state reads and updates, which have their state's buffer."""
     stored = set()
     for n in order:
         b = block_of[n]
@@ -256,8 +311,7 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
             if block_of[user] != b and g.node(user).op != "carry_out":
                 stored.add(n)
                 break
-    return Schedule(blocks, members, block_of, through_views(g, stored, block_of), fwd_blocks,
-                    bwd_blocks, rewrites)
+    return stored
 
 
 def through_views(g: Graph, stored: set[str], block_of: dict) -> set[str]:
@@ -305,7 +359,7 @@ def _backward_segments(g: Graph, bw: Backward) -> None:
         anc = nx.ancestors(view, ct) | {ct}
         for n in dep & anc:
             node = g.node(n)
-            if node.grad and node.seg is not None and not node.seg.startswith("@"):
+            if node.grad and node.seg is not None and not is_data_seg(node.seg):
                 node.seg = seg
                 fixed.add(n)
     # what follows from them: the latest segment of the operands, as autodiff has it
@@ -317,12 +371,7 @@ def _backward_segments(g: Graph, bw: Backward) -> None:
                                              not node.attrs.get("batched")):
             continue
         segs = [g.node(i).seg for i in node.inputs if g.node(i).seg is not None]
-        node.seg = max(segs, key=_seg_key) if segs else None
-
-
-def _seg_key(seg: str):
-    # data sequences ("@x") come before loops ("loop0", "loop1", ...)
-    return (0, seg) if seg.startswith("@") else (1, int(seg[4:]))
+        node.seg = max(segs, key=seg_order) if segs else None
 
 
 def _place(groups, seg: str, loop_kind: str, mid_kind: str, block_of: dict) -> list[tuple]:
