@@ -25,7 +25,7 @@ import inspect
 
 import numpy as np
 
-from .ir import Graph, Node
+from .ir import Graph, Node, data_name, is_data_seg, loop_index
 from .ops import OPS
 
 _REF_KEYWORDS: dict[str, frozenset | None] = {}
@@ -115,8 +115,35 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
     nodes = {n: g.node(n) for n in g.order()}  # looked up once: a check runs this often
     order = [n for n in nodes if not nodes[n].grad]
     data = dict(inputs, **targets)
+    T = _axis_lengths(lowered, data, steps)
+    n_batch = np.asarray(next(iter(data.values()))).shape[0]
+    # 1. static values: parameters, constants, reshaped biases
+    static = _static_values(lowered, nodes, order, params)
+    # 2. data sequences, then 3. each loop, step by step
+    seq: dict[str, list] = {}  # per-step values, one array (N, ...) per step
+    for seg in _time_groups(lowered, nodes, order):
+        if is_data_seg(seg) and data_name(seg) not in data:
+            continue  # a target that was not given: nothing reads it but the losses
+        members = [n for n in order if nodes[n].seg == seg]
+        n_steps = _step_count(lowered, nodes, seg, members, T, seq)
+        plan = _step_plan(lowered, nodes, members, data)
+        _run_steps(g, plan, n_steps, seq, static, state, hold, n_batch)
+    # 4. what reads whole sequences: the losses
+    whole: dict[str, np.ndarray] = {}
+    loss = _whole_sequence_values(lowered, nodes, order, static, seq, whole, bool(targets))
+    outputs = {name: np.swapaxes(_stacked(nid, static, seq, whole), 0, 1)
+               for name, nid in lowered.outputs.items()}
+    finals = {}
+    for s in lowered.segments:
+        for r in s.states:
+            node = nodes[r]
+            finals[node.attrs["state"]] = seq[node.attrs["update"]][-1]
+    return outputs, finals, loss
 
-    # the length of every time axis
+
+def _axis_lengths(lowered, data: dict, steps: dict | int | None) -> dict[str, int]:
+    """The length of every time axis: a given sequence's length (N, T, ...), else what
+    `steps` says (an int for every axis, or {axis: int}); no length is a ValueError."""
     T: dict[str, int] = {}
     for name, arr in data.items():
         T.setdefault(lowered.axis_of[name], np.asarray(arr).shape[1])
@@ -125,26 +152,18 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
             if steps is None:
                 raise ValueError(f"axis {seg.axis!r} has no sequence: give steps=")
             T[seg.axis] = int(steps[seg.axis] if isinstance(steps, dict) else steps)
-    n_batch = np.asarray(next(iter(data.values()))).shape[0]
-    seg_axis = {s.id: s.axis for s in lowered.segments}
-    seg_index = {s.id: s.index for s in lowered.segments}
+    return T
 
-    def axis_of_seg(seg: str) -> str:
-        return lowered.axis_of[seg[1:]] if seg.startswith("@") else seg_axis[seg]
 
-    static: dict[str, np.ndarray] = {}  # values without time
-    seq: dict[str, list] = {}  # per-step values, one array (N, ...) per step
+def _static_values(lowered, nodes: dict, order: list[str], params: dict) -> dict:
+    """The values computed once, without time: the parameters, and what reads neither a
+    time context nor a time-dependent operand (constants, reshaped biases)."""
     param_nodes = {p.node: name for name, p in lowered.params.items()}
-    data_nodes = {nid: name for name, nid in list(lowered.inputs.items())
-                  + list(lowered.targets.items())}
-
-    # values with no time context nor time-dependent operands are computed once
+    static: dict[str, np.ndarray] = {}
     timed: dict[str, bool] = {}
     for nid in order:
         node = nodes[nid]
         timed[nid] = node.seg is not None or any(timed[i] for i in node.inputs)
-
-    # 1. static values: parameters, constants, reshaped biases
     for nid in order:
         node = nodes[nid]
         if timed[nid]:
@@ -153,76 +172,96 @@ def run_forward(lowered, params: dict, inputs: dict, targets: dict | None = None
             static[nid] = np.asarray(params[param_nodes[nid]])
         else:
             static[nid] = apply_op(node, [static[i] for i in node.inputs])
+    return static
 
-    def value_at(nid: str, t: int):
-        return static[nid] if nid in static else seq[nid][t]
 
-    # 2. data sequences, then 3. each loop, step by step. A loop left without states
-    # (its recurrence was dead code) is no longer a segment: it runs as long as what
-    # it reads.
+def _time_groups(lowered, nodes: dict, order: list[str]) -> list[str]:
+    """The time contexts in the order they run: data sequences, then the loops in segment
+    order. A loop left without states (its recurrence was dead code) is no longer a
+    segment: it keeps its key's number and runs as long as what it reads."""
+    seg_index = {s.id: s.index for s in lowered.segments}
+
     def group_key(seg: str):
-        if seg.startswith("@"):
+        if is_data_seg(seg):
             return (0, seg)
-        return (1, seg_index.get(seg, int(seg.removeprefix("loop"))))
+        return (1, seg_index.get(seg, loop_index(seg)))
 
-    groups = sorted({nodes[n].seg for n in order if nodes[n].seg is not None}, key=group_key)
-    for seg in groups:
-        if seg.startswith("@") and seg[1:] not in data:
-            continue  # a target that was not given: nothing reads it but the losses
-        members = [n for n in order if nodes[n].seg == seg]
-        if seg.startswith("@") or seg in seg_axis:
-            n_steps = T[axis_of_seg(seg)]
+    return sorted({nodes[n].seg for n in order if nodes[n].seg is not None}, key=group_key)
+
+
+def _step_count(lowered, nodes: dict, seg: str, members: list[str], T: dict, seq: dict
+                ) -> int:
+    """How many steps a time context runs: its axis's length, or for a loop that is no
+    longer a segment, the length of a sequence it reads."""
+    if is_data_seg(seg):
+        return T[lowered.axis_of[data_name(seg)]]
+    seg_axis = {s.id: s.axis for s in lowered.segments}
+    if seg in seg_axis:
+        return T[seg_axis[seg]]
+    return next(len(seq[i]) for n in members for i in nodes[n].inputs if i in seq)
+
+
+def _step_plan(lowered, nodes: dict, members: list[str], data: dict) -> list[tuple]:
+    """How each member of a time context gets its value at a step, looked up once, not at
+    every step: (id, "input", sequence, None), (id, "state", node, None) or
+    (id, "op", (function, keywords), operand ids)."""
+    data_nodes = {nid: name for name, nid in list(lowered.inputs.items())
+                  + list(lowered.targets.items())}
+    plan = []
+    for nid in members:
+        node = nodes[nid]
+        if node.op == "input":
+            plan.append((nid, "input", np.asarray(data[data_nodes[nid]]), None))
+        elif node.op == "state":
+            plan.append((nid, "state", node, None))
         else:
-            n_steps = next(len(seq[i]) for n in members for i in nodes[n].inputs if i in seq)
-        # Each member's evaluation looked up once, not at every step.
-        plan = []
-        for nid in members:
-            seq[nid] = []
-            node = nodes[nid]
-            if node.op == "input":
-                plan.append((nid, "input", np.asarray(data[data_nodes[nid]]), None))
-            elif node.op == "state":
-                plan.append((nid, "state", node, None))
+            plan.append((nid, "op", _reference(node), node.inputs))
+    return plan
+
+
+def _run_steps(g: Graph, plan: list[tuple], n_steps: int, seq: dict, static: dict,
+               state: dict | None, hold, n_batch: int) -> None:
+    """One time context's steps in order, every member at each step (a state read through
+    `hold`); appends each member's value at each step to `seq`."""
+    for nid, _, _, _ in plan:
+        seq[nid] = []
+    for t in range(n_steps):
+        for nid, kind, what, operands in plan:
+            if kind == "input":
+                v = what[:, t]
+            elif kind == "state":
+                v = _state_value(g, what, t, seq, static, state, n_batch)
+                if hold is not None:
+                    v = hold(nid, t, v)
             else:
-                plan.append((nid, "op", _reference(node), node.inputs))
-        for t in range(n_steps):
-            for nid, kind, what, operands in plan:
-                if kind == "input":
-                    v = what[:, t]
-                elif kind == "state":
-                    v = _state_value(g, what, t, seq, static, state, n_batch)
-                    if hold is not None:
-                        v = hold(nid, t, v)
-                else:
-                    fn, kw = what
-                    v = np.asarray(fn(*[value_at(i, t) for i in operands], **kw))
-                seq[nid].append(v)
+                fn, kw = what
+                v = np.asarray(fn(*[static[i] if i in static else seq[i][t] for i in operands],
+                                  **kw))
+            seq[nid].append(v)
 
-    # 4. what reads whole sequences: the losses
-    whole: dict[str, np.ndarray] = {}
 
-    def stacked(nid: str):
-        if nid in static:
-            return static[nid]
-        if nid not in whole:
-            whole[nid] = np.stack(seq[nid])  # (T, N, ...), as the generated code has it
-        return whole[nid]
+def _stacked(nid: str, static: dict, seq: dict, whole: dict):
+    """A value over all steps, (T, N, ...) as the generated code has it (stacked once,
+    kept in `whole`), or a static value as it is."""
+    if nid in static:
+        return static[nid]
+    if nid not in whole:
+        whole[nid] = np.stack(seq[nid])
+    return whole[nid]
 
-    loss = None
+
+def _whole_sequence_values(lowered, nodes: dict, order: list[str], static: dict, seq: dict,
+                           whole: dict, with_targets: bool) -> float | None:
+    """The values without time that read whole sequences (the losses), into `static`;
+    returns the summed loss, None without targets or losses."""
     for nid in order:
         node = nodes[nid]
         if node.seg is None and nid not in static and all(
                 i in static or i in seq for i in node.inputs):
-            static[nid] = apply_op(node, [stacked(i) for i in node.inputs])
-    if targets and lowered.losses:
-        loss = float(sum(float(static[n]) for n in lowered.losses))
-    outputs = {name: np.swapaxes(stacked(nid), 0, 1) for name, nid in lowered.outputs.items()}
-    finals = {}
-    for s in lowered.segments:
-        for r in s.states:
-            node = nodes[r]
-            finals[node.attrs["state"]] = seq[node.attrs["update"]][-1]
-    return outputs, finals, loss
+            static[nid] = apply_op(node, [_stacked(i, static, seq, whole) for i in node.inputs])
+    if with_targets and lowered.losses:
+        return float(sum(float(static[n]) for n in lowered.losses))
+    return None
 
 
 def _state_value(g: Graph, node: Node, t: int, seq: dict, static: dict, state: dict | None,
