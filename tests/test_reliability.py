@@ -22,6 +22,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -337,8 +338,11 @@ def test_debug_nans_names_the_node_the_cell_line_and_the_time_step(capsys, tmp_p
                        "--debug-nans")
     assert code == 1
     line = _line_of(GROW, "* 1e10")
-    assert f"grow.cell:{line}: non-finite value in scale at time step 4 during the forward " \
-           f"pass" in err, err
+    found = re.search(rf"grow.cell:{line}: non-finite value in (\w+) at time step 4 during "
+                      r"the forward pass", err)
+    assert found, err
+    # the value is named as the generated code names it
+    assert f"{found.group(1)} = " in (out / "model.py").read_text(), found.group(1)
     assert "training stopped at step 1" in err and "Traceback" not in err
     # The last good state (the initial parameters) is kept and loads.
     assert "ckpt-00000000.npz" in err
