@@ -43,6 +43,7 @@ from convc.errors import CheckpointError, ConvcError, DataError
 from convc.runtime import data as D
 from convc.runtime.backend import DEVICES, backend_names
 from convc.runtime import metrics
+from convc.runtime.predict import check_params
 
 METRICS = ("mse", "mae", "ssim", "psnr")
 BETTER = {"mse": "lower", "mae": "lower", "ssim": "higher", "psnr": "higher"}
@@ -336,20 +337,6 @@ def load_params(path: str | Path) -> tuple[dict, dict, Path]:
     return params, meta, path
 
 
-def _check_params(mod, params: dict, where: Path) -> None:
-    expected = mod.MODEL["params"]
-    missing = sorted(set(expected) - set(params))
-    extra = sorted(set(params) - set(expected))
-    if missing or extra:
-        raise ConvcError(f"{where} does not fit model {mod.MODEL['name']}: missing "
-                         f"{missing or 'nothing'}, unexpected {extra or 'nothing'}")
-    for name in sorted(expected):
-        shape = tuple(expected[name]["shape"])
-        if tuple(params[name].shape) != shape:
-            raise ConvcError(f"{where}: parameter {name} has shape {tuple(params[name].shape)}"
-                             f", model {mod.MODEL['name']} needs {shape}")
-
-
 def _full_clips(dataset, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Whole clips as full frames from a dataset.Dataset's (inputs, targets) pair.
 
@@ -419,7 +406,8 @@ def run_eval(args) -> dict[str, Any]:
             check_output(out, _inputs(args))
     mod = loader.load(args.spec, model=args.model)
     params, meta, where = load_params(args.checkpoint)
-    _check_params(mod, params, where)
+    # names and shapes; evaluating a diverged run's parameters is allowed
+    check_params(mod.MODEL, params, str(where), allow_nonfinite=True)
     user = meta.get("user") or {}
     if user.get("model") not in (None, mod.MODEL["name"]):
         raise ConvcError(f"{where} was written by model {user.get('model')!r}, "
