@@ -11,14 +11,23 @@ a generated backward pass through time, and train it on NumPy or CuPy.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "load", "import_generated"]
+# ConvLSTM weights to and from other implementations' layouts (docs/weights.md)
+_LAYOUTS = ("from_keras_convlstm2d", "to_keras_convlstm2d", "from_torch_convlstm",
+            "to_torch_convlstm", "from_peer", "to_peer")
+
+__all__ = ["__version__", "load", "import_generated", "save_params", "load_params",
+           *_LAYOUTS]
 
 
 def __getattr__(name: str):
     # Lazy, so that `import convc` (and `convc --help`) does not import the
     # compiler, lark, networkx and NumPy before they are needed.
-    if name in ("load", "import_generated"):
+    if name in ("load", "import_generated", "save_params", "load_params"):
         from convc import api
 
         return getattr(api, name)
+    if name in _LAYOUTS:
+        from convc.runtime import layouts
+
+        return getattr(layouts, name)
     raise AttributeError(f"module 'convc' has no attribute {name!r}")

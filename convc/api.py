@@ -5,6 +5,8 @@
     loss, grads, _ = m.loss_and_grad(params, {"x": x}, {"y": y})
     result = m.train(steps=200, out="runs/m")
     preds = m.predict("runs/m", data="synthetic")
+    convc.save_params(params, "m.safetensors", m)     # weights out and in (docs/weights.md)
+    params = convc.load_params("m.safetensors", m)
 
 Loading is the runtime's (`convc.runtime.loader`, which calls the compiler's
 driver); this module adds the conveniences `train` and `predict` and is the
@@ -66,3 +68,20 @@ def import_generated(path) -> types.ModuleType:
     from convc.runtime import loader
 
     return loader.import_generated(Path(path))
+
+
+def save_params(params: dict, path, model, **options):
+    """Write parameters as a .safetensors file for `model`; see
+    `convc.runtime.weights.save_params` (metadata=, overwrite=)."""
+    from convc.runtime.weights import save_params as save
+
+    return save(params, path, model, **options)
+
+
+def load_params(path, model_or_spec, **options) -> dict:
+    """Read a .safetensors file written for `model_or_spec`, refusing one that does not
+    fit; see `convc.runtime.weights.load_params` (dtype=, check_fingerprint=,
+    allow_nonfinite=)."""
+    from convc.runtime.weights import load_params as load_
+
+    return load_(path, model_or_spec, **options)

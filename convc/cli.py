@@ -318,6 +318,30 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """A checkpoint's parameters as a .safetensors file (convc.runtime.weights does the
+    work; this refuses bad outputs before it and prints what was written)."""
+    from convc.runtime import weights
+    from convc.runtime.atomic import check_output
+    from convc.runtime.predict import load_checkpoint_params
+
+    mod = _load(args)
+    out = Path(args.output)
+    check_output(out, (*_inputs(mod), args.checkpoint))
+    if not args.overwrite and os.path.lexists(out):
+        raise ConvcError(f"refusing to replace {out}: it exists (--overwrite replaces it)")
+    weights.require_safetensors()
+    params, meta, where = load_checkpoint_params(args.checkpoint, mod.MODEL,
+                                                 allow_nonfinite=args.allow_nonfinite)
+    check_output(out, (*_inputs(mod), where))
+    step = meta.get("step")
+    path = weights.save_params(params, out, mod, overwrite=args.overwrite,
+                               metadata={"checkpoint": where.name, "step": str(step)})
+    print(f"wrote {path}: {len(params)} parameters of model {mod.MODEL['name']} from {where} "
+          f"(step {step})")
+    return 0
+
+
 # ---------------------------------------------------------------------------
 # gradcheck, doctor, eval, bench
 # ---------------------------------------------------------------------------
@@ -497,6 +521,7 @@ COMMANDS = {
     "train": "train a model and write its run folder",
     "predict": "predict frames with a trained checkpoint",
     "eval": "score a checkpoint's forecasts beside two baselines",
+    "export": "write a checkpoint's parameters as a .safetensors file",
     "gradcheck": "check the generated gradients against finite differences",
     "bench": "time convc's kernels and models",
     "doctor": "describe this installation (for bug reports)",
@@ -612,6 +637,26 @@ def _train_parsers(sub) -> None:
     _add_eval_arguments(p)
 
 
+def _export_parser(sub) -> None:
+    """export: a checkpoint's parameters as .safetensors."""
+    p = _subcommand(sub, "export", cmd_export,
+                    "Write a checkpoint's parameters as a .safetensors file, named and shaped\n"
+                    "as MODEL[\"params\"], with the model's fingerprint in its metadata\n"
+                    "(convc.load_params reads it back; docs/weights.md). An existing OUT is\n"
+                    "refused unless --overwrite; the write is atomic.",
+                    "example:\n  convc export examples/seed.cell --checkpoint runs/seed "
+                    "-o seed.safetensors")
+    _add_file(p)
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a checkpoint (ckpt-*.npz) or a run folder (its newest valid one)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT",
+                   help="the .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export a checkpoint whose parameters hold NaN or Inf (refused "
+                        "otherwise)")
+
+
 def _gradcheck_parser(sub) -> None:
     p = _subcommand(sub, "gradcheck", cmd_gradcheck,
                     "Compare the generated BPTT gradients with float64 finite differences\n"
@@ -670,8 +715,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"convc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     sub.required = True
-    for add in (_check_parsers, _summary_parser, _train_parsers, _gradcheck_parser,
-                _tool_parsers):
+    for add in (_check_parsers, _summary_parser, _train_parsers, _export_parser,
+                _gradcheck_parser, _tool_parsers):
         add(sub)
     return parser
 
