@@ -412,6 +412,8 @@ def doc_blocks(kind: str) -> list[str]:
     return re.findall(rf"```{kind}\n(.*?)```", text, flags=re.S)
 
 
+@pytest.mark.filterwarnings(
+    "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning")
 def test_the_docs_examples_run(tmp_path, monkeypatch):
     """Every ```python block of docs/weights.md, in order in one namespace, and every
     ```sh block, in a copy of the project's examples/ (the docs' paths are relative)."""
