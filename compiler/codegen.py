@@ -7,28 +7,19 @@ module imports only NumPy and `convc.runtime`; the array module and the
 convolution come from the backend passed in, so the same code runs on NumPy
 and CuPy.
 
-Memory plan. Nothing is allocated inside a time loop:
-
-- a state has one (T+1, N, ...) buffer, its update writes step t+1 of it;
-- a loop value read outside its step (by a batched stage or the backward
-  pass) is written straight into its (T, N, ...) buffer (`h_seq[t]`); one
-  that feeds a weight gradient is kept channel-major, (C, T, N, H, W), so
-  the gradient's GEMM reads it without a transpose;
-- every other loop value lives in a work buffer of one step, allocated
-  before the loop and reused, across steps and between values whose lives do
-  not overlap (a linear scan over the loop body; an elementwise op may write
-  over an operand that dies there);
-- the parts of a concat (the gates' gradients that make up dz) are written
-  into their channels of the concat's buffer;
-- a cotangent carried to the previous step has a buffer of its own.
-Ops write into their buffer with `out=` (`xp.add(a, b, out=buf)`,
-`rt.conv2d(..., out=buf)`). Batched stages allocate their results.
+It renders a finished plan (plan.py): which blocks and nodes each function
+runs, the memory plan (memplan.py: a state's (T+1, N, ...) buffer, a stored
+value's row `h_seq[t]`, work buffers of one step reused across steps, the
+arenas of the batched values) and the recomputation (recompute.py). Ops
+write into their place with `out=` (`xp.add(a, b, out=buf)`,
+`rt.conv2d(..., out=buf)`); nothing is allocated inside a time loop.
 
 Peeling. The first forward step (states start at zero: `f * c[t-1]` and
 the recurrent convolution vanish), the last backward step (no cotangent
 arrives from after it) and the backward step t = 0 (nothing goes on to
 t = -1 except the initial states' gradients) are emitted as their own copies
-of the loop body with those zeros folded away and dead work dropped.
+of the loop body (peel.py's variants, planned in plan.py) with those zeros
+folded away and dead work dropped.
 
 recompute=K. loss_and_grad runs a forward loop in windows of K steps (a
 local function `<loop>_steps(start, stop)`); what only its backward loop
@@ -48,18 +39,19 @@ generated code to check).
 """
 from __future__ import annotations
 
-import re
 
 from convc import __version__
 from convc.spec.diagnostics import SOURCES
 
 from .autodiff import Backward
-from .ir import Graph
+from .ir import Graph, data_name, is_data_seg
 from .lower import Lowered
+from .memplan import Carried, Channels, LoopMemory, SeqRow, StateRow, Work
 from .naming import Names
 from .ops import OPS, float_source, node_flops
-from .peel import ALIAS, COMPUTE, ZERO, Variant, peel
-from .schedule import LOOP_KINDS, Schedule
+from .peel import ALIAS, COMPUTE, ZERO, Variant
+from .plan import FunctionPlan, ModulePlan, plan_module
+from .schedule import LOOP_KINDS, Block, Kind, Schedule
 
 class _Out:
     def __init__(self):
@@ -198,28 +190,48 @@ def _sub(dest: str, a: int, b: int) -> str:
 
 
 class Generator:
-    def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule,
-                 debug_nans: bool = False, recompute: int | None = None):
+    """Renders a finished ModulePlan (plan.py) as Python source: names come from
+    naming.py, places from the memory plan; nothing is decided here."""
+
+    def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule, plan: ModulePlan,
+                 debug_nans: bool = False):
         self.debug_nans = debug_nans
-        if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
-            raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
-        self.recompute = recompute
-        self.ring: dict[str, int] = {}  # in loss_and_grad: values kept for K steps only
-        self.windows: dict[tuple, dict] = {}  # loop block -> its recomputation
-        self.window_values: dict[str, tuple] = {}  # batched values made window by window
         self.low = low
         self.g: Graph = low.graph
         self.bw = bw
         self.s = sched
-        self.state_of_update = {}  # update node -> state read
-        for n in self.g.order():
-            node = self.g.node(n)
-            if node.op == "state":
-                self.state_of_update[node.attrs["update"]] = n
-        self.seg_T = {seg.id: f"T_{seg.axis}" for seg in low.segments}
-        self.stored: set[str] = set(sched.stored)  # of the function being emitted
-        self.channel_major: set[str] = set()
+        self.plan = plan
+        self.recompute = plan.recompute.K
+        self.state_of_update = plan.state_of_update  # update node -> state read
+        self.seg_T = plan.seg_T
         self.names = Names(self.g, low.loc_owner, low.cells)  # every variable's name
+        self.fp: FunctionPlan = next(iter(plan.functions.values()))  # the one being rendered
+
+    # the plan of the function being rendered
+    @property
+    def stored(self) -> set[str]:
+        return self.fp.stored
+
+    @property
+    def ring(self) -> dict[str, int]:
+        return self.fp.recompute.ring
+
+    @property
+    def window_values(self) -> dict[str, Block]:
+        return self.fp.recompute.window_values
+
+    @property
+    def keep(self) -> set[str]:
+        return self.fp.memory.keep
+
+    @property
+    def fn_name(self) -> str:
+        return self.fp.name
+
+    def begin_function(self, name: str) -> None:
+        """Render function `name` of the plan next."""
+        self.fp = self.plan.functions[name]
+        self.names.begin_function()
 
     # ------------------------------------------------------------ names
     def v(self, nid: str) -> str:
@@ -307,8 +319,8 @@ class Generator:
             o(f"{name}_seq = rt.empty(xp, {_seq_shape(f'min({self.ring[n]}, {T})', shape)}, "
               f"dtype, {self.keep_arg(name + '_seq')})  # steps of one window")
             return
-        keep = self.at_arg(n) if n in self.place_of else "keep=None"
-        if n in self.channel_major and len(shape) == 3:
+        keep = self.at_arg(n) if n in self.fp.memory.place_of else "keep=None"
+        if n in self.fp.channel_major and len(shape) == 3:
             o(f"{name}_buf = rt.empty(xp, ({shape[0]}, {T}, N, {shape[1]}, {shape[2]}), dtype, "
               f"{keep})")
             o(f"{name}_seq = {name}_buf.transpose(1, 2, 0, 3, 4)  # channel-major: feeds a "
@@ -318,7 +330,6 @@ class Generator:
 
     # ------------------------------------------------------------ module
     def module(self) -> str:
-        self.ring_plan = self.window_plan()
         fns = _Out()  # first: MODEL reports the memory plan they make
         self.forward_fn(fns)
         fns()
@@ -454,12 +465,12 @@ class Generator:
                 emitted = True
             o.loc_comment(node)
             args = [self.batched(i) for i in node.inputs]
-            over = self.overwritable(n)
+            over = self.fp.memory.in_place.get(n)
             name = self.v(n)
             if over is not None:
                 o(f"{name} = {_into(node.op, args, node.attrs, args[over])}  # in place: "
                   f"{self.v(node.inputs[over])} is not read again")
-            elif n in self.place_of:
+            elif n in self.fp.memory.place_of:
                 shape = _seq_shape(self.batched_t(n), node.shape)
                 buf = f"rt.empty(xp, {shape}, dtype, {self.at_arg(n)})"
                 o(f"{name} = {_into(node.op, args, node.attrs, buf)}")
@@ -467,136 +478,19 @@ class Generator:
                 o(f"{name} = {OPS[node.op].code(args, node.attrs)}")
             self.check(o, n, name, step=False, backward=node.grad)
 
-    def overwritable(self, n: str) -> int | None:
-        """An operand of a batched elementwise op that its result may overwrite, if any.
-
-        One made by this function in a batched stage, read by nothing else, of
-        the result's shape (a conv's output before the bias add).
-        """
-        g = self.g
-        node = g.node(n)
-        if node.seg is None or not _writes_into(node.op) or n in self.keep:
-            return None  # (what the function returns gets memory of its own)
-        for k in OPS[node.op].alias:
-            if k >= len(node.inputs):
-                continue
-            i = node.inputs[k]
-            src = g.node(i)
-            if src.seg is None or _view(src.op) or not _owned(src.op) or \
-                    self.s.block_of[i][0] in LOOP_KINDS + ("data", "static") or \
-                    i in self.keep or g.consumers(i) != [n] or \
-                    tuple(src.shape) != tuple(node.shape):
-                continue
-            return k
-        return None
-
-    def begin_blocks(self, blocks: list[tuple], members: dict) -> None:
-        """Where each value is last read, so its memory can be let go after that block."""
-        g = self.g
-        index = {b: k for k, b in enumerate(blocks)}
-        self.blocks_emitted = blocks
-        self.last_read: dict[str, int] = {}
-        present = {n for b in blocks for n in members.get(b, [])}
-        for b in blocks:
-            for n in members.get(b, []):
-                for i in g.node(n).inputs:
-                    while i in present:
-                        self.last_read[i] = max(self.last_read.get(i, -1), index[b])
-                        if not _view(g.node(i).op):
-                            break
-                        i = g.node(i).inputs[0]  # read through a view: its operand is read
-        # a loop recomputed window by window in its backward loop reads its operands (and
-        # writes its stored values) until that backward loop ends
-        for L, win in self.windows.items():
-            if L not in index or win["partner"] not in index:
-                continue
-            end = index[win["partner"]]
-            inside = set(members.get(L, []))
-            inside |= {n for n, L2 in self.window_values.items() if L2 == L}
-            for n in inside:
-                reads = [n] if n in self.stored else []
-                reads += [i for i in g.node(n).inputs if i not in inside]
-                for i in reads:
-                    while i in present:
-                        self.last_read[i] = max(self.last_read.get(i, -1), end)
-                        if not _view(g.node(i).op):
-                            break
-                        i = g.node(i).inputs[0]
-        low = self.low
-        keep = set(low.losses) | set(low.outputs.values())
-        if self.bw is not None:
-            keep |= set(self.bw.grads.values()) | set(self.bw.carry_outs.values())
-        for n in g.g.nodes:
-            keep.update(g.node(n).attrs.get("terminal", ()))
-        self.keep = keep
-        self.present = present
-        # slots: (T, ...) buffers of loop values whose lives do not overlap share memory
-        # (layer 1's dz, freed after its weight gradient, is layer 0's dz); the backend
-        # keeps the slots between calls, so a training step allocates none of them
-        # (so do the batched values written with out=, a conv's output over all steps: its
-        # memory is the backward pass's dz, which only comes to life after it is dead)
-        root_of: dict[str, str] = {}
-        lives: dict[str, list] = {}  # root value -> [(T, elements per step), first, last block]
-
-        def size_of(n):
-            size = 1
-            for d in g.node(n).shape:
-                size *= int(d)
-            return size
-
-        for k, b in enumerate(blocks):
-            for n in members.get(b, []):
-                node = g.node(n)
-                if b[0] in LOOP_KINDS:
-                    if n in self.stored and n not in self.ring:
-                        root_of[n] = n
-                        lives[n] = [(self.seg_T[b[1]], size_of(n)), k,
-                                    max(k, self.last_read.get(n, k))]
-                    continue
-                if self.batched_t(n) is None or not _owned(node.op) or _view(node.op) \
-                        or n in self.window_values \
-                        or not _writes_into(node.op) or n in keep:
-                    continue
-                over = self.overwritable(n)
-                if over is not None and node.inputs[over] in root_of:
-                    r = root_of[node.inputs[over]]  # in place: the operand's memory
-                    root_of[n] = r
-                    lives[r][2] = max(lives[r][2], self.last_read.get(n, k))
-                else:
-                    root_of[n] = n
-                    lives[n] = [(self.batched_t(n), size_of(n)), k,
-                                max(k, self.last_read.get(n, k))]
-        # one arena per time axis, T*N*A elements; each buffer a range of it: the largest
-        # first, each at the lowest offset clear of every buffer whose life overlaps its own
-        placed: dict[str, list] = {}
-        offset_of: dict[str, tuple] = {}
-        for r, ((T, size), start, end) in sorted(lives.items(),
-                                                 key=lambda kv: (-kv[1][0][1], kv[1][1], kv[0])):
-            here = placed.setdefault(T, [])
-            busy = sorted((o, o + sz) for o, sz, a, b in here if not (b < start or end < a))
-            off = 0
-            for lo, hi in busy:
-                if off + size <= lo:
-                    break
-                off = max(off, hi)
-            here.append((off, size, start, end))
-            offset_of[r] = (T, off)
-        self.arena_size = {T: max(o + sz for o, sz, _, _ in here) for T, here in placed.items()}
-        self.place_of = {n: offset_of[r] for n, r in root_of.items()}
-
     def arena_name(self, T: str) -> str:
         return "arena" + T[1:]  # T_x -> arena_x
 
     def emit_arenas(self, o: _Out) -> None:
         """The memory of every (T, N, ...) buffer the plan places, kept by the backend."""
-        for T, size in sorted(self.arena_size.items()):
+        for T, size in sorted(self.fp.memory.arena_size.items()):
             key = f"{self.fn_name}/{T[2:]}"  # one arena per function and time axis
             o(f"{self.arena_name(T)} = rt.arena(B, {key!r}, {size} * {T} * N, dtype)"
               "  # the memory plan's (T, N, ...) buffers")
 
     def at_arg(self, n: str) -> str:
         """rt.empty's `at=`: where in its arena the plan put n's buffer."""
-        T, off = self.place_of[n]
+        T, off = self.fp.memory.place_of[n]
         return f"at=({self.arena_name(T)}, {off} * {T} * N)"
 
     def batched_t(self, n: str) -> str | None:
@@ -604,15 +498,16 @@ class Generator:
         seg = self.g.node(n).seg
         if seg is None:
             return None
-        if seg.startswith("@"):
-            return f"T_{self.low.axis_of.get(seg[1:], seg[1:])}"
+        if is_data_seg(seg):
+            name = data_name(seg)
+            return f"T_{self.low.axis_of.get(name, name)}"
         return self.seg_T.get(seg)
 
     def release(self, o: _Out, k: int) -> None:
         """`del` the big arrays nothing reads after block k (their memory goes back)."""
         g = self.g
         names = []
-        for n, last in sorted(self.last_read.items()):
+        for n, last in sorted(self.fp.memory.last_read.items()):
             if last != k or n in self.keep or n in self.window_values:
                 continue
             node = g.node(n)
@@ -622,7 +517,7 @@ class Generator:
             if b[0] in LOOP_KINDS:
                 if n in self.stored:
                     names.append(f"{self.v(n)}_seq")
-                    if n in self.channel_major:
+                    if n in self.fp.channel_major:
                         names.append(f"{self.v(n)}_buf")
             else:
                 names.append(self.v(n))
@@ -666,8 +561,9 @@ class Generator:
         _, seg, _ = block
         T = self.seg_T[seg]
         reads = [n for n in nodes if g.node(n).op == "state"]
-        plan = _LoopPlan(self, block, nodes, backward=False)
-        win = self.windows.get(block)
+        lm = self.fp.loops[block]
+        plan = _LoopRender(self, lm)
+        win = self.fp.recompute.windows.get(block)
         K = self.recompute
         o()
         o(f"# loop {self.loop_title(block, reads)}, step by step over {T} steps")
@@ -690,13 +586,11 @@ class Generator:
                 o(f"{self.ckpt(r)} = rt.empty(xp, "
                   f"{_seq_shape(f'({T} + {K - 1}) // {K}', node.shape)}, dtype, "
                   f"{self.keep_arg(self.ckpt(r))})  # checkpoints: the first state of each window")
-        for n in plan.body:
+        for n in lm.body:
             if n in self.stored:
                 self.seq_alloc(o, n, T)
-        roots = {n for n in plan.body if n in self.stored or n in self.state_of_update}
-        zero = {r for r in reads if g.node(r).attrs["init"] == "zeros"}
-        general = plan.variant(set(), roots, main=True)
-        first = plan.variant(zero, roots) if zero else None
+        general, first = lm.variants["general"], lm.variants.get("first")
+        zero = first.zero_sources if first is not None else set()
         plan.emit_buffers(o)
         for n in sorted(self.window_values):
             if self.window_values[n] == block and self.has_window_buffer(n):
@@ -707,7 +601,7 @@ class Generator:
         start, stop = "0", T
         if win:
             o()
-            o(f"def {win['fn']}(start, stop):")
+            o(f"def {self.window_fn(block)}(start, stop):")
             o.indent()
             o('"""Steps start ... stop - 1 of the loop, from the states in row 0 of their '
               'buffers."""')
@@ -749,7 +643,7 @@ class Generator:
                 o(f"    {self.buf(r)}[0] = {self.buf(r)}[{K}]")
             for r in ring:
                 o(f"{self.ckpt(r)}[w // {K}] = {self.buf(r)}[0]")
-        o(f"{win['fn']}(w, min(w + {K}, {T}))")
+        o(f"{self.window_fn(block)}(w, min(w + {K}, {T}))")
         o.dedent()
         for r in ring:
             o(f"{self.buf(r)}_final = {self.buf(r)}[({T} - 1) % {K} + 1].copy()")
@@ -783,40 +677,23 @@ class Generator:
         return n in self.window_values and _writes_into(self.g.node(n).op) and \
             not _view(self.g.node(n).op)
 
-    def window_inputs(self, L: tuple) -> set[str]:
-        """Batched forward values that only loop L (or others of them) read: with
-        recompute=K they are made window by window (what the loop's backward pass
-        would otherwise keep alive for the recomputation, all steps of it)."""
-        g, s = self.g, self.s
-        seg = L[1]
-        inside = set(s.members.get(L, []))
-        out: set[str] = set()
-        for n in reversed(g.order()):
-            node = g.node(n)
-            b = s.block_of[n]
-            if node.grad or not _owned(node.op) or n in self.keep_always or not (
-                    b[0] in ("pre", "mid") and b[1] == seg or
-                    b[0] == "data" and node.seg is not None):  # (of the input alone)
-                continue
-            users = g.consumers(n)
-            if users and all(u in inside or u in out for u in users):
-                out.add(n)
-        return out
+    def window_fn(self, L: Block) -> str:
+        """The local function running steps start ... stop - 1 of forward loop L."""
+        return f"{L.seg}_steps" if L.k == 0 else f"{L.seg}_{L.k}_steps"
 
-    def emit_recompute(self, o: _Out, block: tuple, t: str) -> None:
+    def emit_recompute(self, o: _Out, block: Block, t: str) -> None:
         """In a backward loop at step t, the last of its window: recompute that window."""
-        for L, win in self.windows.items():
-            if win["partner"] != block:
-                continue
+        for L, win in self.fp.recompute.partner_of(block):
             K = self.recompute
+            fn = self.window_fn(L)
             o(f"# recompute the forward values of steps t - {K - 1} ... t from their "
               "checkpoint" if K > 1 else "# recompute the forward values of step t")
-            for r in win["reads"]:
+            for r in win.reads:
                 o(f"{self.buf(r)}[0] = {self.ckpt(r)}[{t} // {K}]")
-            o(f"{win['fn']}({t} - {K - 1}, {t} + 1)" if K > 1 else f"{win['fn']}({t}, {t} + 1)")
+            o(f"{fn}({t} - {K - 1}, {t} + 1)" if K > 1 else f"{fn}({t}, {t} + 1)")
 
-    def has_recompute(self, block: tuple) -> bool:
-        return any(win["partner"] == block for win in self.windows.values())
+    def has_recompute(self, block: Block) -> bool:
+        return bool(self.fp.recompute.partner_of(block))
 
     def emit_bloop(self, o: _Out, block: tuple, nodes: list[str]) -> None:
         g = self.g
@@ -824,19 +701,17 @@ class Generator:
         _, seg, _ = block
         T = self.seg_T[seg]
         carries = [n for n in nodes if g.node(n).op == "carry"]
-        plan = _LoopPlan(self, block, nodes, backward=True)
+        lm = self.fp.loops[block]
+        plan = _LoopRender(self, lm)
         o()
         o(f"# loop {self.loop_title(block, carries)}, backward through time: t = {T}-1 ... 0")
         o.last_loc = None
-        zero = set()
+        zero, never = lm.zero, lm.never
         for c in carries:
             term = g.node(c).attrs.get("terminal")
             if term:
                 o(f"{self.v(c)} = {' + '.join(map(self.v, term))}")
-            else:
-                zero.add(c)
-        never = {c for c in carries if c not in plan.read_ct_of_carry}
-        for n in carries + plan.body:
+        for n in carries + lm.body:
             if n in self.stored:
                 self.seq_alloc(o, n, T)
         # a carry read after the loop (no update of its state reads a state at the same
@@ -851,13 +726,7 @@ class Generator:
                 nothing = c in zero if last else c in never
                 c = self.v(c)
                 o(f"{c}_seq[t] = 0" if nothing else f"{c}_seq[t] = {c}")
-        stored = {n for n in plan.body if n in self.stored}
-        cts = set(plan.read_ct_of_carry.values())
-        with_out = {ct for c, ct in plan.read_ct_of_carry.items()
-                    if bw.carry_outs.get(g.node(c).attrs["read"]) in g}
-        last = plan.variant(zero, stored | cts)
-        middle = plan.variant(never, stored | cts, main=True)
-        first = plan.variant(never, stored | with_out)
+        last, middle, first = (lm.variants[k] for k in ("last", "middle", "first"))
         plan.emit_buffers(o)
         o(f"t = {T} - 1")
         o("# the last step: nothing flows back from after it")
@@ -897,12 +766,11 @@ class Generator:
             co = bw.carry_outs.get(read)
             if co is None or co not in g:
                 continue
-            ct = plan.read_ct_of_carry[c]
+            ct = lm.read_ct_of_carry[c]
             # copied unless it is in its own carried buffer: a row (or a view) of an arena
             # buffer goes to other buffers after its last reader here, and the loop it
             # flows to (the encoder's, its terminal carry) runs later
-            own = plan.fixed.get(ct, ("",))[0] == "carried" and \
-                first.status.get(ct) != ALIAS
+            own = isinstance(lm.fixed.get(ct), Carried) and first.status.get(ct) != ALIAS
             co, ct = self.v(co), self.v(ct)
             o(f"{co} = {ct}" if own else f"{co} = {ct}.copy()")
             if g.node(read).attrs["init"] == "learned":
@@ -910,16 +778,16 @@ class Generator:
                 o(f"    {co} = xp.zeros_like({co})")
         plan.drop_step_names(o)
 
-    def carry_step(self, o: _Out, plan: "_LoopPlan", carries: list[str],
+    def carry_step(self, o: _Out, plan: "_LoopRender", carries: list[str],
                    first: bool = False) -> None:
         """Hand each state's cotangent to the previous step; cut at truncation windows.
 
         A cut hands on `{carry}_zero`, zeros made once (at the `first` call, before the
         loop) and never written: the loop body does not write into its carries.
         """
-        moved = [c for c in carries if c in plan.read_ct_of_carry]
+        moved = [c for c in carries if c in plan.lm.read_ct_of_carry]
         for c in moved:
-            o(f"{self.v(c)} = {self.v(plan.read_ct_of_carry[c])}")
+            o(f"{self.v(c)} = {self.v(plan.lm.read_ct_of_carry[c])}")
         moved = [self.v(c) for c in moved]
         if moved and first:
             for c in moved:
@@ -943,21 +811,8 @@ class Generator:
         o.indent()
         o("rt.check_call(MODEL, 'forward', params, inputs, state=state, steps=steps)")
         self.prologue(o, with_targets=False)
-        from .passes import live_nodes
-        needed = live_nodes(self.g, list(low.outputs.values()) +
-                            [self.g.node(r).attrs["update"] for s in low.segments
-                             for r in s.states])
-        needed = {n for n in needed if not self.g.node(n).grad}
-        self.begin_function(self._stored_fwd(needed))
-        members = {b: [n for n in ns if n in needed] for b, ns in self.s.members.items()}
-        blocks = [b for b in self.s.forward_blocks if b[0] != "tail"]
-        self.fn_name = "forward"
-        self.begin_blocks(blocks, members)
-        self.keep |= set(low.outputs.values())
-        self.emit_arenas(o)
-        for k, block in enumerate(blocks):
-            self.emit_block(o, block, members, state_arg=True)
-            self.release(o, k)
+        self.begin_function("forward")
+        self.emit_blocks(o)
         o()
         def out(i):  # loop values live in buffers the backend reuses: hand out copies
             e = f"rt.batch_major({self.batched(i)})"
@@ -978,18 +833,8 @@ class Generator:
         o.indent()
         o("rt.check_call(MODEL, 'loss', params, inputs, targets, state=state)")
         self.prologue(o, with_targets=True)
-        from .passes import live_nodes
-        needed = {n for n in live_nodes(self.g, list(low.losses)) if not self.g.node(n).grad}
-        self.begin_function(self._stored_fwd(needed))
-        members = {b: [n for n in ns if n in needed] for b, ns in self.s.members.items()}
-        blocks = list(self.s.forward_blocks)
-        self.fn_name = "loss"
-        self.begin_blocks(blocks, members)
-        self.keep |= set(low.losses)
-        self.emit_arenas(o)
-        for k, block in enumerate(blocks):
-            self.emit_block(o, block, members, state_arg=True)
-            self.release(o, k)
+        self.begin_function("loss")
+        self.emit_blocks(o)
         o()
         o(f"return float({' + '.join(map(self.v, low.losses))})")
         o.dedent()
@@ -1000,34 +845,13 @@ class Generator:
         return sum(node_flops(self.g, node) for node in map(self.g.node, self.g.order())
                    if not node.grad and node.seg is not None)
 
-    def begin_function(self, stored: set[str]) -> None:
-        """Start emitting one function: its stored values and their layouts."""
-        g = self.g
-        self.stored = set(stored)
-        self.work_count = 0
-        self.names.begin_function()
-        self.channel_major = set()
-        for n in self.stored:
-            users = g.consumers(n)
-            if any(g.node(u).op == "conv_grad_weight" and g.node(u).inputs[1] == n
-                   for u in users) and all(
-                    g.node(u).op in ("conv_grad_weight", "sum_to", "conv_grad_input")
-                    or self.s.block_of[u] == self.s.block_of[n] for u in users):
-                self.channel_major.add(n)
-
-    def _stored_fwd(self, needed: set[str]) -> set[str]:
-        """Forward loop values read outside their step, counting forward readers only."""
-        g = self.g
-        out = set()
-        for n in needed:
-            b = self.s.block_of[n]
-            if b[0] != "loop" or g.node(n).op == "state" or n in self.state_of_update:
-                continue
-            if any(u in needed and self.s.block_of[u] != b for u in g.consumers(n)):
-                out.add(n)
-        from .schedule import through_views
-        out = through_views(g, out, self.s.block_of)
-        return out
+    def emit_blocks(self, o: _Out) -> None:
+        """The function's arenas, then its blocks in order, each followed by the `del` of
+        what nothing reads after it."""
+        self.emit_arenas(o)
+        for k, block in enumerate(self.fp.blocks):
+            self.emit_block(o, block, self.fp.members, state_arg=True)
+            self.release(o, k)
 
     def memory_meta(self) -> dict:
         """The forward loop values loss_and_grad keeps for the backward pass, for reports.
@@ -1037,10 +861,10 @@ class Generator:
         for one window only (`convc.runtime.summary.recompute_memory` adds it up).
         """
         g, s = self.g, self.s
-        ring, _ = self.ring_plan
+        rec = self.plan.recompute
         values = []
         for b in s.forward_blocks:
-            if b[0] != "loop":
+            if b.kind != Kind.LOOP:
                 continue
             for n in s.members.get(b, []):
                 node = g.node(n)
@@ -1051,60 +875,10 @@ class Generator:
                     elements *= int(d)
                 values.append(dict(name=self.v(node.attrs["update"] if node.op == "state" else n),
                                    loop=node.seg, elements=elements, state=node.op == "state",
-                                   window=n in ring, ring=n in self.ring))
-        return dict(recompute=self.recompute, values=values,
-                    arena=dict(sorted(self.loss_arena.items())))
-
-    def window_plan(self) -> tuple[dict, dict]:
-        """What recompute=K may keep for one window of steps only, loop by loop.
-
-        A forward loop value (a state, or a value stored for the backward pass)
-        qualifies when nothing but one backward loop, its partner, reads it
-        outside its own step: that backward loop can recompute it a window at a
-        time, from the states at the window's start. A state another loop starts
-        from, or that a batched stage or the loss reads (a layer's output h),
-        keeps all its steps. Returns ({value: loop block}, {loop block: partner}).
-        """
-        g, s = self.g, self.s
-        if self.bw is None:
-            return {}, {}
-        starts = {g.node(n).attrs.get("init_from") for n in g.g.nodes
-                  if g.node(n).op == "state"}
-
-        def readers(n, inside):  # blocks reading n outside its step (through views)
-            out = set()
-            for u in g.consumers(n):
-                if g.node(u).op == "carry_out":
-                    continue
-                if u in inside and _view(g.node(u).op) and u not in self.stored:
-                    out |= readers(u, inside)
-                elif u not in inside:
-                    out.add(s.block_of[u])
-            return out
-
-        ring, partner_of = {}, {}
-        for L in s.forward_blocks:
-            if L[0] != "loop":
-                continue
-            inside = set(s.members.get(L, []))
-            cands = {}
-            for n in s.members.get(L, []):
-                node = g.node(n)
-                if node.op == "state":
-                    if node.attrs["update"] in starts:
-                        continue
-                    cands[n] = readers(n, inside) | readers(node.attrs["update"], inside)
-                elif n in self.stored and n not in self.state_of_update:
-                    cands[n] = readers(n, inside)
-            if any(b[0] != "bloop" for bs in cands.values() for b in bs):
-                cands = {n: bs for n, bs in cands.items() if all(b[0] == "bloop" for b in bs)}
-            partners = sorted({b for bs in cands.values() for b in bs})
-            if len(partners) != 1:
-                continue  # no backward loop, or several: keep every step
-            partner_of[L] = partners[0]
-            for n in cands:
-                ring[n] = L
-        return ring, partner_of
+                                   window=n in rec.candidates, ring=n in rec.ring))
+        lag = self.plan.functions.get("loss_and_grad")
+        arena = {T[2:]: size for T, size in lag.memory.arena_size.items()} if lag else {}
+        return dict(recompute=self.recompute, values=values, arena=dict(sorted(arena.items())))
 
     def finals(self) -> str:
         parts = []
@@ -1135,27 +909,8 @@ class Generator:
         o.indent()
         o("rt.check_call(MODEL, 'loss_and_grad_shard', params, inputs, targets, state=state)")
         self.prologue(o, with_targets=True)
-        self.begin_function(self.s.stored)
-        if self.recompute:
-            ring, partner_of = self.ring_plan
-            self.ring = {n: self.recompute for n in ring}
-            self.windows = {
-                L: dict(partner=p, fn=f"{L[1]}_steps" if L[2] == 0 else f"{L[1]}_{L[2]}_steps",
-                        reads=[n for n in self.s.members[L] if n in ring and
-                               self.g.node(n).op == "state"])
-                for L, p in partner_of.items()}
-            self.keep_always = set(low.losses) | set(low.outputs.values())
-            for L in self.windows:
-                for n in self.window_inputs(L):
-                    self.window_values[n] = L
-        blocks = self.s.forward_blocks + self.s.backward_blocks
-        self.fn_name = "loss_and_grad"
-        self.begin_blocks(blocks, self.s.members)
-        self.emit_arenas(o)
-        self.loss_arena = {T[2:]: size for T, size in self.arena_size.items()}
-        for k, block in enumerate(blocks):
-            self.emit_block(o, block, self.s.members, state_arg=True)
-            self.release(o, k)
+        self.begin_function("loss_and_grad")
+        self.emit_blocks(o)
         o()
         losses = " + ".join(map(self.v, low.losses))
         o(f"loss = float({losses})")
@@ -1191,200 +946,34 @@ _BLOCK_TITLES = {
 }
 
 
-_WORK = "\x00"  # brackets a work buffer's placeholder until the buffer has its name
-_PLACEHOLDER = re.compile(f"{_WORK}\\d+{_WORK}")
+class _LoopRender:
+    """Renders one loop block's memory plan (memplan.LoopMemory): its buffers, then the
+    variants of its body, each place as an expression."""
 
+    def __init__(self, gen: Generator, lm: LoopMemory):
+        self.gen, self.g, self.lm = gen, gen.g, lm
+        self.block, self.backward = lm.block, lm.block.kind == Kind.BLOOP
+        self.body, self.sources = lm.body, lm.sources
+        self.source_set = set(lm.sources)
+        self.pos, self.fixed, self.part_of = lm.pos, lm.fixed, lm.part_of
+        self.read_ct_of_carry = lm.read_ct_of_carry
+        self.parents = lm.parents
+        self.buffer_names: dict[Work, str] = {}
 
-class _LoopPlan:
-    """The memory plan of one loop block, and the emission of its body's variants.
-
-    Destinations are fixed for state updates (`h_buf[t + 1]`), stored values
-    (`h_seq[t]`), cotangents carried to the previous step (a buffer of their
-    own) and the parts of a concat written in place; everything else that
-    can be written with `out=` gets a work buffer by a linear scan over the
-    body (per variant, over buffers shared by all variants of the loop).
-    """
-
-    def __init__(self, gen: Generator, block: tuple, nodes: list[str], backward: bool):
-        g = gen.g
-        self.gen, self.g, self.block, self.backward = gen, g, block, backward
-        self.body = [n for n in nodes if g.node(n).op not in ("state", "carry")]
-        self.sources = [n for n in nodes if g.node(n).op in ("state", "carry")]
-        self.source_set = set(self.sources)
-        self.pos = {n: i for i, n in enumerate(self.body)}
-        self.buffers: list[tuple[str, tuple]] = []  # (placeholder, shape): see emit_buffers
-        self.held: dict[str, list[str]] = {}  # placeholder -> the values it holds, in order
-        self.buffer_names: dict[str, str] = {}  # placeholder -> its name
-        self.fixed: dict[str, tuple[str, str]] = {}  # node -> (kind, destination)
-        self.fresh: set[str] = set()  # allocated anew every step
-        self.read_ct_of_carry: dict[str, str] = {}
-        bw = gen.bw
-        if backward:
-            for c in self.sources:
-                ct = bw.read_cts.get(g.node(c).attrs["read"]) if bw is not None else None
-                if ct is not None and ct in self.pos:
-                    self.read_ct_of_carry[c] = ct
-        for n in self.body:
-            if not backward and n in gen.state_of_update:
-                read = gen.state_of_update[n]
-                self.fixed[n] = ("update", f"{gen.buf(read)}[{gen.step_ix(read, 1)}]")
-            elif n in gen.stored:
-                self.fixed[n] = ("stored", f"{gen.v(n)}_seq[{gen.step_ix(n)}]")
-        for c, ct in self.read_ct_of_carry.items():
-            if ct in self.fixed:
-                continue  # a (T, ...) slot is not overwritten by the next step
-            uses = [self.pos[u] for u in g.consumers(c) if u in self.pos]
-            if _writes_into(g.node(ct).op) and not _view(g.node(ct).op) and \
-                    (not uses or max(uses) < self.pos[ct]):
-                self.fixed[ct] = ("carried", f"{gen.v(ct)}_buf")
-            else:
-                # the carry is read after its new value is made, or it is a view: a
-                # fresh array every step keeps the previous step's value intact
-                x = ct
-                while x in self.pos and _view(g.node(x).op):
-                    x = g.node(x).inputs[0]
-                if x in self.pos and x not in self.fixed:
-                    self.fresh.add(x)
-                if ct not in self.fixed:
-                    self.fresh.add(ct)
-        # parts of a concat written straight into its channels
-        self.part_of: dict[str, tuple[str, int, int]] = {}
-        for n in self.body:
-            node = g.node(n)
-            if node.op != "concat" or n in self.fresh or len(set(node.inputs)) != len(node.inputs):
-                continue
-            parts, start = {}, 0
-            for p in node.inputs:
-                pn = g.node(p)
-                if p not in self.pos or not _writes_into(pn.op) or p in self.fixed or \
-                        p in self.fresh or g.consumers(p) != [n]:
-                    parts = None
-                    break
-                parts[p] = (n, start, start + pn.shape[0])
-                start += pn.shape[0]
-            if parts:
-                self.part_of.update(parts)
-        self.parents = {v[0] for v in self.part_of.values()}
-
-    # ------------------------------------------------------------ folding
-    def variant(self, zero_sources: set[str], roots: set[str], main: bool = False) -> Variant:
-        """The body peeled for `zero_sources` (peel.py), with its destinations; `main`:
-        the body of the loop's general steps (its work buffers are named for it)."""
-        v = peel(self.g, self.body, zero_sources, roots)
-        v.main = main
-        v.dest, v.retargeted = self._assign(v)
-        return v
-
-    def resolve(self, v: Variant, x: str) -> str:
-        return v.resolve(x)
-
-    # ------------------------------------------------------------ buffers
-    def _temp(self, v: Variant, n: str) -> bool:
-        """Does n need a work buffer (computed here, written with out=, no fixed place)?"""
-        op = self.g.node(n).op
-        return (n in v.live and v.status[n] == COMPUTE and not _view(op)
-                and _writes_into(op) and n not in self.fixed and n not in self.part_of
-                and n not in self.fresh)
-
-    def _assign(self, v: Variant) -> tuple[dict[str, str], set[str]]:
-        """Destinations of one variant: fixed ones, then work buffers by linear scan."""
-        g = self.g
-        live = [n for n in self.body if n in v.live]
-        temps = [n for n in live if self._temp(v, n)]
-        dest: dict[str, str] = {}
-        retarget: dict[str, str] = {}
-        direct: dict[str, set] = {}  # users naming a value itself, not an alias of it
-        for u in live:
-            used = [v.alias[u]] if v.status[u] == ALIAS else \
-                v.args[u] if v.status[u] == COMPUTE else []
-            for i in used:
-                direct.setdefault(i, set()).add(u)
-        for n in live:  # a value only seen through a fixed place it equals is made there
-            if v.status[n] == ALIAS and (n in self.fixed or n in self.part_of):
-                m = v.alias[n]
-                if m in temps and direct.get(m) == {n} and m not in retarget:
-                    retarget[m] = n
-        temps = [n for n in temps if n not in retarget]
-
-        def root(x):
-            x = self.resolve(v, x)
-            while x in self.pos:
-                if x in self.part_of:
-                    x = self.part_of[x][0]
-                elif _view(g.node(x).op) and v.status.get(x) == COMPUTE:
-                    x = self.resolve(v, g.node(x).inputs[0])
-                else:
-                    break
-            return x
-
-        # a cotangent carried to the previous step must not sit in a work buffer (the next
-        # step reuses those before it reads the carry): what it is a view of is allocated
-        v.fresh = set(self.fresh)
-        for ct in self.read_ct_of_carry.values():
-            if ct in v.live and ct not in self.fixed:
-                r = root(ct)
-                if r in temps and r != ct:
-                    temps.remove(r)
-                    v.fresh.add(r)
-
-        last: dict[str, int] = {}
-        for u in live:
-            used = [v.alias[u]] if v.status[u] == ALIAS else \
-                v.args[u] if v.status[u] == COMPUTE else []
-            for i in used:
-                r = root(i)
-                last[r] = max(last.get(r, -1), self.pos[u])
-        start = {n: self.pos[n] for n in temps}
-        for p, (parent, _, _) in self.part_of.items():
-            if parent in start and p in v.live:
-                start[parent] = min(start[parent], self.pos[p])
-        owner: dict[str, str] = {}  # buffer -> the value in it now
-        where: dict[str, str] = {}  # value -> its buffer
-        by_start: dict[int, list[str]] = {}
-        for n in temps:
-            by_start.setdefault(start[n], []).append(n)
-        for p, n0 in enumerate(self.body):
-            for n in by_start.get(p, []):
-                node = g.node(n)
-                shape = tuple(node.shape)
-                chosen = None
-                if n == n0:  # in place: over an operand that dies here
-                    for k in OPS[node.op].alias:
-                        if k >= len(v.args[n]):
-                            continue
-                        i = self.resolve(v, v.args[n][k])
-                        if i in where and root(i) == i and last.get(i) == p and \
-                                tuple(g.node(i).shape) == shape and owner.get(where[i]) == i:
-                            chosen = where[i]
-                            break
-                if chosen is None:
-                    free = [b for b, s in self.buffers if s == shape and b not in owner]
-                    if free:
-                        chosen = free[0]
-                    else:  # named when all variants are planned (emit_buffers)
-                        chosen = f"{_WORK}{self.gen.work_count}{_WORK}"
-                        self.gen.work_count += 1
-                        self.buffers.append((chosen, shape))
-                owner[chosen] = n
-                self.held.setdefault(chosen, []).append((v.main, n))
-                where[n] = chosen
-            for b, val in list(owner.items()):
-                if last.get(val, start.get(val, p)) <= p:
-                    del owner[b]
-        for n in temps:
-            dest[n] = where[n]
-        for n, (kind, d) in self.fixed.items():
-            dest[n] = d
-        for m, n in retarget.items():  # parents first: a part's place is in its parent's
-            if n not in self.part_of:
-                dest[m] = dest[n]
-        for p, (parent, a, b) in self.part_of.items():
-            if parent in dest and parent not in v.fresh:
-                dest[p] = _sub(dest[parent], a, b)
-        for m, n in retarget.items():
-            if n in self.part_of and n in dest:
-                dest[m] = dest[n]
-        return dest, set(retarget.values())
+    def place(self, p) -> str:
+        """The expression of a place of the memory plan, at step t."""
+        gen = self.gen
+        if isinstance(p, StateRow):
+            return f"{gen.buf(p.read)}[{gen.step_ix(p.read, 1)}]"
+        if isinstance(p, SeqRow):
+            return f"{gen.v(p.node)}_seq[{gen.step_ix(p.node)}]"
+        if isinstance(p, Carried):
+            return f"{gen.v(p.node)}_buf"
+        if isinstance(p, Work):
+            return self.buffer_names[p]
+        if isinstance(p, Channels):
+            return _sub(self.place(p.parent), p.a, p.b)
+        raise TypeError(f"not a place: {p!r}")
 
     def drop_step_names(self, o: _Out) -> None:
         """After the loop: let go of the last step's names, or the views they hold would
@@ -1403,23 +992,19 @@ class _LoopPlan:
         """Allocate the work buffers every variant planned, once, before the loop."""
         gen = self.gen
         keep = gen.keep_arg
-        for ct in sorted(n for n, (k, _) in self.fixed.items() if k == "carried"):
+        for ct in sorted(n for n, p in self.fixed.items() if isinstance(p, Carried)):
             o(f"{gen.v(ct)}_buf = rt.empty(xp, {_step_shape(self.g.node(ct).shape)}, dtype, "
               f"{keep(gen.v(ct))})  # carried to the previous step")
-        for key, shape in self.buffers:
+        for key, shape in self.lm.buffers:
             # named after what it holds in the loop's main body, then in its peeled steps
-            ids = [n for main, n in self.held[key] if main] + \
-                [n for main, n in self.held[key] if not main]
+            held = self.lm.held[key]
+            ids = [n for main, n in held if main] + [n for main, n in held if not main]
             held = list(dict.fromkeys(gen.v(n) for n in ids))
             name = gen.names.work_buffer(ids)
             self.buffer_names[key] = name
             what = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
             o(f"{name} = rt.empty(xp, {_step_shape(shape)}, dtype, {keep(name)})  "
               f"# work buffer of one step: {what}")
-
-    def named(self, dest: str) -> str:
-        """A destination with its work buffer's placeholder replaced by the buffer's name."""
-        return _PLACEHOLDER.sub(lambda m: self.buffer_names[m.group()], dest)
 
     # ------------------------------------------------------------ emission
     def emit(self, o: _Out, v: Variant) -> None:
@@ -1431,7 +1016,7 @@ class _LoopPlan:
             if n in v.live and v.status[n] == COMPUTE:
                 needed_zero.update(i for i in v.args[n]
                                    if v.status.get(i) == ZERO or i in v.zero_sources)
-        dest = {n: self.named(d) for n, d in dest.items()}
+        dest = {n: self.place(d) for n, d in dest.items()}
         for z in sorted(needed_zero & v.zero_sources):
             node = g.node(z)
             if node.op == "state":
@@ -1440,7 +1025,7 @@ class _LoopPlan:
                 o(f"{gen.v(z)} = xp.zeros({_step_shape(node.shape)}, dtype)")
 
         def ex(x):
-            x = self.resolve(v, x)
+            x = v.resolve(x)
             if x in expr:
                 return expr[x]
             if x in self.pos or x in self.source_set:
@@ -1470,7 +1055,7 @@ class _LoopPlan:
             if st == ALIAS:
                 e = ex(v.alias[n])
                 carried = n in self.read_ct_of_carry.values()
-                inside = self.resolve(v, n) in self.pos
+                inside = v.resolve(n) in self.pos
                 if carried and d is None and inside:
                     e = f"{e}.copy()"  # its buffer is reused before the next step reads it
                 elif n in v.retargeted or d is None:
@@ -1497,12 +1082,18 @@ class _LoopPlan:
                 o(f"{name} = {_into(node.op, args, node.attrs, dest[n])}")
             else:
                 o(f"{name} = {OPS[node.op].code(args, node.attrs)}")
-                if n in self.fixed and self.fixed[n][0] in ("update", "stored"):
-                    o(f"{self.fixed[n][1]} = {name}")
+                if isinstance(self.fixed.get(n), (StateRow, SeqRow)):
+                    o(f"{self.place(self.fixed[n])} = {name}")
             expr[n] = name
             gen.check(o, n, name, step=True, backward=self.backward)
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
-             recompute: int | None = None) -> str:
-    return Generator(low, bw, sched, debug_nans=debug_nans, recompute=recompute).module()
+             recompute: int | None = None,
+             weight_gradient_layout: str | None = "channel-major") -> str:
+    """Plan the module (plan.py), then render it. `weight_gradient_layout`: what the
+    target backend's capabilities declare (runtime/backend.py)."""
+    if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
+        raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
+    plan = plan_module(low, bw, sched, recompute, weight_gradient_layout)
+    return Generator(low, bw, sched, plan, debug_nans=debug_nans).module()

@@ -18,7 +18,7 @@ read's cotangent at t feeds the carry at t-1); each recurrence becomes a
 loop of its own (*loop fission*), in dependency order, and what lies between
 two of them (layer 2's input-to-hidden convolution of layer 1's output, or
 its gradient) runs batched in a `mid` stage. Blocks are (kind, segment, k)
-with k numbering the loops of one segment.
+with k numbering the loops of one segment (`Block`, of a `Kind`).
 
 Before placing anything, the loop-aware rewrites of passes.py have run on
 the differentiated graph (the driver's `loop_rewrites` stage): a
@@ -33,6 +33,8 @@ the backward pass); everything else stays a temporary of one step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import NamedTuple
 
 import networkx as nx
 
@@ -40,23 +42,66 @@ from .autodiff import Backward
 from .ir import Graph, is_data_seg, seg_order
 from .lower import Lowered
 
-LOOP_KINDS = ("loop", "bloop")
+class Kind(str, Enum):
+    """What a block runs: static values, data, batched stages, loops (forward, backward).
+
+    A member equals its value as a string (`Kind.LOOP == "loop"`), so the IR's
+    text and old comparisons read the same.
+    """
+
+    STATIC = "static"  # parameters and constants
+    DATA = "data"  # the input and target sequences
+    PRE = "pre"  # a segment's batched values before its loops
+    LOOP = "loop"  # a forward loop, step by step
+    MID = "mid"  # batched values between two loops of one segment
+    POST = "post"  # after a segment's loops, all steps at once
+    TAIL = "tail"  # the loss
+    BPRE = "bpre"
+    BLOOP = "bloop"  # a backward loop, t = T-1 ... 0
+    BMID = "bmid"
+    BPOST = "bpost"  # gradients summed over all steps
+    BTAIL = "btail"
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+    __hash__ = str.__hash__
+
+    @property
+    def is_loop(self) -> bool:
+        return self in (Kind.LOOP, Kind.BLOOP)
+
+    @property
+    def backward(self) -> bool:
+        return self.value.startswith("b")
+
+
+class Block(NamedTuple):
+    """One block of the schedule: its kind, its segment (None outside the loops) and k,
+    numbering the loops of one segment (a `mid` or `bmid` block has the k of the loop
+    before it)."""
+
+    kind: Kind
+    seg: str | None = None
+    k: int = 0
+
+
+LOOP_KINDS = (Kind.LOOP, Kind.BLOOP)
 
 
 @dataclass
 class Schedule:
-    blocks: list[tuple]  # (kind, segment, k)
-    members: dict[tuple, list[str]]  # block -> node ids in order
-    block_of: dict[str, tuple]
+    blocks: list[Block]
+    members: dict[Block, list[str]]  # block -> node ids in order
+    block_of: dict[str, Block]
     stored: set[str] = field(default_factory=set)  # loop values that need a (T, ...) buffer
-    forward_blocks: list[tuple] = field(default_factory=list)
-    backward_blocks: list[tuple] = field(default_factory=list)
+    forward_blocks: list[Block] = field(default_factory=list)
+    backward_blocks: list[Block] = field(default_factory=list)
     rewrites: dict[str, int] = field(default_factory=dict)  # what the loop-aware passes did
 
     def loop_nodes(self, seg: str, backward: bool = False) -> list[str]:
         """Every node of a segment's loops (all of its recurrences), in order."""
-        kind = "bloop" if backward else "loop"
-        return [n for b in self.blocks if b[0] == kind and b[1] == seg
+        kind = Kind.BLOOP if backward else Kind.LOOP
+        return [n for b in self.blocks if b.kind == kind and b.seg == seg
                 for n in self.members.get(b, [])]
 
 
@@ -141,7 +186,7 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
 
     if bw is not None:
         _backward_segments(g, bw)
-    block_of: dict[str, tuple] = {}
+    block_of: dict[str, Block] = {}
     fwd_groups: dict[str, list] = {}
     bwd_groups: dict[str, list] = {}
     for s in segs:
@@ -156,7 +201,7 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
     _place_outside_loops(g, order, block_of, index)
     _backward_reductions_early(g, order, block_of, index)
     _forward_values_late(g, order, block_of, index)
-    members: dict[tuple, list[str]] = {b: [] for b in blocks}
+    members: dict[Block, list[str]] = {b: [] for b in blocks}
     for n in order:
         members[block_of[n]].append(n)
     _check_sound(g, order, block_of, index)
@@ -164,7 +209,7 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
     return Schedule(blocks, members, block_of, stored, fwd_blocks, bwd_blocks, rewrites)
 
 
-def _place_forward_segment(g: Graph, seg: str, block_of: dict) -> list[tuple]:
+def _place_forward_segment(g: Graph, seg: str, block_of: dict) -> list[Block]:
     """A segment's forward nodes: on a recurrence (state read to state update) they run
     in a loop, one per recurrence; the rest before the loops (pre) or after them (post).
     Fills `block_of`; returns the loop and in-between blocks in order."""
@@ -173,14 +218,14 @@ def _place_forward_segment(g: Graph, seg: str, block_of: dict) -> list[tuple]:
     updates = {g.node(r).attrs["update"] for r in reads}
     pre, loop, post = _stages(g, fwd, reads, updates)
     for n in pre:
-        block_of[n] = ("pre", seg, 0)
+        block_of[n] = Block(Kind.PRE, seg, 0)
     for n in post:
-        block_of[n] = ("post", seg, 0)
+        block_of[n] = Block(Kind.POST, seg, 0)
     groups = recurrences(g, loop, [(g.node(r).attrs["update"], r) for r in reads])
-    return _place(groups, seg, "loop", "mid", block_of)
+    return _place(groups, seg, Kind.LOOP, Kind.MID, block_of)
 
 
-def _place_backward_segment(g: Graph, bw: Backward, seg: str, block_of: dict) -> list[tuple]:
+def _place_backward_segment(g: Graph, bw: Backward, seg: str, block_of: dict) -> list[Block]:
     """A segment's backward nodes, as the forward ones: the recurrence runs from the carries
     to the state reads' cotangents (bloop), the rest in bpre and bpost. Fills `block_of`;
     returns the backward loop and in-between blocks in order."""
@@ -189,29 +234,29 @@ def _place_backward_segment(g: Graph, bw: Backward, seg: str, block_of: dict) ->
     cts = {bw.read_cts[r] for r in bw.read_cts if g.node(r).seg == seg}
     bpre, bloop, bpost = _stages(g, bnodes, carries, cts & bnodes)
     for n in bpre:
-        block_of[n] = ("bpre", seg, 0)
+        block_of[n] = Block(Kind.BPRE, seg, 0)
     for n in bpost:
-        block_of[n] = ("bpost", seg, 0)
+        block_of[n] = Block(Kind.BPOST, seg, 0)
     links = [(bw.read_cts[r], c) for r, c in bw.carries.items()
              if r in bw.read_cts and g.node(r).seg == seg]
     groups = recurrences(g, bloop, links)
-    return _place(groups, seg, "bloop", "bmid", block_of)
+    return _place(groups, seg, Kind.BLOOP, Kind.BMID, block_of)
 
 
 def _block_sequence(segs: list[str], fwd_groups: dict, bwd_groups: dict, backward: bool
-                    ) -> tuple[list[tuple], list[tuple]]:
+                    ) -> tuple[list[Block], list[Block]]:
     """The order blocks run in: static values, data sequences, each segment's forward
     stages in segment order, the tail; then (with a backward pass) each segment's
     backward stages in reverse segment order and the backward tail."""
-    fwd_blocks = [("static", None, 0), ("data", None, 0)]
+    fwd_blocks = [Block(Kind.STATIC), Block(Kind.DATA)]
     for s in segs:
-        fwd_blocks += [("pre", s, 0)] + fwd_groups[s] + [("post", s, 0)]
-    fwd_blocks.append(("tail", None, 0))
+        fwd_blocks += [Block(Kind.PRE, s, 0)] + fwd_groups[s] + [Block(Kind.POST, s, 0)]
+    fwd_blocks.append(Block(Kind.TAIL))
     bwd_blocks = []
     if backward:
         for s in reversed(segs):
-            bwd_blocks += [("bpre", s, 0)] + bwd_groups[s] + [("bpost", s, 0)]
-        bwd_blocks.append(("btail", None, 0))
+            bwd_blocks += [Block(Kind.BPRE, s, 0)] + bwd_groups[s] + [Block(Kind.BPOST, s, 0)]
+        bwd_blocks.append(Block(Kind.BTAIL))
     return fwd_blocks, bwd_blocks
 
 
@@ -223,31 +268,31 @@ def _place_outside_loops(g: Graph, order: list[str], block_of: dict, index: dict
         if n in block_of:
             continue
         if is_data_seg(node.seg):
-            block_of[n] = ("data", None, 0)
+            block_of[n] = Block(Kind.DATA)
             continue
         ins = [block_of[i] for i in node.inputs if i in block_of]
         if not ins:
-            block_of[n] = ("static", None, 0) if not node.grad else ("btail", None, 0)
+            block_of[n] = Block(Kind.BTAIL if node.grad else Kind.STATIC)
             continue
         block_of[n] = _after_inputs(node.grad, ins, index)
 
 
-def _after_inputs(grad: bool, ins: list[tuple], index: dict) -> tuple:
+def _after_inputs(grad: bool, ins: list[Block], index: dict) -> Block:
     """The block for a value outside the loops that reads from the blocks `ins`: the
     last of them, moved out of a loop to the batched stage after it, and into a tail
     when it reads only static values and data sequences."""
     last = max(ins, key=lambda b: index[b])
     kind, s, _ = last
-    if kind in ("loop", "mid"):
-        return ("post", s, 0)
-    if kind in ("bloop", "bmid"):
+    if kind in (Kind.LOOP, Kind.MID):
+        return Block(Kind.POST, s, 0)
+    if kind in (Kind.BLOOP, Kind.BMID):
         # a reduction over a backward loop's steps (a weight gradient) runs right after
         # that loop, so the loop's (T, ...) cotangents can go before the next one runs
-        return ("bmid", s, last[2])
-    if kind in ("static", "data") and grad:
-        return ("btail", None, 0)
-    if kind in ("static", "data"):
-        return ("tail", None, 0) if any(index[b] > 1 for b in ins) else last
+        return Block(Kind.BMID, s, last.k)
+    if kind in (Kind.STATIC, Kind.DATA) and grad:
+        return Block(Kind.BTAIL)
+    if kind in (Kind.STATIC, Kind.DATA):
+        return Block(Kind.TAIL) if any(index[b] > 1 for b in ins) else last
     return last
 
 
@@ -258,29 +303,29 @@ def _backward_reductions_early(g: Graph, order: list[str], block_of: dict, index
     the last loop it reads, so the (T, ...) cotangents it reads go early."""
     for n in order:
         b = block_of[n]
-        if b[0] != "bpost":
+        if b.kind != Kind.BPOST:
             continue
         last = max((block_of[i] for i in g.node(n).inputs), key=lambda x: index[x])
-        if last[0] in ("bloop", "bmid") and last[1] == b[1]:
-            block_of[n] = ("bmid", last[1], last[2])
+        if last.kind in (Kind.BLOOP, Kind.BMID) and last.seg == b.seg:
+            block_of[n] = Block(Kind.BMID, last.seg, last.k)
 
 
 def _forward_values_late(g: Graph, order: list[str], block_of: dict, index: dict) -> None:
     """A forward value only the backward pass reads (the concat(x, h[t-1]) a weight
     gradient needs) is made where it is first needed, in a batched backward stage, so it
     does not live through the loops."""
-    batched = ("bpre", "bmid", "bpost", "btail")
+    batched = (Kind.BPRE, Kind.BMID, Kind.BPOST, Kind.BTAIL)
     for n in reversed(order):
         node = g.node(n)
         users = g.consumers(n)
-        if node.grad or block_of[n][0] not in ("pre", "mid", "post") or not users or \
+        if node.grad or block_of[n].kind not in (Kind.PRE, Kind.MID, Kind.POST) or not users or \
                 node.op in ("input", "param", "state") or \
                 any(g.node(r).op == "state" for r in g.g.successors(n)):
             continue
-        if not all(block_of[u][0].startswith("b") for u in users):
+        if not all(block_of[u].kind.backward for u in users):
             continue
         first = min((block_of[u] for u in users), key=lambda b: index[b])
-        if first[0] in batched:
+        if first.kind in batched:
             block_of[n] = first
 
 
@@ -299,12 +344,12 @@ def _stored(g: Graph, order: list[str], block_of: dict) -> set[str]:
     stored = set()
     for n in order:
         b = block_of[n]
-        if b[0] not in LOOP_KINDS:
+        if not b.kind.is_loop:
             continue
         node = g.node(n)
         if node.op == "state":
             continue  # it has its state's (T + 1, ...) buffer
-        if b[0] == "loop" and any(g.node(r).attrs.get("update") == n for r in
+        if b.kind == Kind.LOOP and any(g.node(r).attrs.get("update") == n for r in
                                   g.g.successors(n) if g.node(r).op == "state"):
             continue  # state updates live in the state's (T+1, ...) buffer
         for user in g.consumers(n):
@@ -374,21 +419,21 @@ def _backward_segments(g: Graph, bw: Backward) -> None:
         node.seg = max(segs, key=seg_order) if segs else None
 
 
-def _place(groups, seg: str, loop_kind: str, mid_kind: str, block_of: dict) -> list[tuple]:
+def _place(groups, seg: str, loop_kind: Kind, mid_kind: Kind, block_of: dict) -> list[Block]:
     """Number a segment's recurrences and in-between stages; returns their blocks."""
     blocks = []
     k = 0
     for kind, members in groups:
         if kind == "loop":
-            block = (loop_kind, seg, k)
+            block = Block(loop_kind, seg, k)
             k += 1
         else:
-            block = (mid_kind, seg, k - 1)
+            block = Block(mid_kind, seg, k - 1)
         blocks.append(block)
         for n in members:
             block_of[n] = block
         if kind == "loop":  # every loop is followed by a (maybe empty) batched stage
-            blocks.append((mid_kind, seg, k - 1))
+            blocks.append(Block(mid_kind, seg, k - 1))
     out = []
     for b in blocks:  # one stage between two loops
         if not out or b != out[-1]:
