@@ -51,7 +51,7 @@ from .naming import Names
 from .ops import OPS, float_source, node_flops
 from .peel import ALIAS, COMPUTE, ZERO, Variant
 from .plan import FunctionPlan, ModulePlan, plan_module
-from .schedule import LOOP_KINDS, Block, Kind, Schedule
+from .schedule import Block, Kind, Schedule
 
 class _Out:
     def __init__(self):
@@ -245,7 +245,7 @@ class Generator:
     def is_view_of_step(self, nid: str) -> bool:
         """A slice of a loop value, read outside its step through its operand's buffer."""
         node = self.g.node(nid)
-        return (node.op == "slice" and self.s.block_of[nid][0] in LOOP_KINDS
+        return (node.op == "slice" and self.s.block_of[nid].kind.is_loop
                 and nid not in self.stored and nid not in self.state_of_update)
 
     def step_ix(self, nid: str, plus: int = 0) -> str:
@@ -268,9 +268,9 @@ class Generator:
             raise AssertionError(f"{nid} is kept for one window of steps only")
         if node.op == "state":
             return f"{self.buf(nid)}[:-1]"
-        if b[0] == "loop" and nid in self.state_of_update:
+        if b.kind == Kind.LOOP and nid in self.state_of_update:
             return f"{self.buf(self.state_of_update[nid])}[1:]"
-        if b[0] in LOOP_KINDS:
+        if b.kind.is_loop:
             if self.is_view_of_step(nid):
                 return OPS["slice"].code([self.batched(node.inputs[0])], node.attrs)
             if nid not in self.stored:
@@ -278,7 +278,7 @@ class Generator:
             return f"{self.v(nid)}_seq"
         return self.v(nid)
 
-    def at_step(self, nid: str, ctx: tuple) -> str:
+    def at_step(self, nid: str, ctx: Block) -> str:
         """Expression for a value at step t, seen from inside loop block `ctx`."""
         node = self.g.node(nid)
         b = self.s.block_of[nid]
@@ -288,10 +288,10 @@ class Generator:
             return f"{self.v(nid)}[t - start]"
         if node.op == "state":
             return f"{self.buf(nid)}[{self.step_ix(nid)}]"
-        if b[0] == "loop" and nid in self.state_of_update:
+        if b.kind == Kind.LOOP and nid in self.state_of_update:
             read = self.state_of_update[nid]
             return f"{self.buf(read)}[{self.step_ix(read, 1)}]"
-        if b[0] in LOOP_KINDS and self.is_view_of_step(nid):
+        if b.kind.is_loop and self.is_view_of_step(nid):
             return OPS["slice"].code([self.at_step(node.inputs[0], ctx)], node.attrs)
         if nid in self.ring:
             return f"{self.v(nid)}_seq[{self.step_ix(nid)}]"
@@ -441,14 +441,14 @@ class Generator:
         # (every shape and time length was checked by rt.check_call, the first statement)
 
     # ------------------------------------------------------------ blocks
-    def emit_block(self, o: _Out, block: tuple, members: dict, state_arg: bool = True) -> None:
+    def emit_block(self, o: _Out, block: Block, members: dict, state_arg: bool = True) -> None:
         kind, seg, k = block
         nodes = members.get(block, [])
-        if kind == "loop":
+        if kind == Kind.LOOP:
             if nodes:
                 self.emit_loop(o, block, nodes, state_arg)
             return
-        if kind == "bloop":
+        if kind == Kind.BLOOP:
             if nodes:
                 self.emit_bloop(o, block, nodes)
             return
@@ -514,7 +514,7 @@ class Generator:
             b = self.s.block_of[n]
             if not _owned(node.op) or _view(node.op) or node.seg is None:
                 continue
-            if b[0] in LOOP_KINDS:
+            if b.kind.is_loop:
                 if n in self.stored:
                     names.append(f"{self.v(n)}_seq")
                     if n in self.fp.channel_major:
@@ -534,20 +534,20 @@ class Generator:
         src = node.attrs["init_from"]  # an update node of an earlier loop
         return f"{self.buf(self.state_of_update[src])}[-1]"
 
-    def loop_title(self, block: tuple, sources: list[str]) -> str:
+    def loop_title(self, block: Block, sources: list[str]) -> str:
         """`loop1.0: fc1.c, fc1.h`; a backward loop has its forward loop's id and title."""
         kind, seg, k = block
         states = self.loop_states(block, sources)
-        forward = [b for b in self.s.blocks if b[0] == "loop" and b[1] == seg]
+        forward = [b for b in self.s.blocks if b.kind == Kind.LOOP and b.seg == seg]
         several = len(forward) > 1
-        if several and kind == "bloop":  # the forward loop of the same states
-            k = next((f[2] for f in forward if self.loop_states(f) == states), k)
+        if several and kind == Kind.BLOOP:  # the forward loop of the same states
+            k = next((f.k for f in forward if self.loop_states(f) == states), k)
         name = f"{seg}.{k}" if several else seg
         cells = next(s.cells for s in self.low.segments if s.id == seg)
         what = ", ".join(states) if several else ", ".join(cells)
         return f"{name}: {what}"
 
-    def loop_states(self, block: tuple, sources: list[str] | None = None) -> list[str]:
+    def loop_states(self, block: Block, sources: list[str] | None = None) -> list[str]:
         """The states a loop block carries (of its state reads or carries)."""
         g = self.g
         if sources is None:
@@ -556,7 +556,7 @@ class Generator:
         return sorted({g.node(r).attrs.get("state") or
                        g.node(g.node(r).attrs["read"]).attrs.get("state", r) for r in sources})
 
-    def emit_loop(self, o: _Out, block: tuple, nodes: list[str], state_arg: bool) -> None:
+    def emit_loop(self, o: _Out, block: Block, nodes: list[str], state_arg: bool) -> None:
         g = self.g
         _, seg, _ = block
         T = self.seg_T[seg]
@@ -648,7 +648,7 @@ class Generator:
         for r in ring:
             o(f"{self.buf(r)}_final = {self.buf(r)}[({T} - 1) % {K} + 1].copy()")
 
-    def emit_window_values(self, o: _Out, L: tuple) -> None:
+    def emit_window_values(self, o: _Out, L: Block) -> None:
         """The batched values only loop L reads (its input convolution), for steps
         start ... stop - 1: made again with each window instead of kept for all steps."""
         g = self.g
@@ -695,7 +695,7 @@ class Generator:
     def has_recompute(self, block: Block) -> bool:
         return bool(self.fp.recompute.partner_of(block))
 
-    def emit_bloop(self, o: _Out, block: tuple, nodes: list[str]) -> None:
+    def emit_bloop(self, o: _Out, block: Block, nodes: list[str]) -> None:
         g = self.g
         bw = self.bw
         _, seg, _ = block
@@ -816,7 +816,7 @@ class Generator:
         o()
         def out(i):  # loop values live in buffers the backend reuses: hand out copies
             e = f"rt.batch_major({self.batched(i)})"
-            return e + ".copy()" if self.s.block_of[i][0] in LOOP_KINDS else e
+            return e + ".copy()" if self.s.block_of[i].kind.is_loop else e
 
         outs = ", ".join(f"{n!r}: {out(i)}" for n, i in low.outputs.items())
         o(f"outputs = {{{outs}}}")
@@ -933,16 +933,16 @@ class Generator:
 
 
 _BLOCK_TITLES = {
-    "static": "parameters and constants",
-    "data": "inputs",
-    "pre": "before the loop, all steps at once",
-    "mid": "between two loops, all steps at once",
-    "post": "after the loop, all steps at once",
-    "tail": "loss",
-    "bpre": "backward, before the loop, all steps at once",
-    "bmid": "backward, between two loops, all steps at once",
-    "bpost": "backward, after the loop: gradients summed over all steps",
-    "btail": "gradients",
+    Kind.STATIC: "parameters and constants",
+    Kind.DATA: "inputs",
+    Kind.PRE: "before the loop, all steps at once",
+    Kind.MID: "between two loops, all steps at once",
+    Kind.POST: "after the loop, all steps at once",
+    Kind.TAIL: "loss",
+    Kind.BPRE: "backward, before the loop, all steps at once",
+    Kind.BMID: "backward, between two loops, all steps at once",
+    Kind.BPOST: "backward, after the loop: gradients summed over all steps",
+    Kind.BTAIL: "gradients",
 }
 
 
@@ -1090,7 +1090,7 @@ class _LoopRender:
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
              recompute: int | None = None,
-             weight_gradient_layout: str | None = "channel-major") -> str:
+             weight_gradient_layout: str | None = None) -> str:
     """Plan the module (plan.py), then render it. `weight_gradient_layout`: what the
     target backend's capabilities declare (runtime/backend.py)."""
     if recompute is not None and (not isinstance(recompute, int) or recompute < 1):

@@ -137,22 +137,34 @@ def model_errors(prog: Program, model: str | None, low: Lowered | None = None,
     return rep.diagnostics
 
 
+DEFAULT_TARGET = ("cpu", "numpy")
+
+
+def target_capabilities(target):
+    """The declared capabilities of a compile target: (device, conv) or Capabilities."""
+    if isinstance(target, tuple):
+        from convc.runtime.backend import declared_capabilities
+
+        return declared_capabilities(*target)
+    return target
+
+
 def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
                   debug_nans: bool = False, recompute: int | None = None,
-                  snapshots: bool = False) -> Compiled:
+                  snapshots: bool = False, target=DEFAULT_TARGET) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
     c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute,
-                        snapshots=snapshots)
+                        snapshots=snapshots, target=target)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
                     debug_nans: bool = False, recompute: int | None = None,
-                    snapshots: bool = False) -> Compiled:
+                    snapshots: bool = False, target=DEFAULT_TARGET) -> Compiled:
     """Check, lower, differentiate, schedule and generate one model.
 
     recompute=K: loss_and_grad keeps the forward values the backward pass
@@ -160,6 +172,11 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     recomputing each window in the backward loop: less memory, one more
     forward pass over all but the last window. snapshots: keep the IR's text
     after each stage of IR_STAGES (`Compiled.ir_text(stage)`).
+
+    target: the backend the code is planned for, (device, conv) as registered
+    in runtime/backend.py, or its Capabilities. The plan asks it what layouts
+    it reads fastest (`weight_gradient_layout`); the module still runs on
+    every backend.
     """
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -214,7 +231,9 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         sched = schedule(low, bw, rewrites)
     snap("schedule")
     with stage("codegen"):
-        source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute)
+        source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
+                          weight_gradient_layout=target_capabilities(target)
+                          .weight_gradient_layout)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts)
 
 

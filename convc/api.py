@@ -35,20 +35,22 @@ def compile_file(path, model: str | None = None, text: str | None = None,
 
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
-         snapshots: bool = False) -> types.ModuleType:
+         snapshots: bool = False, target=("cpu", "numpy")) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
     `sgd_step`, `MODEL` (metadata), plus `compiled` (every stage of the
     compile), `train(...)` (the training loop of convc.runtime.train) and
-    `predict(checkpoint, ...)` (convc.runtime.predict.predict).
+    `predict(checkpoint, ...)` (convc.runtime.predict.predict). target: the
+    backend the code is planned for, (device, conv) as registered; the module
+    runs on every backend.
     """
     from convc.runtime import loader
     from convc.runtime import predict as _predict
     from convc.runtime import train as _train
 
     mod = loader.load(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute,
-                      snapshots=snapshots)
+                      snapshots=snapshots, target=target)
 
     def train(params=None, **options):
         return _train.train(mod, params=params, **options)

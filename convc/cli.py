@@ -59,8 +59,10 @@ def _load(args, debug_nans: bool = False, snapshots: bool = False):
     import convc.api as api
 
     _require_file(args.file)
+    target = (getattr(args, "device", None) or "cpu", getattr(args, "conv", None) or "numpy")
     mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans,
-                   recompute=getattr(args, "recompute", None), snapshots=snapshots)
+                   recompute=getattr(args, "recompute", None), snapshots=snapshots,
+                   target=target)  # planned for the backend it will run on
     _print_warnings(mod.compiled.warnings)
     return mod
 

@@ -16,6 +16,7 @@ import sys
 import numpy as np
 import pytest
 
+from convc import api
 from convc.errors import BackendError
 from convc.runtime import backend as registry
 from convc.runtime import kernels
@@ -276,3 +277,35 @@ def test_registering_the_gpu_backends_imports_no_cupy():
     declared_capabilities("gpu", "numpy")
     declared_capabilities("gpu", "chainer")
     assert "cupy" not in sys.modules
+
+
+# ---------------------------------------------------------------- the compiler asks the target
+
+CHANNEL_MAJOR = ".transpose(1, 2, 0, 3, 4)  # channel-major"
+
+
+def test_the_plan_keeps_channel_major_values_only_for_a_backend_that_asks():
+    """A stored cotangent feeding a weight gradient is laid out (C, T, N, H, W) when the
+    target's capabilities say its weight-gradient GEMM reads it so (NumPy's), and plainly
+    for one with no preference (the reference backend, or a declared Capabilities)."""
+    seed = next(p for p in EXAMPLES if p.stem == "seed")
+    text = seed.read_text(encoding="utf-8")
+    numpy_mod = api.load(seed, text=text)
+    assert declared_capabilities("cpu", "numpy").weight_gradient_layout == "channel-major"
+    assert CHANNEL_MAJOR in numpy_mod.source
+    for target in (("cpu", "reference"), Capabilities()):
+        plain = api.load(seed, text=text, target=target)
+        assert CHANNEL_MAJOR not in plain.source
+        params = random_params(plain, seed=5)
+        inputs, targets = random_batch(plain, N=2, T=3, seed=5)
+        ours = numpy_mod.loss_and_grad(params, inputs, targets)
+        theirs = plain.loss_and_grad(params, inputs, targets)
+        assert _rel(theirs[0], ours[0]) <= 1e-12
+        for p in params:
+            assert _rel(theirs[1][p], ours[1][p]) <= 1e-12, p
+
+
+def test_an_unknown_compile_target_is_an_error_naming_the_registered_ones():
+    seed = next(p for p in EXAMPLES if p.stem == "seed")
+    with pytest.raises(BackendError, match="numpy"):
+        api.load(seed, target=("cpu", "torch"))
