@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .ir import Graph, Node
+from .ir import Graph, Node, seg_order
 from .lower import Lowered
 from .ops import OPS, vjp_rule
 
@@ -57,7 +57,7 @@ class Builder:
         op = OPS[name]
         segs = [self.g.node(i).seg for i in inputs]
         loops = [s for s in segs if s is not None]
-        seg = max(loops, key=_seg_key) if loops else None
+        seg = max(loops, key=seg_order) if loops else None
         if name == "conv_grad_weight" or (name == "sum_to" and not attrs.get("batched")):
             seg = None  # reductions over batch and time to a parameter's shape
         base = _grad_name(self.g, inputs, name)
@@ -66,11 +66,6 @@ class Builder:
         self.g.add(node)
         node.shape = tuple(op.shape([self.g.node(i).shape for i in inputs], attrs))
         return nid
-
-
-def _seg_key(seg: str):
-    # data sequences ("@x") come before loops ("loop0", "loop1", ...)
-    return (0, seg) if seg.startswith("@") else (1, int(seg[4:]))
 
 
 def _grad_name(g: Graph, inputs, op: str) -> str:

@@ -44,7 +44,7 @@ from convc.spec.elaborate import WORDS, ConstError, Failed, Opaque, const_value,
 from convc.spec.loader import Program
 from convc.spec.sites import Site, SiteReporter, in_library, relocate  # noqa: F401 (in_library: also others')
 
-from .ir import Graph, Node
+from .ir import Graph, Node, data_name, data_seg, is_data_seg, loop_seg
 from .ops import OPS, ShapeError, broadcast, fmt_shape
 
 
@@ -195,15 +195,15 @@ class Lowerer:
     def seg_index(self, seg: str | None) -> int:
         if seg is None:
             return -2
-        if seg.startswith("@"):
+        if is_data_seg(seg):
             return -1
         return self.segments[seg].index
 
     def seg_axis(self, seg: str) -> str:
-        return seg[1:] if seg.startswith("@") else self.segments[seg].axis
+        return data_name(seg) if is_data_seg(seg) else self.segments[seg].axis
 
     def new_segment(self, axis: str) -> str:
-        sid = f"loop{len(self.segments)}"
+        sid = loop_seg(len(self.segments))
         self.segments[sid] = Segment(sid, axis, len(self.segments))
         return sid
 
@@ -345,7 +345,7 @@ class Lowerer:
         if isinstance(st, A.SeqDecl):
             shape = tuple(int(d.value) for d in st.shape)
             op = "input"
-            nid = self.node(op, (), st.loc, base=st.name, seg="@" + st.name, shape=shape,
+            nid = self.node(op, (), st.loc, base=st.name, seg=data_seg(st.name), shape=shape,
                             kind=st.kind, seq=st.name)
             (self.inputs if st.kind == "input" else self.targets)[st.name] = nid
             env[st.name] = Tensor(nid)
@@ -550,19 +550,19 @@ class Lowerer:
         steps_axis = None
         if "steps" in kw:
             src = self.expr(kw["steps"].value, env, model=True)
-            if not isinstance(src, Tensor) or not (self.g.node(src.id).seg or "").startswith("@"):
+            if not isinstance(src, Tensor) or not is_data_seg(self.g.node(src.id).seg):
                 raise self._reported()
-            steps_axis = self.g.node(src.id).seg[1:]
+            steps_axis = data_name(self.g.node(src.id).seg)
         # which loop runs this cell
         in_segs = [self.g.node(x.id).seg for x in inputs]
         if in_segs:
             cand = self.join_segments(in_segs, call.loc)
         elif steps_axis is not None:
-            cand = "@" + steps_axis
+            cand = data_seg(steps_axis)
         else:
             raise self._reported()
-        if cand.startswith("@"):
-            axis = cand[1:]
+        if is_data_seg(cand):
+            axis = data_name(cand)
             seg = self.default_seg.get(self.axis(axis))
             if seg is None or (init_from and self.seg_index(init_from.seg) >= self.seg_index(seg)):
                 seg = self.new_segment(axis)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import Graph
+from .ir import Graph, seg_order
 from .ops import OPS
 
 
@@ -368,10 +368,6 @@ def _add_tree(g: Graph, root: str) -> tuple[list[str], list[str]]:
     return leaves, inner
 
 
-def _seg_key(seg):
-    return (0, "") if seg is None else (1, seg) if seg.startswith("@") else (2, int(seg[4:]))
-
-
 def reassociate_adds(g: Graph, cycles: dict[str, int]) -> int:
     """Sum the terms off a recurrence first: (conv_x + conv_h) + b -> (conv_x + b) + conv_h.
 
@@ -398,7 +394,7 @@ def reassociate_adds(g: Graph, cycles: dict[str, int]) -> int:
         if any(set(_add_tree(g, i)[0]) == set(outside) for i in inner):
             continue  # the off-recurrence terms are already summed on their own
         segs = [g.node(x).seg for x in outside if g.node(x).seg is not None]
-        seg = max(segs, key=_seg_key) if segs else None
+        seg = max(segs, key=seg_order) if segs else None
         acc = outside[0]
         for x in outside[1:]:
             acc = _new(g, "add", "add", (acc, x), node, seg)

@@ -113,6 +113,7 @@ def conv_flops(mod, steps: dict[str, int], batch: int) -> dict:
     rule); backward: twice
     the forward count.
     """
+    from convc.compiler.ir import data_name, is_data_seg
     from convc.compiler.ops import OPS, node_flops
 
     low = mod.compiled.lowered
@@ -126,8 +127,8 @@ def conv_flops(mod, steps: dict[str, int], batch: int) -> dict:
         seg = node.seg
         if seg is None:
             t = 1
-        elif seg.startswith("@"):
-            t = steps.get(low.axis_of.get(seg[1:], seg[1:]), 1)
+        elif is_data_seg(seg):
+            t = steps.get(low.axis_of.get(data_name(seg), data_name(seg)), 1)
         else:
             t = steps.get(axis_of_seg[seg], 1)
         fwd += batch * t * node_flops(g, node)

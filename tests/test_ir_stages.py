@@ -7,6 +7,7 @@ keeping them changes nothing the compile produces.
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,36 @@ def test_cli_names_the_stages_for_an_unknown_one():
     r = _convc("compile", str(EF), "--emit", "ir@parse")
     assert r.returncode == 2
     assert "unknown kind ir@parse" in r.stderr and "ir@STAGE with STAGE one of lower" in r.stderr
+
+
+# ---------------------------------------------------------------- typed segments and blocks
+
+# how code that parses segment keys itself reads: compiler/ir.py's helpers spell the forms
+_SEG_PARSING = re.compile(r"""startswith\(["']@["']\)|seg\[1:\]|seg\[4:\]|["']@["'] \+|"""
+                          r"""f["']loop\{|startswith\(["']loop["']\)""")
+
+
+def test_segment_keys_are_spelled_out_only_in_ir_py():
+    found = []
+    for package in ("compiler", "runtime", "spec", "convc"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            if path == ROOT / "compiler" / "ir.py":
+                continue
+            for k, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                code = line.split("#")[0]
+                if _SEG_PARSING.search(code):
+                    found.append(f"{path.relative_to(ROOT)}:{k}: {line.strip()}")
+    assert not found, "segment keys parsed outside compiler/ir.py:\n" + "\n".join(found)
+
+
+def test_blocks_are_typed_and_compare_as_their_kind(ef):
+    from convc.compiler.schedule import Block, Kind
+
+    s = ef.schedule
+    assert all(isinstance(b, Block) and isinstance(b.kind, Kind) for b in s.blocks)
+    assert set(s.block_of.values()) <= set(s.blocks)
+    loops = [b for b in s.blocks if b.kind.is_loop]
+    assert {b.kind for b in loops} == {Kind.LOOP, Kind.BLOOP}
+    assert all(b.kind.backward for b in s.backward_blocks)
+    assert not any(b.kind.backward for b in s.forward_blocks)
+    assert Kind.LOOP == "loop" and f"{Kind.BMID}" == "bmid"  # the IR's text reads the same
