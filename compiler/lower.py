@@ -409,7 +409,7 @@ class Lowerer:
         new = self.g.fresh(base)
         self._relabel(v.id, new)
         v.id = new
-        self.g.node(new).attrs["_named"] = True
+        self.g.node(new).attrs["_named"] = name  # the spec's name for it
 
     def _relabel(self, old: str, new: str) -> None:
         self.g.relabel(old, new)

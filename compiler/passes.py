@@ -259,6 +259,8 @@ def _new(g: Graph, base: str, op: str, inputs, like, seg, grad: bool = False, **
     from .ir import Node
 
     nid = g.fresh(base)
+    if "_instance" in like.attrs:  # made for the cell instance `like` was made for
+        attrs.setdefault("_instance", like.attrs["_instance"])
     node = Node(nid, op, tuple(inputs), dict(attrs), None, like.loc, seg, grad=grad)
     g.add(node)
     node.shape = tuple(OPS[op].shape([g.node(i).shape for i in node.inputs], node.attrs))

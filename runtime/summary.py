@@ -22,9 +22,7 @@ actually runs, after constant folding, fusion and dead-code elimination.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 
 from convc.errors import ConvcError
@@ -72,117 +70,37 @@ def _fmt_bytes(n: int) -> str:
 # ---------------------------------------------------------------------------
 
 
-def _lines_of(tree) -> set[tuple[str, int]]:
-    """Every (file, line) a syntax tree touches (walks the dataclasses iteratively)."""
-    from convc.spec.diagnostics import Loc
-
-    found: set[tuple[str, int]] = set()
-    stack = [tree]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, Loc):
-            found.add((item.file, item.line))
-        elif isinstance(item, (tuple, list)):
-            stack.extend(item)
-        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
-            stack.extend(getattr(item, f.name) for f in dataclasses.fields(item))
-    return found
-
-
 class _Owners:
     """Maps forward nodes to the cell instance that made them (None: model level).
 
-    The IR records locations, not instances, so this works backwards from
-    what it does record: a parameter is named `instance.weight`, a state
-    read carries `instance.state`, and a node bound to a name inside a cell
-    is called `<name>_<instance>`. A node whose source line lies in a cell
-    used by one instance only belongs to that instance; with several
-    instances of one cell, a node goes to the instance whose parameter or
-    state it reads directly, else to that of the nearest named node it
-    feeds, else to that of its inputs.
+    Lowering records the instance on every node it makes while elaborating a
+    cell (the `_instance` attribute), and the passes hand it on to the nodes
+    they make in a node's place; a parameter is named `instance.weight` and a
+    state read carries `instance.state`.
     """
 
-    def __init__(self, low, program):
-        self.g = low.graph
-        self.instances = dict(low.cells)  # instance -> cell name
-        self.by_cell: dict[str, list[str]] = {}
-        for inst in sorted(self.instances):
-            self.by_cell.setdefault(self.instances[inst], []).append(inst)
-        self.cell_lines: dict[tuple[str, int], str] = {}
-        cells = getattr(program, "cells", {}) if program is not None else {}
-        for cell_name in sorted(self.by_cell):
-            cell = cells.get(cell_name)
-            if cell is None:
-                continue
-            for key in _lines_of(cell.body):
-                self.cell_lines[key] = cell_name
-        self.param_owner = {}
-        for name in sorted(low.params):
-            spec = low.params[name]
-            prefix = name.split(".", 1)[0] if "." in name else None
-            self.param_owner[spec.node] = prefix if prefix in self.instances else None
+    def __init__(self, low):
+        g = low.graph
+        instances = set(low.cells)
+
+        def prefix(name) -> str | None:
+            head = str(name).split(".", 1)[0] if "." in str(name) else None
+            return head if head in instances else None
+
+        param_owner = {spec.node: prefix(name) for name, spec in low.params.items()}
         self.owner: dict[str, str | None] = {}
-        for n in self.g.order():
-            node = self.g.node(n)
-            if not node.grad:
-                self.owner[n] = self._decide(n)
-
-    def _named_owner(self, n: str, candidates: list[str]) -> str | None:
-        node = self.g.node(n)
-        if not node.attrs.get("_named"):
-            return None
-        for inst in sorted(candidates, key=len, reverse=True):
-            if re.fullmatch(rf".+_{re.escape(inst)}(_\d+)?", n):
-                return inst
-        return None
-
-    def _direct_owner(self, n: str, candidates: list[str]) -> str | None:
-        for i in self.g.node(n).inputs:
-            inode = self.g.node(i)
-            if inode.op in ("param", "state", "reshape") and self.owner.get(i) in candidates:
-                return self.owner[i]
-        return None
-
-    def _decide(self, n: str) -> str | None:
-        node = self.g.node(n)
-        explicit = node.attrs.get("_instance")
-        if explicit in self.instances:
-            return explicit
-        if n in self.param_owner:
-            return self.param_owner[n]
-        if node.op == "state":
-            prefix = str(node.attrs.get("state", "")).split(".", 1)[0]
-            return prefix if prefix in self.instances else None
-        if node.op == "reshape" and node.inputs and node.inputs[0] in self.param_owner:
-            return self.param_owner[node.inputs[0]]
-        cell = self.cell_lines.get((node.loc.file, node.loc.line))
-        if cell is None:
-            return None
-        candidates = self.by_cell[cell]
-        if len(candidates) == 1:
-            return candidates[0]
-        found = self._direct_owner(n, candidates) or self._named_owner(n, candidates)
-        if found:
-            return found
-        # the nearest named node this one feeds, within the same cell's lines
-        frontier, seen = [n], {n}
-        while frontier:
-            following = []
-            for m in frontier:
-                for c in self.g.consumers(m):
-                    cnode = self.g.node(c)
-                    if c in seen or cnode.grad:
-                        continue
-                    seen.add(c)
-                    if self.cell_lines.get((cnode.loc.file, cnode.loc.line)) != cell:
-                        continue
-                    named = self._named_owner(c, candidates) or self._direct_owner(c, candidates)
-                    if named:
-                        return named
-                    following.append(c)
-            frontier = following
-        owners = [self.owner.get(i) for i in node.inputs if self.owner.get(i) in candidates]
-        return owners[0] if owners else candidates[0]
+        for n in g.order():
+            node = g.node(n)
+            if node.grad:
+                continue
+            inst = node.attrs.get("_instance")
+            if inst not in instances:
+                inst = param_owner.get(n)
+            if inst is None and node.op == "state":
+                inst = prefix(node.attrs.get("state", ""))
+            if inst is None and node.op == "reshape" and node.inputs:
+                inst = param_owner.get(node.inputs[0])
+            self.owner[n] = inst
 
 
 # ---------------------------------------------------------------------------
@@ -205,7 +123,7 @@ def summary_rows(mod) -> list[Row]:
     low = compiled.lowered
     g = low.graph
     stored = set(compiled.schedule.stored)
-    owners = _Owners(low, getattr(compiled, "program", None)).owner
+    owners = _Owners(low).owner
     order = g.order()
 
     # Heads: model-level forward nodes, each given to the first output that needs it.
@@ -301,8 +219,7 @@ def _instance_output_shape(g, inst: str, compiled, owners) -> tuple | None:
                 stack.extend(st.then + st.orelse)
     for out in names:
         for n in g.order():
-            if owners.get(n) == inst and re.fullmatch(
-                    rf"{re.escape(out)}_{re.escape(inst)}(_\d+)?", n):
+            if owners.get(n) == inst and g.node(n).attrs.get("_named") == out:
                 return g.node(n).shape
     for n in g.order():
         node = g.node(n)
