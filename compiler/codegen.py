@@ -572,20 +572,7 @@ class Generator:
               f"of {K} steps,")
             o("# the states at the start of each window; the backward loop recomputes the rest)")
         o.last_loc = None
-        for r in reads:
-            node = g.node(r)
-            rows = f"min({K}, {T}) + 1" if r in self.ring else T + " + 1"
-            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(rows, node.shape)}, dtype, "
-              f"{self.keep_arg(self.buf(r))})")
-            init = self.init_expr(r)
-            if state_arg and node.attrs["init"] != "final":
-                o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
-            else:
-                o(f"{self.buf(r)}[0] = {init}")
-            if r in self.ring:
-                o(f"{self.ckpt(r)} = rt.empty(xp, "
-                  f"{_seq_shape(f'({T} + {K - 1}) // {K}', node.shape)}, dtype, "
-                  f"{self.keep_arg(self.ckpt(r))})  # checkpoints: the first state of each window")
+        self.emit_state_buffers(o, reads, T, state_arg)
         for n in lm.body:
             if n in self.stored:
                 self.seq_alloc(o, n, T)
@@ -633,6 +620,31 @@ class Generator:
             plan.drop_step_names(o)
             return
         o.dedent()
+        self.emit_windows(o, block, reads, T)
+
+    def emit_state_buffers(self, o: _Out, reads: list[str], T: str, state_arg: bool) -> None:
+        """Each state's (T + 1, N, ...) buffer (K + 1 rows when recompute=K keeps one
+        window of it, with its checkpoints), row 0 its initial value."""
+        K = self.recompute
+        for r in reads:
+            node = self.g.node(r)
+            rows = f"min({K}, {T}) + 1" if r in self.ring else T + " + 1"
+            o(f"{self.buf(r)} = rt.empty(xp, {_seq_shape(rows, node.shape)}, dtype, "
+              f"{self.keep_arg(self.buf(r))})")
+            init = self.init_expr(r)
+            if state_arg and node.attrs["init"] != "final":
+                o(f"{self.buf(r)}[0] = rt.initial_state(state, {node.attrs['state']!r}, {init})")
+            else:
+                o(f"{self.buf(r)}[0] = {init}")
+            if r in self.ring:
+                o(f"{self.ckpt(r)} = rt.empty(xp, "
+                  f"{_seq_shape(f'({T} + {K - 1}) // {K}', node.shape)}, dtype, "
+                  f"{self.keep_arg(self.ckpt(r))})  # checkpoints: the first state of each window")
+
+    def emit_windows(self, o: _Out, block: Block, reads: list[str], T: str) -> None:
+        """recompute=K: run the loop window by window, checkpointing the states at the
+        start of each; keep the final states."""
+        K = self.recompute
         o()
         ring = [r for r in reads if r in self.ring]
         o(f"for w in range(0, {T}, {K}):")
@@ -697,7 +709,6 @@ class Generator:
 
     def emit_bloop(self, o: _Out, block: Block, nodes: list[str]) -> None:
         g = self.g
-        bw = self.bw
         _, seg, _ = block
         T = self.seg_T[seg]
         carries = [n for n in nodes if g.node(n).op == "carry"]
@@ -760,7 +771,13 @@ class Generator:
         keep_carries()
         plan.emit(o, first)
         o.dedent()
-        # cotangents of the initial states (t = 0)
+        self.emit_initial_cotangents(o, lm, carries)
+        plan.drop_step_names(o)
+
+    def emit_initial_cotangents(self, o: _Out, lm: LoopMemory, carries: list[str]) -> None:
+        """The cotangents of the initial states: what step t = 0 hands on."""
+        g, bw = self.g, self.bw
+        first = lm.variants["first"]
         for c in carries:
             read = g.node(c).attrs["read"]
             co = bw.carry_outs.get(read)
@@ -776,7 +793,6 @@ class Generator:
             if g.node(read).attrs["init"] == "learned":
                 o("if state is not None:  # started from a given state: no gradient to it")
                 o(f"    {co} = xp.zeros_like({co})")
-        plan.drop_step_names(o)
 
     def carry_step(self, o: _Out, plan: "_LoopRender", carries: list[str],
                    first: bool = False) -> None:

@@ -873,3 +873,27 @@ def test_loss_alone_equals_the_loss_of_loss_and_grad(path):
         assert isinstance(alone, float)
         assert abs(alone - with_grads) <= 1e-12 * abs(with_grads)
     assert "def loss(params, inputs, targets" in mod.source
+
+
+# ---------------------------------------------------------------- plan, then render
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=example_ids())
+@pytest.mark.parametrize("recompute", [None, 2])
+def test_the_emitter_renders_a_finished_plan_and_changes_nothing_in_it(path, recompute):
+    """plan.py's ModulePlan is a value: planning twice gives the same plan, and the
+    generator renders it to the compiled source without touching it, twice alike."""
+    from convc.compiler.codegen import Generator
+    from convc.compiler.plan import plan_module
+
+    c = api.load(path, recompute=recompute).compiled
+    args = (c.lowered, c.backward, c.schedule, recompute, "channel-major")
+    plan = plan_module(*args)
+    before = repr(plan)
+    assert repr(plan_module(*args)) == before
+    first = Generator(c.lowered, c.backward, c.schedule, plan).module()
+    second = Generator(c.lowered, c.backward, c.schedule, plan).module()
+    assert first == second == c.source
+    assert repr(plan) == before
+    assert set(plan.functions) == {"forward", "loss", "loss_and_grad"}
+    for fp in plan.functions.values():  # every loop it runs has its memory plan
+        assert {b for b in fp.blocks if b.kind.is_loop and fp.members.get(b)} == set(fp.loops)
