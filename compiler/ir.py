@@ -33,40 +33,83 @@ Shape = tuple  # tuple[int | None, ...]
 
 
 # ---------------------------------------------------------------- segment keys
-# A node's `seg` is a string of one of two forms: "@<name>", the sequence of the
-# input or target <name> (read on its own time axis), or "loop<k>", the k-th time
-# loop lowering made. These functions are the one place that spells the forms out.
+# A node's `seg` is a segment key of one of two types: a `DataSeg` ("@<name>"), the
+# sequence of the input or target <name> (read on its own time axis), or a `LoopSeg`
+# ("loop<k>"), the k-th time loop lowering made. Both are strings too, so the IR's text,
+# dictionaries keyed by them and JSON read as before; this is the one place that spells
+# the forms out.
 DATA_SEG_PREFIX = "@"
 LOOP_SEG_PREFIX = "loop"
 
 
-def data_seg(name: str) -> str:
+class DataSeg(str):
+    """The segment key of a data sequence: `DataSeg.of("x") == "@x"`, `.name == "x"`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, name: str) -> "DataSeg":
+        return cls(DATA_SEG_PREFIX + name)
+
+    @property
+    def name(self) -> str:
+        return self[len(DATA_SEG_PREFIX):]
+
+
+class LoopSeg(str):
+    """The segment key of a time loop: `LoopSeg.of(3) == "loop3"`, `.index == 3`."""
+
+    __slots__ = ()
+
+    @classmethod
+    def of(cls, index: int) -> "LoopSeg":
+        return cls(f"{LOOP_SEG_PREFIX}{index}")
+
+    @property
+    def index(self) -> int:
+        return int(self[len(LOOP_SEG_PREFIX):])
+
+
+def as_seg(seg: str | None) -> DataSeg | LoopSeg | None:
+    """A segment key read back as its type (from a plain string, e.g. of a dump)."""
+    if seg is None or isinstance(seg, (DataSeg, LoopSeg)):
+        return seg
+    if seg.startswith(DATA_SEG_PREFIX):
+        return DataSeg(seg)
+    if seg.startswith(LOOP_SEG_PREFIX) and seg[len(LOOP_SEG_PREFIX):].isdigit():
+        return LoopSeg(seg)
+    raise ValueError(f"{seg!r} is not a segment key")
+
+
+def data_seg(name: str) -> DataSeg:
     """The segment key of the data sequence (input or target) `name`."""
-    return DATA_SEG_PREFIX + name
+    return DataSeg.of(name)
 
 
-def loop_seg(index: int) -> str:
+def loop_seg(index: int) -> LoopSeg:
     """The segment key of the time loop numbered `index`."""
-    return f"{LOOP_SEG_PREFIX}{index}"
+    return LoopSeg.of(index)
 
 
 def is_data_seg(seg: str | None) -> bool:
     """Whether `seg` is a data sequence's key ("@x"); False for a loop's and for None."""
-    return seg is not None and seg.startswith(DATA_SEG_PREFIX)
+    return seg is not None and isinstance(as_seg(seg), DataSeg)
 
 
 def data_name(seg: str) -> str:
     """The input's or target's name of a data sequence's key: "@x" -> "x"."""
-    if not is_data_seg(seg):
+    key = as_seg(seg)
+    if not isinstance(key, DataSeg):
         raise ValueError(f"{seg!r} is not a data sequence's segment key")
-    return seg[len(DATA_SEG_PREFIX):]
+    return key.name
 
 
 def loop_index(seg: str) -> int:
     """The number of a time loop's key: "loop3" -> 3."""
-    if seg is None or not seg.startswith(LOOP_SEG_PREFIX):
+    key = as_seg(seg) if seg is not None else None
+    if not isinstance(key, LoopSeg):
         raise ValueError(f"{seg!r} is not a time loop's segment key")
-    return int(seg[len(LOOP_SEG_PREFIX):])
+    return key.index
 
 
 def seg_order(seg: str) -> tuple:

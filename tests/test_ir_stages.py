@@ -103,9 +103,17 @@ def test_segment_keys_are_spelled_out_only_in_ir_py():
     assert not found, "segment keys parsed outside compiler/ir.py:\n" + "\n".join(found)
 
 
-def test_blocks_are_typed_and_compare_as_their_kind(ef):
+def test_blocks_and_segments_are_typed_and_compare_as_their_strings(ef):
+    from convc.compiler.ir import DataSeg, LoopSeg
     from convc.compiler.schedule import Block, Kind
 
+    g = ef.lowered.graph
+    segs = {g.node(n).seg for n in g.order()}
+    assert all(s is None or isinstance(s, (DataSeg, LoopSeg)) for s in segs), segs
+    assert {type(s) for s in segs} == {DataSeg, LoopSeg, type(None)}
+    assert {s.name for s in segs if isinstance(s, DataSeg)} == {"x", "y"}  # input, target
+    assert sorted(s.index for s in segs if isinstance(s, LoopSeg)) == [0, 1]
+    assert LoopSeg.of(1) == "loop1" and DataSeg.of("x") == "@x"  # the IR's text is the same
     s = ef.schedule
     assert all(isinstance(b, Block) and isinstance(b.kind, Kind) for b in s.blocks)
     assert set(s.block_of.values()) <= set(s.blocks)
