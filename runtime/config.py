@@ -25,6 +25,10 @@ DEFAULTS: dict[str, Any] = {name: setting.default for name, setting in TRAIN.ite
 # Settings whose change on resume breaks the bitwise continuation; a note says so.
 TRAJECTORY_KEYS = tuple(name for name, setting in TRAIN.items() if setting.trajectory)
 
+# Settings about how this process runs, not about the run: a checkpoint's saved value
+# is not taken over on resume (a run trained under mpirun may be resumed alone).
+RUN_ONLY_KEYS = ("distributed", "collectives")
+
 
 def resolve_config(model_train: dict, explicit: dict, saved: dict | None = None) -> dict:
     """Merge DEFAULTS < spec train block < saved run settings < explicit arguments.
@@ -37,7 +41,8 @@ def resolve_config(model_train: dict, explicit: dict, saved: dict | None = None)
     cfg = dict(DEFAULTS)
     for layer_name, layer in (("train block", model_train), ("checkpoint", saved or {}),
                               ("arguments", explicit)):
-        layer = {k: v for k, v in layer.items() if k in cfg and v is not None}
+        layer = {k: v for k, v in layer.items() if k in cfg and v is not None
+                 and not (layer_name == "checkpoint" and k in RUN_ONLY_KEYS)}
         if layer.get(first) is not None and layer.get(second) is not None:
             if layer_name == "checkpoint":
                 layer.pop(second)

@@ -634,6 +634,27 @@ def _shard(crew: Crew, fn, backend, *args, **kwargs):
     return result
 
 
+def shard_bounds(n: int, k: int) -> list[tuple[int, int]]:
+    """The rows [a, b) of each of k shards of a batch of n, in order (as even as can be)."""
+    return [(i * n // k, (i + 1) * n // k) for i in range(k)]
+
+
+def shard_weights(bounds: list[tuple[int, int]], n: int) -> list[float]:
+    """Each shard's share of the batch: the weight of its (mean) loss and gradients."""
+    return [(b - a) / n for a, b in bounds]
+
+
+def combine_losses(weights, losses) -> float:
+    """The batch's loss from its shards' losses: the weighted sum, in shard order."""
+    return sum(w * float(v) for w, v in zip(weights, losses))
+
+
+def weigh(g, w: float):
+    """g *= w in place (a shard's gradient scaled by its share), returned."""
+    g *= w
+    return g
+
+
 def _split(tree, bounds):
     if tree is None:
         return [None] * len(bounds)
@@ -663,7 +684,7 @@ def in_shards(fn, params, inputs, targets, state=None, bptt=None, backend=None,
         from convc.runtime.model import default_backend
 
         backend = default_backend()
-    bounds = [(i * n // k, (i + 1) * n // k) for i in range(k)]
+    bounds = shard_bounds(n, k)
     spawned = _SHARDS["backends"].setdefault(type(backend), [])
     while len(spawned) < k - 1:
         spawned.append(backend.spawn())  # each thread its own work arrays
@@ -680,8 +701,10 @@ def in_shards(fn, params, inputs, targets, state=None, bptt=None, backend=None,
                    for i in range(1, k)]
         parts = [_shard(crew, fn, backend, params, ins[0], tgs[0], state=sts[0], bptt=bptt)]
         parts += [f.result() for f in futures]
-    weights = [(b - a) / n for a, b in bounds]
-    loss = sum(w * float(p[0]) for w, p in zip(weights, parts))
+    # The same arithmetic, in the same order, as the shards of `--shards N` and of N
+    # MPI ranks (runtime/distributed.py): total = g_0 w_0, then total += g_i w_i.
+    weights = shard_weights(bounds, n)
+    loss = combine_losses(weights, [p[0] for p in parts])
     grads = {}
     done: dict = {}  # id of a shard-0 array -> the name it was combined under
     for name in parts[0][1]:  # in place: the shards' gradients are theirs to reuse
@@ -690,11 +713,9 @@ def in_shards(fn, params, inputs, targets, state=None, bptt=None, backend=None,
             grads[name] = grads[done[id(total)]]
             continue
         done[id(total)] = name
-        total *= weights[0]
+        weigh(total, weights[0])
         for w, p in zip(weights[1:], parts[1:]):
-            g = p[1][name]
-            g *= w
-            total += g
+            total += weigh(p[1][name], w)
         grads[name] = total
     xp = array_module(next(iter(parts[0][1].values())))
     finals = {name: xp.concatenate([p[2][name] for p in parts], axis=0) for name in parts[0][2]}

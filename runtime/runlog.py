@@ -21,9 +21,22 @@ LOG_NAME = "log.csv"
 LOG_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "val_loss", "seconds")
 
 
+# Notes are printed by one process of a distributed run only (rank 0): the others
+# see the same settings and data and would repeat every note (set_quiet).
+_NOTES = {"quiet": False}
+
+
+def set_quiet(quiet: bool) -> bool:
+    """Silence (or restore) `note`; returns the previous setting."""
+    was = _NOTES["quiet"]
+    _NOTES["quiet"] = bool(quiet)
+    return was
+
+
 def note(message: str) -> None:
-    """A remark on stderr, printed at once: `note: <message>`."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """A remark on stderr, printed at once: `note: <message>` (not when set_quiet)."""
+    if not _NOTES["quiet"]:
+        print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def steps_label(first: int, last: int, count: int | None = None) -> str:

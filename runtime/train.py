@@ -49,9 +49,10 @@ from convc.errors import CheckpointError, ConvcError, DataError, NonFiniteError
 from convc.runtime.config import (TRAJECTORY_KEYS, check_config, make_optimizer,
                                   make_schedule, resolve_config)
 from convc.runtime.dataset import GENERATED_DATA, prepare_data, task_lengths
+from convc.runtime.distributed import Fault
 from convc.runtime.predict import check_params, predict_frames
 from convc.runtime.runlog import (LOG_NAME, Progress, append_row, log_text, note, read_log,
-                                  steps_label)
+                                  set_quiet, steps_label)
 from convc.spec.settings import DEFAULT_CLIPS, DEFAULT_STEPS, TRAIN
 
 OUTPUT_NAMES = (LOG_NAME, "model.py", "predictions.png", "loss.png")
@@ -91,6 +92,8 @@ class TrainResult:
     predictions_png: Path | None = None
     loss_png: Path | None = None
     final_state: dict | None = None
+    # A distributed run: ranks, shards, and the seconds its exchanges took on this rank.
+    distributed: dict | None = None
 
     @property
     def losses(self) -> list[float]:
@@ -133,7 +136,10 @@ class TrainResult:
 
     def report(self) -> str:
         """What `convc train` prints after a run: the summary line (when a step was
-        logged), the folder, and each file written in it with what it holds."""
+        logged), the folder, and each file written in it with what it holds. Empty on
+        the other ranks of a distributed run: rank 0 reports the run."""
+        if self.distributed is not None and self.distributed["rank"] != 0:
+            return ""
         lines = [self.summary()] if self.history else []
         lines.append(f"wrote {self.out}/")
         for kind, path in self.paths().items():
@@ -277,8 +283,11 @@ class _Trainer:
 
     def __init__(self, mod, params, cfg: dict, *, explicit: dict, device: str, conv: str,
                  out, checkpoint_every, keep, resume: bool, overwrite: bool, progress,
-                 on_step, clips_array, deterministic: bool = False):
+                 on_step, clips_array, deterministic: bool = False, group=None):
         self.mod = mod
+        # A distributed run's ranks (runtime/distributed.py); rank 0 alone writes.
+        self.group = group
+        self.writer = group is None or group.rank == 0
         self.model = mod.MODEL
         self.cfg = cfg
         self.explicit = explicit
@@ -294,13 +303,15 @@ class _Trainer:
         if resume:
             if self.out is None:
                 raise ConvcError("resume=True needs out= (the folder of the run to continue)")
-            self.resume_from = self._find_checkpoint()
+            self.resume_from = self._shared_checkpoint()
             if self.resume_from is not None:
                 saved_cfg = self.resume_from[2]["user"].get("config", {})
                 self.cfg = cfg = resolve_config(self.model.get("train", {}), explicit,
                                                 saved_cfg)
                 check_config(cfg)
-        self.data = prepare_data(self.model, cfg, clips_array)
+        self.shards = self._shard_count()
+        self.data = prepare_data(self.model, cfg, clips_array, lazy=group is not None,
+                                 identify=self.writer)
         self._fit_batch_size()
         self.bpe = len(self.data.train_x) // cfg["batch_size"]
         self.total = cfg["steps"] if cfg["steps"] is not None else (
@@ -341,17 +352,22 @@ class _Trainer:
         self.last_checkpoint: Path | None = None
         self.last_checkpoint_step: int | None = None
         self.stopped = "steps"
-        self.progress = Progress(self.total, enabled=progress is not False)
+        self.progress = Progress(self.total, enabled=progress is not False and self.writer)
         if self.resume_from is not None:
             self._restore(saved_cfg)
         # Only now, with the settings and the data known to be good, is the
         # folder created (or an old run in it removed, with overwrite=True).
+        self.out = self.out if self.writer else None  # other ranks never write into it
         self.folder = _prepare_out(self.out, resume, overwrite) if self.out is not None \
             else None
 
     # ------------------------------------------------------------ setup
     def _fit_batch_size(self) -> None:
         n = len(self.data.train_x)
+        if self.shards > min(n, self.cfg["batch_size"]):
+            raise ConvcError(f"{self.shards} shards need a batch of at least {self.shards} "
+                             f"sequences, one for each; the batch size is "
+                             f"{min(n, self.cfg['batch_size'])}")
         if n >= self.cfg["batch_size"]:
             return
         if "batch_size" in self.explicit or n < 1:
@@ -360,6 +376,30 @@ class _Trainer:
                             f"{len(self.data.val_x)} for validation")
         note(f"only {n} training sequences: batch size {self.cfg['batch_size']} -> {n}")
         self.cfg["batch_size"] = n
+
+    def _shard_count(self) -> int:
+        """The shards of every batch: `shards` in one process (default 1), the ranks in a
+        distributed run (a `shards` given that differs is an error; one saved by a run on
+        another number of ranks is replaced, with a note, see docs/distributed.md)."""
+        if self.group is None:
+            self.cfg["shards"] = self.cfg["shards"] or 1
+            return self.cfg["shards"]
+        size = self.group.size
+        given = self.explicit.get("shards")
+        if given is not None and given != size:
+            raise ConvcError(f"shards={given} does not match the {size} MPI ranks of this "
+                             f"run: a distributed run has one shard per rank")
+        self.cfg["shards"] = size
+        return size
+
+    def _shared_checkpoint(self):
+        """_find_checkpoint on rank 0, its result on every rank (the others never read
+        --out); alone, _find_checkpoint."""
+        if self.group is None:
+            return self._find_checkpoint()
+        found, _ = self.group.agree("resume", 0, lambda: self._find_checkpoint()
+                                    if self.writer else None)
+        return self.group.broadcast(found)
 
     def _initial_params(self, params) -> dict:
         if params is None:
@@ -443,7 +483,7 @@ class _Trainer:
             note("resuming with changed settings: " + ", ".join(
                 f"{k}={self.cfg[k]!r} (was {saved_cfg[k]!r})" for k in changed))
         log = self.out / LOG_NAME
-        if log.exists():
+        if self.writer and log.exists():
             try:
                 rows = [r for r in read_log(log, tolerant=True) if r["step"] <= self.step]
             except (ValueError, OSError) as exc:
@@ -507,6 +547,8 @@ class _Trainer:
             "conv": self.conv,
             "deterministic": self.deterministic,
             "convc_version": _convc_version(),
+            "shards": self.shards,
+            "ranks": self.group.size if self.group is not None else 1,
         }
         try:
             path = save_checkpoint(self.out, self.step, self._checkpoint_arrays(), meta,
@@ -547,22 +589,14 @@ class _Trainer:
             self.carry = None  # stateful runs start every epoch from the initial states
         epoch = self.batches.epoch
         idx = next(self.batches)
-        x = self._batch(self.data.train_x[idx])
-        y = self._batch(self.data.train_y[idx])
-        options = {"backend": self.B}
-        if cfg["bptt"] is not None:
-            options["bptt"] = cfg["bptt"]
-        if cfg["stateful"] and self.carry is not None:
-            options["state"] = self.carry
         try:
-            loss, grads, final = self.mod.loss_and_grad(
-                self.params, {self.data.input_name: x}, {self.data.target_name: y}, **options)
+            loss, grads, final = self._loss_and_grad(idx, k)
         except NonFiniteError as exc:  # a model compiled with debug_nans found one
             self.batches = type(self.batches).from_state(position)
             raise _Stop(str(exc), k, cause=exc) from None
-        loss = float(loss)
         if not math.isfinite(loss):
             self.batches = type(self.batches).from_state(position)
+            self._agreed_end()
             raise _Stop(f"the loss is {loss}", k)
         from convc.runtime.clip import clip_grads
 
@@ -572,6 +606,7 @@ class _Trainer:
                    if not bool(self.xp.isfinite(grads[n]).all())]
             self.batches = type(self.batches).from_state(position)
             what = f"not finite in {', '.join(bad)}" if bad else f"{norm} (overflow)"
+            self._agreed_end()
             raise _Stop(f"the loss is {loss:.6g} but the gradient is {what}", k)
         self._phase = "update"  # from here until step = k, the state is half updated
         lr = self.schedule.apply(self.opt, self.step)
@@ -584,20 +619,135 @@ class _Trainer:
         return {"step": k, "epoch": epoch, "loss": loss, "lr": float(lr),
                 "grad_norm": float(norm), "val_loss": None}
 
+    def _loss_and_grad(self, idx: np.ndarray, k: int):
+        """(loss, gradients, final states) of the batch `idx`: whole, in `shards` shards
+        one after the other, or in one shard per rank (then summed across the ranks)."""
+        from convc.runtime.kernels import shard_bounds, shard_weights
+
+        options = {"backend": self.B}
+        if self.cfg["bptt"] is not None:
+            options["bptt"] = self.cfg["bptt"]
+        carry = self.carry if self.cfg["stateful"] else None
+        if self.shards == 1:
+            return self._shard_grad(idx, carry, options)
+        bounds = shard_bounds(len(idx), self.shards)
+        weights = shard_weights(bounds, len(idx))
+        if self.group is not None:
+            return self._ranks_grad(idx, carry, options, bounds, weights, k)
+        return self._local_shards_grad(idx, carry, options, bounds, weights)
+
+    def _shard_grad(self, rows: np.ndarray, carry: dict | None, options: dict):
+        x = self._batch(self.data.train_x[rows])
+        y = self._batch(self.data.train_y[rows])
+        if carry is not None:
+            options = dict(options, state=carry)
+        loss, grads, final = self.mod.loss_and_grad(
+            self.params, {self.data.input_name: x}, {self.data.target_name: y}, **options)
+        return float(loss), grads, final
+
+    def _local_shards_grad(self, idx, carry, options, bounds, weights):
+        """The shards of one batch in turn, combined as kernels.in_shards combines its
+        threads' shards and as the ranks of a distributed run do: g_0 w_0 + g_1 w_1 + ..."""
+        from convc.runtime.distributed import _unique
+        from convc.runtime.kernels import combine_losses, weigh
+
+        losses, finals, total = [], [], {}
+        for i, (a, b) in enumerate(bounds):
+            loss, grads, final = self._shard_grad(idx[a:b], _rows(carry, a, b), options)
+            losses.append(loss)
+            names, aliases = _unique(grads)
+            for name in names:  # a shard's arrays are the next shard's to reuse: copied
+                if i == 0:
+                    total[name] = weigh(self.xp.array(grads[name], copy=True), weights[0])
+                else:
+                    total[name] += weigh(grads[name], weights[i])
+            for name, first in aliases.items():
+                total[name] = total[first]
+            finals.append({n: self.xp.array(v, copy=True) for n, v in final.items()})
+        final = {n: self.xp.concatenate([f[n] for f in finals], axis=0) for n in finals[0]}
+        return combine_losses(weights, losses), total, final
+
+    def _ranks_grad(self, idx, carry, options, bounds, weights, k):
+        """This rank's shard, then the ranks' losses and gradients summed in rank order."""
+        from convc.runtime.distributed import describe_error
+        from convc.runtime.kernels import combine_losses
+
+        group = self.group
+        a, b = bounds[group.rank]
+        error = None
+        try:
+            loss, grads, final = self._shard_grad(idx[a:b], _rows(carry, a, b), options)
+        except Exception as exc:  # told to the others before it is raised here
+            error, loss = exc, None
+        every = self.checkpoint_every
+        kind = "step after a checkpoint" if every and self.step and self.step % every == 0 \
+            else "step"
+        statuses = group.exchange(kind, k, loss=loss, stop=self._stop_request(),
+                                  error=describe_error(error) if error is not None else None)
+        if error is not None:
+            raise error
+        loss = combine_losses(weights, [st["loss"] for st in statuses])
+        if not math.isfinite(loss):
+            return loss, grads, final
+        grads = group.sum_gradients(grads, weights[group.rank])
+        if self.cfg["stateful"]:
+            final = group.gather_rows(final, bounds, self.xp)
+        return loss, grads, final
+
+    def _stop_request(self) -> int:
+        flag = getattr(self, "_flag", None)
+        return int(flag.signum or signal.SIGINT) if flag is not None and flag.raised else 0
+
+    def _agreed_end(self) -> None:
+        """Every rank stops here, at the same step, from the same values."""
+        if self.group is not None:
+            self.group.ended = True
+
+    def _val_loss(self, start: int, stop: int) -> float:
+        x = self._batch(self.data.val_x[start:stop])
+        y = self._batch(self.data.val_y[start:stop])
+        args = (self.params, {self.data.input_name: x}, {self.data.target_name: y})
+        if hasattr(self.mod, "loss"):  # the forward pass alone
+            return float(self.mod.loss(*args, backend=self.B))
+        loss, _, _ = self.mod.loss_and_grad(*args, backend=self.B)  # generated before loss()
+        return float(loss)
+
     def validate(self) -> float:
-        """Mean loss over the validation clips (from the initial states, no update)."""
-        total, count = 0.0, 0
+        """Mean loss over the validation clips (from the initial states, no update).
+
+        Clips go in chunks of 4 batches; in a distributed run chunk j is rank j %
+        ranks's, and the chunks' sums are added in chunk order, so the result is the
+        same bits as one process's.
+        """
         size = self.cfg["batch_size"] * 4
+        if self.group is not None:
+            return self._validate_ranks(size)
+        total, count = 0.0, 0
         for start in range(0, len(self.data.val_x), size):
-            x = self._batch(self.data.val_x[start:start + size])
-            y = self._batch(self.data.val_y[start:start + size])
-            args = (self.params, {self.data.input_name: x}, {self.data.target_name: y})
-            if hasattr(self.mod, "loss"):  # the forward pass alone
-                loss = self.mod.loss(*args, backend=self.B)
-            else:  # a module generated before loss() existed
-                loss, _, _ = self.mod.loss_and_grad(*args, backend=self.B)
-            total += float(loss) * len(x)
-            count += len(x)
+            stop = min(start + size, len(self.data.val_x))
+            total += self._val_loss(start, stop) * (stop - start)
+            count += stop - start
+        return total / count
+
+    def _validate_ranks(self, size: int) -> float:
+        from convc.runtime.distributed import describe_error, split_validation
+
+        group = self.group
+        mine, error = [], None
+        try:
+            for j, start, stop in split_validation(len(self.data.val_x), size, group.size,
+                                                   group.rank):
+                mine.append([j, self._val_loss(start, stop) * (stop - start), stop - start])
+        except Exception as exc:
+            error = exc
+        statuses = group.exchange("validation", self.step, val=mine, stop=self._stop_request(),
+                                  error=describe_error(error) if error is not None else None)
+        if error is not None:
+            raise error
+        total, count = 0.0, 0
+        for _, part, n in sorted(tuple(c) for st in statuses for c in st["val"]):
+            total += part
+            count += n
         return total / count
 
     def _after_validation(self, val: float) -> bool:
@@ -633,12 +783,15 @@ class _Trainer:
             f"training {self.model['name']} on {cfg['data']}: {len(self.data.train_x)} train / "
             f"{len(self.data.val_x)} val clips of {self.data.train_x.shape[1]} frames, "
             f"batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']:g}, {what}")
+        if self.group is not None:
+            self.progress.line(f"{self.group.size} ranks, one shard of the batch each ("
+                               f"{self.group.name}): " + ", ".join(self.group.peers))
         t0 = time.perf_counter()
 
         def elapsed() -> float:
             return self.seconds_before + time.perf_counter() - t0
 
-        flag = _InterruptFlag()
+        flag = self._flag = _InterruptFlag(distributed=self.group is not None)
         self._phase = "between"
         pending: dict | None = None  # a completed step's row not yet in the log
         try:
@@ -665,7 +818,7 @@ class _Trainer:
                                 f"loss than {self.best_val:.6g} (step {self.best_step}) for "
                                 f"{self.bad_validations} validations")
                         break
-                    if flag.raised:
+                    if self._stop_agreed():
                         raise KeyboardInterrupt
         except _Stop as stop:
             self.progress.close()
@@ -675,9 +828,13 @@ class _Trainer:
                                  node=cause.node if cause else None,
                                  where=cause.where if cause else None, step=stop.step,
                                  direction=cause.direction if cause else "training") from None
+        except Fault as fault:
+            self.progress.close()
+            self._faulted(fault, pending, elapsed())
         except KeyboardInterrupt:
             self.progress.close()
-            self._interrupted(pending, elapsed(), flag.signum or signal.SIGINT)
+            signum = (self.group.stop_signal if self.group is not None else 0) or flag.signum
+            self._interrupted(pending, elapsed(), signum or signal.SIGINT)
         self.progress.close()
         checkpoint = self.save(elapsed())
         result = self._result(elapsed())
@@ -685,6 +842,37 @@ class _Trainer:
         if self.out is not None:
             self._plots(result)
         return result
+
+    def _stop_agreed(self) -> bool:
+        """A stop asked for by a signal: in a distributed run, when any rank reported one
+        in the last exchange (every rank saw the same statuses, so all stop here)."""
+        if self.group is None:
+            return self._flag.raised
+        if self.group.stop_signal:
+            self.group.ended = True
+            return True
+        return False
+
+    def _faulted(self, fault: Exception, pending: dict | None, seconds: float) -> None:
+        """Another rank failed or went silent: save the last completed step (rank 0),
+        then raise the fault on with where the run can continue from."""
+        from convc.runtime.data import Batches
+
+        if self._phase == "pre":
+            self.batches = Batches.from_state(self._position)
+        if self._phase == "post" and pending is not None:
+            self._log(pending, seconds)
+        saved, failed = self._save_reporting(seconds)
+        if saved is not None:
+            more = f"; saved step {self.step} to {saved}, continue with --resume"
+        elif self.last_checkpoint is not None:
+            more = (f"; the last checkpoint is {self.last_checkpoint} (step "
+                    f"{self.last_checkpoint_step}), continue with --resume")
+        elif self.writer:
+            more = "; no checkpoint was written" + (f" ({failed})" if failed else "")
+        else:
+            more = ""
+        raise type(fault)(str(fault) + more, rank=fault.rank, abort=fault.abort) from None
 
     def _log(self, row: dict, seconds: float) -> dict:
         row["seconds"] = seconds
@@ -715,7 +903,9 @@ class _Trainer:
         self.stopped = "interrupted"
         what = "interrupted" if signum == signal.SIGINT else \
             f"stopped by {signal.Signals(signum).name}"
-        if saved is not None:
+        if not self.writer:
+            message = f"rank {self.group.rank}: {what} at step {self.step} (rank 0 saves it)"
+        elif saved is not None:
             message = f"{what}: saved step {self.step} to {saved}; continue with --resume"
         elif self.last_checkpoint is not None:
             why = f"saving step {self.step} failed ({failed})" if failed else \
@@ -758,7 +948,15 @@ class _Trainer:
             out=out, checkpoint=self.last_checkpoint,
             log=(out / LOG_NAME) if out else None,
             model_py=(out / "model.py") if out and (out / "model.py").exists() else None,
-            final_state=final)
+            final_state=final, distributed=self._distributed_info())
+
+    def _distributed_info(self) -> dict | None:
+        group = self.group
+        if group is None:
+            return None
+        return {"ranks": group.size, "rank": group.rank, "shards": self.shards,
+                "collectives": group.name, "exchange_seconds": group.exchange_seconds,
+                "status_seconds": group.status_seconds}
 
     # ------------------------------------------------------------ pictures
     def _plots(self, result: TrainResult) -> None:
@@ -786,6 +984,10 @@ class _Trainer:
             note(f"skipping the PNGs: {exc}")
 
 
+def _rows(tree: dict | None, a: int, b: int) -> dict | None:
+    return None if tree is None else {k: v[a:b] for k, v in tree.items()}
+
+
 class _InterruptFlag:
     """Turn the first Ctrl-C or SIGTERM into a flag checked between steps.
 
@@ -800,7 +1002,11 @@ class _InterruptFlag:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, distributed: bool = False):
+        # In a distributed run SIGUSR1 does the same: Open MPI's mpirun forwards it and
+        # keeps the job, where it ends the job a quarter second after a SIGTERM.
+        if distributed and hasattr(signal, "SIGUSR1"):
+            self.SIGNALS = self.SIGNALS + (signal.SIGUSR1,)
         self.raised = False
         self.signum: int | None = None
         self._old: dict = {}
@@ -809,6 +1015,8 @@ class _InterruptFlag:
         if self.raised:
             raise KeyboardInterrupt
         self.raised, self.signum = True, signum
+        if _quiet_rank():  # a distributed run's other ranks: rank 0 says it
+            return
         again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
         print(f"\n{signal.Signals(signum).name}: stopping after this step ({again} again to "
               f"stop at once)", file=sys.stderr, flush=True)
@@ -828,6 +1036,12 @@ class _InterruptFlag:
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
         self._old = {}
         return False
+
+
+def _quiet_rank() -> bool:
+    from convc.runtime import runlog
+
+    return runlog._NOTES["quiet"]
 
 
 def _convc_version() -> str:
@@ -900,6 +1114,40 @@ def train(mod, params: dict | None = None, *, device: str = "cpu", conv: str = "
         raise ConvcError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     if clips_array is not None:
         cfg["data"] = "<array>"
+    from convc.runtime import distributed
+
+    run = dict(device=device, conv=conv, out=out, checkpoint_every=checkpoint_every, keep=keep,
+               resume=resume, overwrite=overwrite, progress=progress, on_step=on_step,
+               threads=threads, poison=poison, deterministic=deterministic,
+               ignore_memory_limit=ignore_memory_limit)
+    if not distributed.wanted(cfg["distributed"]):
+        return _train_here(mod, params, cfg, clips_array, explicit, None, **run)
+    return _train_ranks(mod, params, cfg, clips_array, explicit, run)
+
+
+def _train_ranks(mod, params, cfg, clips_array, explicit, run: dict) -> TrainResult:
+    """train() as one rank of a distributed run (runtime/distributed.py)."""
+    from convc.runtime import distributed
+
+    group = distributed.open_group(run["device"], cfg["collectives"], cfg["timeout"])
+    quiet = set_quiet(group.rank != 0)
+    try:
+        group.introduce()
+        return _train_here(mod, params, cfg, clips_array, explicit, group, **run)
+    except BaseException as exc:
+        group.fail(exc)  # the others hear of it at their next exchange
+        if isinstance(exc, Fault) and exc.abort:  # a rank may hang: end the whole job
+            group.abort(str(exc))
+        raise
+    finally:
+        group.farewell()
+        set_quiet(quiet)
+
+
+def _train_here(mod, params, cfg, clips_array, explicit, group, *, device, conv, out,
+                checkpoint_every, keep, resume, overwrite, progress, on_step, threads, poison,
+                deterministic, ignore_memory_limit) -> TrainResult:
+    """train() in this process, alone or as one rank of `group`."""
     if not ignore_memory_limit:
         _check_memory(mod.MODEL, cfg, clips_array)
     limits = _thread_limits(threads)
@@ -908,7 +1156,9 @@ def train(mod, params: dict | None = None, *, device: str = "cpu", conv: str = "
                            out=out, checkpoint_every=checkpoint_every, keep=keep,
                            resume=resume, overwrite=overwrite, progress=progress,
                            on_step=on_step, clips_array=clips_array,
-                           deterministic=deterministic)
+                           deterministic=deterministic, group=group)
+        if group is not None:  # every rank set up (or the one that failed named)
+            group.exchange("ready", 0)
         return trainer.run()
 
 

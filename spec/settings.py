@@ -31,6 +31,10 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "rmsprop")
 SCHEDULES = ("constant", "step", "cosine", "plateau")
 CLIP_MODES = ("global_norm", "value", "per_tensor_norm")
 DTYPES = ("float32", "float64")
+COLLECTIVES = ("mpi", "nccl")
+# Seconds a rank waits at an exchange beyond the slowest step seen before it ends the
+# run (runtime/distributed.py).
+DEFAULT_TIMEOUT = 5.0
 
 # What a setting left unset (None) means where it depends on the run: the
 # steps of a run given neither steps nor epochs, the clips generated, and the
@@ -231,4 +235,16 @@ TRAIN: dict[str, Setting] = {
     "dtype": _train(Setting(str, choices=DTYPES), "floating-point type of parameters and "
                     "data", default="float32"),
     "seed": _train(NONNEG_COUNT, "seed of data, split, order and init", default=0),
+    "shards": _train(COUNT, "cut every batch into N shards whose gradients are summed in a "
+                     "fixed order, as N MPI ranks do (default 1; one per rank under MPI)",
+                     metavar="N"),
+    "distributed": _train(Setting(bool), "train data-parallel over the MPI ranks of mpirun "
+                          "or srun (on by itself under MPI; --distributed fails when not "
+                          "under MPI, --no-distributed ignores MPI)", trajectory=False),
+    "collectives": _train(Setting(str, choices=COLLECTIVES), "how the ranks sum gradients: "
+                          "mpi, or nccl between GPUs (default nccl on --device gpu when "
+                          "CuPy has NCCL)", trajectory=False),
+    "timeout": _train(POSITIVE, "seconds beyond the slowest step seen that a rank waits "
+                      "for the others before it ends a distributed run",
+                      default=DEFAULT_TIMEOUT, metavar="S", trajectory=False),
 }
