@@ -19,6 +19,13 @@ Time enters through two node kinds:
 
 Nothing is differentiated that no parameter depends on: the data inputs,
 constants, and (for a cell's first layer) the input-side gradients.
+
+`differentiate(low, vjp=True)` makes the backward pass of a vector-Jacobian
+product instead: it starts from a cotangent given for every output (a
+`cotangent` source, a sequence like the output) and for every final state
+(a `state_cotangent` source, added into the state's carry at the last
+step), not from the loss, and also differentiates the inputs
+(`Backward.input_cts`) and the initial states (`Backward.init_cts`).
 """
 from __future__ import annotations
 
@@ -38,6 +45,11 @@ class Backward:
     read_cts: dict[str, str] = field(default_factory=dict)  # state read -> its cotangent node
     carry_outs: dict[str, str] = field(default_factory=dict)  # state read -> carry_out node
     needs_grad: set[str] = field(default_factory=set)
+    # vjp=True: the cotangent sources, and what the product gives besides the parameters'
+    seeds: dict[str, str] = field(default_factory=dict)  # output name -> its cotangent source
+    final_seeds: dict[str, str] = field(default_factory=dict)  # state -> final's cotangent
+    input_cts: dict[str, str] = field(default_factory=dict)  # input name -> its cotangent
+    init_cts: dict[str, str] = field(default_factory=dict)  # state -> initial value's cotangent
 
 
 class Builder:
@@ -72,11 +84,14 @@ def _grad_name(g: Graph, inputs, op: str) -> str:
     return "d_" + op
 
 
-def needs_grad(low: Lowered) -> set[str]:
-    """Nodes that depend on some parameter, through data edges and time."""
+def needs_grad(low: Lowered, inputs: bool = False) -> set[str]:
+    """Nodes that depend on some parameter (or, with `inputs`, on some input), through
+    data edges and time."""
     g = low.graph
     order = g.order()
     ng = {low.params[p].node for p in low.params}
+    if inputs:
+        ng |= set(low.inputs.values())
     changed = True
     while changed:
         changed = False
@@ -95,11 +110,13 @@ def needs_grad(low: Lowered) -> set[str]:
     return ng
 
 
-def differentiate(low: Lowered) -> Backward:
+def differentiate(low: Lowered, vjp: bool = False) -> Backward:
     g = low.graph
-    ng = needs_grad(low)
+    ng = needs_grad(low, inputs=vjp)
     bw = Backward(needs_grad=ng)
     parts: dict[str, list[str]] = {}
+    if vjp:
+        _seed_outputs(low, bw, parts)
     update_of = {}  # update node -> state read
     for nid in g.order():
         node = g.node(nid)
@@ -138,12 +155,17 @@ def differentiate(low: Lowered) -> Backward:
         if node.op == "param":
             bw.grads[node.attrs["name"]] = ct
             continue
+        if node.op == "input":  # (vjp=True: the inputs are differentiated too)
+            bw.input_cts[node.attrs["seq"]] = ct
+            continue
         if node.op == "state":
             bw.read_cts[nid] = ct
             co = g.fresh("d" + nid.removesuffix("_prev") + "_init")
             g.add(Node(co, "carry_out", (ct,), dict(read=nid), node.shape, node.loc, None,
                        grad=True))
             bw.carry_outs[nid] = co
+            if vjp and node.attrs.get("init") != "final":
+                bw.init_cts[node.attrs["state"]] = co
             src = node.attrs.get("init_from")
             if src is not None and src in ng:
                 srcnode = g.node(src)
@@ -174,9 +196,36 @@ def differentiate(low: Lowered) -> Backward:
     for read, cid in bw.carries.items():
         upd = g.node(read).attrs["update"]
         terminal = [bw.carry_outs[r] for r in started_from.get(upd, []) if r in bw.carry_outs]
+        seed = bw.final_seeds.get(g.node(read).attrs["state"])
+        if seed is not None:
+            terminal = [seed] + terminal
         if terminal:
             g.node(cid).attrs["terminal"] = tuple(terminal)
     return bw
+
+
+def _seed_outputs(low: Lowered, bw: Backward, parts: dict) -> None:
+    """The sources of a vector-Jacobian product: a cotangent for every output (a
+    sequence on the output's time axis) and for every state's final value."""
+    g = low.graph
+    for name, out in low.outputs.items():
+        node = g.node(out)
+        if out not in bw.needs_grad:
+            continue  # nothing the product gives depends on it
+        seed = g.fresh("d" + out)
+        g.add(Node(seed, "input", (), dict(kind="cotangent", seq=name, shape=node.shape),
+                   node.shape, node.loc, node.seg, grad=True))
+        bw.seeds[name] = seed
+        parts.setdefault(out, []).append(seed)
+    for nid in g.order():
+        node = g.node(nid)
+        if node.op != "state" or nid not in bw.needs_grad:
+            continue
+        state = node.attrs["state"]
+        seed = g.fresh("d" + nid.removesuffix("_prev") + "_final")
+        g.add(Node(seed, "input", (), dict(kind="state_cotangent", seq=state, shape=node.shape),
+                   node.shape, node.loc, None, grad=True))
+        bw.final_seeds[state] = seed
 
 
 def _sum(g: Graph, b: Builder, contribs: list[str], nid: str) -> str:

@@ -194,8 +194,9 @@ class Generator:
     naming.py, places from the memory plan; nothing is decided here."""
 
     def __init__(self, low: Lowered, bw: Backward | None, sched: Schedule, plan: ModulePlan,
-                 debug_nans: bool = False):
+                 debug_nans: bool = False, vjp: "Generator | None" = None):
         self.debug_nans = debug_nans
+        self.vjp = vjp  # the generator of the vector-Jacobian product's graph, if compiled
         self.low = low
         self.g: Graph = low.graph
         self.bw = bw
@@ -338,6 +339,12 @@ class Generator:
         fns()
         fns()
         self.loss_and_grad_fn(fns)
+        fns()
+        fns()
+        if self.vjp is not None:
+            self.vjp.vjp_fn(fns, self.low)
+        else:
+            self.no_vjp_fn(fns)
         o = _Out()
         low = self.low
         doc = (low.doc or "").strip()
@@ -359,6 +366,8 @@ class Generator:
         o()
         o("from convc.runtime import kernels as rt")
         o("from convc.runtime import model as _model")
+        if self.vjp is not None:
+            o("from convc.runtime import vjp as _vjp")
         o()
         import pprint
         for line in ("MODEL = " + pprint.pformat(_literal(self.model_meta()), width=99,
@@ -400,6 +409,9 @@ class Generator:
                 node = g.node(r)
                 states[node.attrs["state"]] = dict(shape=tuple(node.shape), loop=seg.id,
                                                    init=node.attrs["init"])
+        vjp = {}
+        if self.vjp is not None:  # what vjp's cotangents are checked against
+            vjp = dict(vjp=dict(output_axes={n: self.output_axis(n) for n in low.outputs}))
         return dict(
             name=low.name, file=_short(low.file), task=low.task,
             inputs={n: tuple(g.node(i).shape) for n, i in low.inputs.items()},
@@ -409,11 +421,11 @@ class Generator:
             params=params, states=states, memory=self.memory_meta(),
             loops=[dict(id=s.id, axis=s.axis, cells=list(s.cells)) for s in low.segments],
             train=dict(low.train), loss=[g.node(n).op for n in low.losses],
-            cells=dict(low.cells),
+            cells=dict(low.cells), **vjp,
         )
 
     # ------------------------------------------------------------ prologue
-    def prologue(self, o: _Out, with_targets: bool) -> None:
+    def prologue(self, o: _Out, with_targets: bool, cotangents: bool = False) -> None:
         low = self.low
         o("B = backend if backend is not None else _model.default_backend()")
         o("xp = B.xp")
@@ -431,6 +443,11 @@ class Generator:
         for name in list(low.inputs) + (list(low.targets) if with_targets else []):
             axes.setdefault(low.axis_of[name], name)
         nodes = dict(low.inputs, **(low.targets if with_targets else {}))
+        if cotangents:  # the vjp's: a cotangent for each output, on the output's axis
+            for name, seed in self.bw.seeds.items():
+                o(f"{self.v(seed)} = rt.time_major(cotangents[{name!r}], dtype, xp)")
+                axes.setdefault(self.output_axis(name), f"cotangent {name}")
+                nodes[f"cotangent {name}"] = seed
         for ax in sorted({s.axis for s in low.segments} | set(axes)):
             if ax in axes:
                 o(f"T_{ax} = {self.v(nodes[axes[ax]])}.shape[0]")
@@ -438,7 +455,19 @@ class Generator:
                 o(f"T_{ax} = int(steps[{ax!r}] if isinstance(steps, dict) else steps)")
         src = next(iter(nodes.values()))
         o(f"N = {self.v(src)}.shape[1]")
+        if cotangents:
+            for state, seed in self.bw.final_seeds.items():
+                shape = tuple(self.g.node(seed).shape)
+                o(f"{self.v(seed)} = _vjp.state_cotangent(state_cotangents, {state!r}, "
+                  f"{shape}, N, dtype, xp)")
         # (every shape and time length was checked by rt.check_call, the first statement)
+
+    def output_axis(self, name: str) -> str:
+        """The time axis of output `name` (of its loop, or of the sequence it reads)."""
+        seg = self.g.node(self.low.outputs[name]).seg
+        if is_data_seg(seg):
+            return self.low.axis_of.get(data_name(seg), data_name(seg))
+        return next(s.axis for s in self.low.segments if s.id == seg)
 
     # ------------------------------------------------------------ blocks
     def emit_block(self, o: _Out, block: Block, members: dict, state_arg: bool = True) -> None:
@@ -791,6 +820,8 @@ class Generator:
             co, ct = self.v(co), self.v(ct)
             o(f"{co} = {ct}" if own else f"{co} = {ct}.copy()")
             if g.node(read).attrs["init"] == "learned":
+                if self.fp.name == "vjp":  # the initial state's cotangent, as vjp returns it
+                    o(f"{co}_given = {co}")
                 o("if state is not None:  # started from a given state: no gradient to it")
                 o(f"    {co} = xp.zeros_like({co})")
 
@@ -946,6 +977,70 @@ class Generator:
         o(f"final = {{{self.finals()}}}")
         o("return loss, grads, final")
         o.dedent()
+
+
+    # ------------------------------------------------------------ vjp
+    def vjp_fn(self, o: _Out, main: Lowered) -> None:
+        """vjp() and vjp_shard(), rendered from this generator's graph: the vector-Jacobian
+        product's (compile_program(vjp=True)); `main` is the module's own model."""
+        bw = self.bw
+        args = "params, inputs, cotangents, state=None, state_cotangents=None, bptt=None, " \
+            "backend=None"
+        o(f"def vjp({args}):")
+        o('    """The vector-Jacobian product of the outputs and final states.')
+        o("")
+        o("    cotangents: {output: array (N, T, C, H, W)}, like the outputs of forward();")
+        o("    state_cotangents: {state: array (N, C, H, W)} for final states (zeros where")
+        o("    left out). Returns (param_cts, input_cts, state_cts): the cotangents of every")
+        o("    parameter, every input (N, T, C, H, W) and every initial state (N, C, H, W), by")
+        o("    BPTT (bptt=k truncates it to windows of k steps). The batch may run in shards")
+        o('    side by side, as in loss_and_grad (convc.runtime.vjp.in_shards)."""')
+        o("    rt.check_call(MODEL, 'vjp', params, inputs, state=state, cotangents=cotangents,")
+        o("                  state_cotangents=state_cotangents)")
+        o("    return _vjp.in_shards(vjp_shard, params, inputs, cotangents, state=state,")
+        o("                          state_cotangents=state_cotangents, bptt=bptt, "
+          f"backend=backend, work={self.step_flops()})")
+        o()
+        o()
+        o(f"def vjp_shard({args}):")
+        o('    """vjp for one batch (or one shard of it), in this thread."""')
+        o.indent()
+        o("rt.check_call(MODEL, 'vjp_shard', params, inputs, state=state, cotangents=cotangents,")
+        o("              state_cotangents=state_cotangents)")
+        self.prologue(o, with_targets=False, cotangents=True)
+        self.begin_function("vjp")
+        self.emit_blocks(o)
+        o()
+        o("param_cts = {")
+        for name in sorted(main.params):
+            gid = bw.grads.get(name)
+            o(f"    {name!r}: {self.v(gid)}," if gid is not None else
+              f"    {name!r}: xp.zeros_like(params[{name!r}]),")
+        o("}")
+        ins = ", ".join(f"{n!r}: rt.batch_major({self.v(bw.input_cts[n])})" if n in bw.input_cts
+                        else f"{n!r}: xp.zeros_like(inputs[{n!r}], dtype=dtype)"
+                        for n in main.inputs)
+        o(f"input_cts = {{{ins}}}")
+        states = []
+        for seg in main.segments:
+            for r in seg.states:
+                node = main.graph.node(r)
+                name = node.attrs["state"]
+                if node.attrs["init"] == "final":
+                    continue  # started from another loop's final state: not an argument
+                ct = bw.init_cts.get(name)
+                given = "_given" if node.attrs["init"] == "learned" else ""
+                states.append(f"{name!r}: {self.v(ct)}{given}" if ct is not None else
+                              f"{name!r}: xp.zeros((N,) + {tuple(node.shape)}, dtype)")
+        o(f"state_cts = {{{', '.join(states)}}}")
+        o("return param_cts, input_cts, state_cts")
+        o.dedent()
+
+    def no_vjp_fn(self, o: _Out) -> None:
+        o("def vjp(params, inputs, cotangents, **options):")
+        o('    """Not compiled: compile with vjp=True (convc.load(path, vjp=True), '
+          '`convc compile --vjp`)."""')
+        o("    raise _model.not_compiled('vjp', MODEL)")
 
 
 _BLOCK_TITLES = {
@@ -1106,10 +1201,16 @@ class _LoopRender:
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
              recompute: int | None = None,
-             weight_gradient_layout: str | None = None) -> str:
+             weight_gradient_layout: str | None = None, vjp=None) -> str:
     """Plan the module (plan.py), then render it. `weight_gradient_layout`: what the
-    target backend's capabilities declare (runtime/backend.py)."""
+    target backend's capabilities declare (runtime/backend.py); `vjp`: the
+    vector-Jacobian product's compile (driver.VjpCompiled), rendered as `vjp`."""
     if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
         raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
     plan = plan_module(low, bw, sched, recompute, weight_gradient_layout)
-    return Generator(low, bw, sched, plan, debug_nans=debug_nans).module()
+    vgen = None
+    if vjp is not None:
+        vplan = plan_module(vjp.lowered, vjp.backward, vjp.schedule, recompute,
+                            weight_gradient_layout, vjp=True)
+        vgen = Generator(vjp.lowered, vjp.backward, vjp.schedule, vplan, debug_nans=debug_nans)
+    return Generator(low, bw, sched, plan, debug_nans=debug_nans, vjp=vgen).module()

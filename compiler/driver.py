@@ -40,6 +40,16 @@ IR_STAGES = (
 
 
 @dataclass
+class VjpCompiled:
+    """The compile of a model's vector-Jacobian product (compile_program(vjp=True)): its
+    own graph, seeded by cotangents of the outputs and final states."""
+
+    lowered: Lowered
+    backward: Backward
+    schedule: Schedule
+
+
+@dataclass
 class Compiled:
     """Everything one compile produced."""
 
@@ -52,6 +62,7 @@ class Compiled:
     timings: dict[str, float] = field(default_factory=dict)
     pass_counts: dict[str, int] = field(default_factory=dict)
     snapshots: dict[str, str] = field(default_factory=dict)  # stage -> IR text after it
+    vjp: "VjpCompiled | None" = None  # with vjp=True: the vector-Jacobian product's compile
 
     @property
     def name(self) -> str:
@@ -152,19 +163,20 @@ def target_capabilities(target):
 def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
                   debug_nans: bool = False, recompute: int | None = None,
-                  snapshots: bool = False, target=DEFAULT_TARGET) -> Compiled:
+                  snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
     c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute,
-                        snapshots=snapshots, target=target)
+                        snapshots=snapshots, target=target, vjp=vjp)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
                     debug_nans: bool = False, recompute: int | None = None,
-                    snapshots: bool = False, target=DEFAULT_TARGET) -> Compiled:
+                    snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False
+                    ) -> Compiled:
     """Check, lower, differentiate, schedule and generate one model.
 
     recompute=K: loss_and_grad keeps the forward values the backward pass
@@ -177,6 +189,12 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     in runtime/backend.py, or its Capabilities. The plan asks it what layouts
     it reads fastest (`weight_gradient_layout`); the module still runs on
     every backend.
+
+    vjp: also generate `vjp(params, inputs, cotangents, ...)`, the
+    vector-Jacobian product of the outputs and final states (for other
+    frameworks' autograd): a second lowering of the model without its loss,
+    differentiated from cotangents (autodiff's vjp=True), scheduled and
+    planned on its own and rendered into the same module.
     """
     timings: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -230,11 +248,35 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         snap("loop_rewrites")
         sched = schedule(low, bw, rewrites)
     snap("schedule")
+    layout = target_capabilities(target).weight_gradient_layout
+    vc = None
+    if vjp:
+        with stage("vjp"):
+            vc = _compile_vjp(prog, model)
     with stage("codegen"):
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
-                          weight_gradient_layout=target_capabilities(target)
-                          .weight_gradient_layout)
-    return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts)
+                          weight_gradient_layout=layout, vjp=vc)
+    return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts, vc)
+
+
+def _compile_vjp(prog: Program, model: str | None) -> VjpCompiled:
+    """The vector-Jacobian product's graph: the model lowered again, without its loss
+    and targets, differentiated from cotangents of its outputs and final states."""
+    low = lower(prog, model, strict=False)
+    low.losses = []
+    low.targets = {}
+    g = low.graph
+    _run_passes(low)
+    rep = Reporter()
+    infer_shapes(g, rep, where=low.locate)
+    rep.check()
+    passes.fold_zero_channels(g)
+    passes.dce(g, _roots(low))
+    _prune_params(low)
+    bw = differentiate(low, vjp=True)
+    _prune_backward(low, bw)
+    sched = schedule(low, bw, passes.loop_rewrites(low, bw))
+    return VjpCompiled(low, bw, sched)
 
 
 def _run_passes(low: Lowered, snap=lambda stage: None) -> dict[str, int]:
@@ -272,7 +314,7 @@ def _prune_params(low: Lowered) -> None:
 def _prune_backward(low: Lowered, bw: Backward) -> int:
     """Remove backward nodes no gradient needs."""
     g = low.graph
-    roots = set(bw.grads.values())
+    roots = set(bw.grads.values()) | set(bw.input_cts.values()) | set(bw.init_cts.values())
     live = set()
     stack = list(roots)
     while stack:
@@ -294,7 +336,8 @@ def _prune_backward(low: Lowered, bw: Backward) -> int:
     dead = [n for n in list(g.g.nodes) if g.node(n).grad and n not in live]
     for n in dead:
         g.remove(n)
-    for table in (bw.carries, bw.read_cts, bw.carry_outs):
+    for table in (bw.carries, bw.read_cts, bw.carry_outs, bw.seeds, bw.final_seeds,
+                  bw.input_cts, bw.init_cts):
         for k in list(table):
             if table[k] not in g:
                 del table[k]

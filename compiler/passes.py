@@ -597,7 +597,9 @@ def protected_nodes(low, bw) -> set[str]:
         set(low.targets.values()) | {p.node for p in low.params.values()}
     if bw is not None:
         keep |= set(bw.grads.values()) | set(bw.read_cts.values()) | \
-            set(bw.carry_outs.values()) | set(bw.carries.values())
+            set(bw.carry_outs.values()) | set(bw.carries.values()) | \
+            set(bw.input_cts.values()) | set(bw.init_cts.values()) | \
+            set(bw.seeds.values()) | set(bw.final_seeds.values())
     for n in g.g.nodes:
         node = g.node(n)
         if node.op in ("state", "carry", "carry_out") or node.attrs.get("keep"):

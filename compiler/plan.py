@@ -28,7 +28,7 @@ from .passes import live_nodes
 from .recompute import RecomputePlan, plan_recompute
 from .schedule import Block, Kind, Schedule, through_views
 
-FUNCTIONS = ("forward", "loss", "loss_and_grad")
+FUNCTIONS = ("forward", "loss", "loss_and_grad", "vjp")
 
 
 @dataclass
@@ -88,6 +88,7 @@ def _keep(low: Lowered, bw: Backward | None) -> set[str]:
     keep = set(low.losses) | set(low.outputs.values())
     if bw is not None:
         keep |= set(bw.grads.values()) | set(bw.carry_outs.values())
+        keep |= set(bw.input_cts.values()) | set(bw.init_cts.values())
     for n in g.g.nodes:
         keep.update(g.node(n).attrs.get("terminal", ()))
     return keep
@@ -138,8 +139,9 @@ def _backward_variants(g: Graph, bw: Backward, lm: LoopMemory, stored: set[str])
 
 
 def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int | None,
-                weight_gradient_layout: str | None) -> ModulePlan:
-    """Plan forward, loss and loss_and_grad. `weight_gradient_layout` is what the target
+                weight_gradient_layout: str | None, vjp: bool = False) -> ModulePlan:
+    """Plan forward, loss and loss_and_grad (vjp=True: the one function `vjp` of a
+    vector-Jacobian product's graph). `weight_gradient_layout` is what the target
     backend declares (runtime/backend.py's Capabilities)."""
     g = low.graph
     state_of_update = {g.node(n).attrs["update"]: n for n in g.order()
@@ -166,6 +168,11 @@ def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int |
                                        _loops(g, bw, blocks, members, stored, state_of_update))
 
     states = [g.node(r).attrs["update"] for seg in low.segments for r in seg.states]
+    rec = plan_recompute(g, s, recompute, bw is not None,
+                         keep_always=set(low.losses) | set(low.outputs.values()))
+    if vjp:
+        plan("vjp", s.forward_blocks + s.backward_blocks, s.members, set(s.stored), rec)
+        return ModulePlan(state_of_update, seg_T, rec, functions)
     for name, roots, blocks in (
             ("forward", list(low.outputs.values()) + states,
              [b for b in s.forward_blocks if b.kind != Kind.TAIL]),
@@ -173,8 +180,6 @@ def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int |
         needed = {n for n in live_nodes(g, roots) if not g.node(n).grad}
         members = {b: [n for n in ns if n in needed] for b, ns in s.members.items()}
         plan(name, blocks, members, _stored_forward(g, s, needed, state_of_update), none)
-    rec = plan_recompute(g, s, recompute, bw is not None,
-                         keep_always=set(low.losses) | set(low.outputs.values()))
     if bw is not None:
         plan("loss_and_grad", s.forward_blocks + s.backward_blocks, s.members,
              set(s.stored), rec)

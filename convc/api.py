@@ -35,7 +35,8 @@ def compile_file(path, model: str | None = None, text: str | None = None,
 
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
-         snapshots: bool = False, target=("cpu", "numpy")) -> types.ModuleType:
+         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False
+         ) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
@@ -43,14 +44,15 @@ def load(path, model: str | None = None, text: str | None = None,
     compile), `train(...)` (the training loop of convc.runtime.train) and
     `predict(checkpoint, ...)` (convc.runtime.predict.predict). target: the
     backend the code is planned for, (device, conv) as registered; the module
-    runs on every backend.
+    runs on every backend. vjp=True also compiles `mod.vjp(params, inputs,
+    cotangents, ...)`, the vector-Jacobian product (convc.runtime.vjp).
     """
     from convc.runtime import loader
     from convc.runtime import predict as _predict
     from convc.runtime import train as _train
 
     mod = loader.load(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute,
-                      snapshots=snapshots, target=target)
+                      snapshots=snapshots, target=target, vjp=vjp)
 
     def train(params=None, **options):
         return _train.train(mod, params=params, **options)

@@ -59,11 +59,13 @@ def _kind(value) -> str:
 
 
 def check_call(model: dict, function: str, params, inputs, targets=_ABSENT, state=None,
-               steps=None) -> None:
+               steps=None, cotangents=_ABSENT, state_cotangents=None) -> None:
     """Raise CallError (a ValueError) or CallTypeError (a TypeError) for arguments that do
     not fit the model described by `model` (a generated module's MODEL); else nothing.
 
-    `targets` left out: the function takes none (forward), and `steps` is checked.
+    `targets` left out: the function takes none (forward), and `steps` is checked,
+    unless `cotangents` (vjp's: one per output, on the output's time axis) give
+    the lengths of the axes no input has.
     """
     _check_params(model["params"], function, params)
     sizes: list = []  # (N, who) of every sequence
@@ -71,10 +73,17 @@ def check_call(model: dict, function: str, params, inputs, targets=_ABSENT, stat
     _check_sequences(model, function, "input", inputs, model["inputs"], sizes, lengths)
     if targets is not _ABSENT:
         _check_sequences(model, function, "target", targets, model["targets"], sizes, lengths)
+    if cotangents is not _ABSENT:
+        axes = dict(model["axes"], **model["vjp"]["output_axes"])
+        _check_sequences(dict(model, axes=axes), function, "cotangent", cotangents,
+                         model["outputs"], sizes, lengths)
     n = sizes[0][0] if sizes else None
     if state is not None:
         _check_state(model["states"], function, state, n, sizes[0][1] if sizes else None)
-    if targets is _ABSENT:
+    if state_cotangents is not None:
+        _check_state(model["states"], function, state_cotangents, n,
+                     sizes[0][1] if sizes else None, arg="state_cotangents=")
+    if targets is _ABSENT and cotangents is _ABSENT:
         for loop in model["loops"]:
             if loop["axis"] not in lengths:
                 _check_steps(model, function, steps, loop["axis"])
@@ -178,14 +187,14 @@ def _check_sequences(model: dict, function: str, role: str, given, expected: dic
         lengths.setdefault(axis, (t, who))
 
 
-def _check_state(specs: dict, function: str, state, n, who) -> None:
+def _check_state(specs: dict, function: str, state, n, who, arg: str = "state=") -> None:
     if not isinstance(state, Mapping):
-        raise CallTypeError(f"{function}: state= is {_kind(state)}; the model expects a dict "
+        raise CallTypeError(f"{function}: {arg} is {_kind(state)}; the model expects a dict "
                             f"{{state name: array (N, C, H, W)}} (its states: {_names(specs)})")
     for name, value in state.items():
         spec = specs.get(name)
         if spec is None:
-            raise CallError(f"{function}: state= names {name!r}, which the model does not have "
+            raise CallError(f"{function}: {arg} names {name!r}, which the model does not have "
                             f"(its states: {_names(specs)})")
         shape = getattr(value, "shape", None)
         want = ("N" if n is None else n,) + tuple(spec["shape"])

@@ -36,7 +36,8 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
 
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
-         snapshots: bool = False, target=("cpu", "numpy")) -> types.ModuleType:
+         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False
+         ) -> types.ModuleType:
     """Compile a `.cell` file (or `text`) in memory and import the generated module.
 
     The module has what the generated code defines (`init_params`, `forward`,
@@ -46,12 +47,13 @@ def load(path, model: str | None = None, text: str | None = None,
     None for `text`). Raises `CellError` with the diagnostics of a spec that
     does not compile; warnings are in `mod.compiled.warnings`. snapshots: keep
     the IR after every compiler stage (`mod.compiled.ir_text(stage)`). target:
-    the backend the code is planned for (driver.compile_program).
+    the backend the code is planned for; vjp: also generate `vjp`
+    (driver.compile_program, runtime/vjp.py).
     """
     from convc.compiler.driver import compile_model
 
     c = compile_model(path, text=text, model=model, debug_nans=debug_nans, recompute=recompute,
-                      snapshots=snapshots, target=target)
+                      snapshots=snapshots, target=target, vjp=vjp)
     mod = module_from_source(c.source, c.name)
     mod.compiled = c
     mod.source = c.source

@@ -63,3 +63,12 @@ def init_params(specs: dict, seed: int = 0, dtype="float32", backend: Backend | 
         value = init_value(specs[name], rng).astype(dtype)
         out[name] = B.asarray(value) if B.xp is not np else value
     return out
+
+
+def not_compiled(function: str, model: dict) -> Exception:
+    """The error a generated module raises for an entry point it was compiled without."""
+    from convc.errors import ConvcError
+
+    return ConvcError(f"{model['name']}: {function}() was not compiled into this module; "
+                      f"compile it with {function}=True (convc.load(path, {function}=True), "
+                      f"`convc compile --{function}`)")

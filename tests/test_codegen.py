@@ -214,7 +214,8 @@ def generated_functions(source: str) -> list[ast.FunctionDef]:
 # not grow above it (lower the figure here with the naming: the ratchet only tightens).
 FIXED_NAMES = frozenset({
     "params", "inputs", "targets", "state", "steps", "bptt", "backend", "seed", "lr", "options",
-    "B", "xp", "dtype", "N", "t", "t0", "name", "_", "loss", "grads", "final", "outputs"})
+    "B", "xp", "dtype", "N", "t", "t0", "name", "_", "loss", "grads", "final", "outputs",
+    "cotangents", "state_cotangents", "param_cts", "input_cts", "state_cts"})
 FIXED_PATTERNS = (re.compile(r"T_\w+"), re.compile(r"arena_\w+"))
 _ROLES = r"(?:_(?:seq|buf|prev|next|init))*"
 _CONSTANT = re.compile(r"const_(?:neg)?(?:\d+(?:_\d+)?(?:e[mp]\d+)?|inf|nan)(?:_\d+)?")
