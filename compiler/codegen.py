@@ -456,11 +456,15 @@ class Generator:
         src = next(iter(nodes.values()))
         o(f"N = {self.v(src)}.shape[1]")
         if cotangents:
-            for state, seed in self.bw.final_seeds.items():
-                shape = tuple(self.g.node(seed).shape)
-                o(f"{self.v(seed)} = _vjp.state_cotangent(state_cotangents, {state!r}, "
-                  f"{shape}, N, dtype, xp)")
+            self.bind_state_cotangents(o)
         # (every shape and time length was checked by rt.check_call, the first statement)
+
+    def bind_state_cotangents(self, o: _Out) -> None:
+        """The vjp's cotangents of the final states: given, or zeros."""
+        for state, seed in self.bw.final_seeds.items():
+            shape = tuple(self.g.node(seed).shape)
+            o(f"{self.v(seed)} = _vjp.state_cotangent(state_cotangents, {state!r}, "
+              f"{shape}, N, dtype, xp)")
 
     def output_axis(self, name: str) -> str:
         """The time axis of output `name` (of its loop, or of the sequence it reads)."""
@@ -983,7 +987,6 @@ class Generator:
     def vjp_fn(self, o: _Out, main: Lowered) -> None:
         """vjp() and vjp_shard(), rendered from this generator's graph: the vector-Jacobian
         product's (compile_program(vjp=True)); `main` is the module's own model."""
-        bw = self.bw
         args = "params, inputs, cotangents, state=None, state_cotangents=None, bptt=None, " \
             "backend=None"
         o(f"def vjp({args}):")
@@ -1011,6 +1014,62 @@ class Generator:
         self.begin_function("vjp")
         self.emit_blocks(o)
         o()
+        self.vjp_results(o, main)
+        o("return param_cts, input_cts, state_cts")
+        o.dedent()
+        o()
+        o()
+        self.vjp_start_fn(o, main)
+
+    def vjp_start_fn(self, o: _Out, main: Lowered) -> None:
+        """vjp_start(): the forward pass now, the product when the pullback is called (a
+        generator, _vjp_steps, keeps the forward's values between the two)."""
+        o("def vjp_start(params, inputs, state=None, steps=None, bptt=None, backend=None):")
+        o('    """Run forward; return (outputs, final, pullback), where pullback(cotangents,')
+        o("    state_cotangents=None) gives vjp's (param_cts, input_cts, state_cts) without")
+        o("    running forward again. The forward's values are kept (in memory of this call's")
+        o('    own) until the pullback runs or is closed (convc.runtime.vjp.Pullback)."""')
+        o("    rt.check_call(MODEL, 'vjp_start', params, inputs, state=state, steps=steps)")
+        o("    return _vjp.start(_vjp_steps, MODEL, params, inputs, state=state, steps=steps,")
+        o("                      bptt=bptt, backend=backend)")
+        o()
+        o()
+        o("def _vjp_steps(params, inputs, state=None, steps=None, bptt=None, backend=None):")
+        o('    """vjp_start\'s forward pass; then, sent the cotangents, its backward pass."""')
+        o.indent()
+        self.prologue(o, with_targets=False)
+        self.begin_function("vjp")
+        self.emit_arenas(o)
+        for k, block in enumerate(self.fp.blocks):
+            if block.kind.backward and block == self.s.backward_blocks[0]:
+                self.vjp_pause(o)
+            self.emit_block(o, block, self.fp.members, state_arg=True)
+            self.release(o, k)
+        o()
+        self.vjp_results(o, main)
+        o("yield param_cts, input_cts, state_cts")
+        o.dedent()
+
+    def vjp_pause(self, o: _Out) -> None:
+        """Between the passes: hand out the outputs and final states, take the cotangents."""
+        low = self.low
+        o()
+
+        def out(i):  # loop values live in buffers the backward pass reuses: copies
+            e = f"rt.batch_major({self.batched(i)})"
+            return e + ".copy()" if self.s.block_of[i].kind.is_loop else e
+
+        outs = ", ".join(f"{n!r}: {out(i)}" for n, i in low.outputs.items())
+        o(f"outputs = {{{outs}}}")
+        o(f"final = {{{self.finals()}}}")
+        o("cotangents, state_cotangents = yield outputs, final")
+        for name, seed in self.bw.seeds.items():
+            o(f"{self.v(seed)} = rt.time_major(cotangents[{name!r}], dtype, xp)")
+        self.bind_state_cotangents(o)
+
+    def vjp_results(self, o: _Out, main: Lowered) -> None:
+        """param_cts, input_cts and state_cts, as vjp returns them."""
+        bw = self.bw
         o("param_cts = {")
         for name in sorted(main.params):
             gid = bw.grads.get(name)
@@ -1033,8 +1092,6 @@ class Generator:
                 states.append(f"{name!r}: {self.v(ct)}{given}" if ct is not None else
                               f"{name!r}: xp.zeros((N,) + {tuple(node.shape)}, dtype)")
         o(f"state_cts = {{{', '.join(states)}}}")
-        o("return param_cts, input_cts, state_cts")
-        o.dedent()
 
     def no_vjp_fn(self, o: _Out) -> None:
         o("def vjp(params, inputs, cotangents, **options):")

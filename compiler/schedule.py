@@ -200,7 +200,7 @@ def schedule(low: Lowered, bw: Backward | None, rewrites: dict[str, int] | None 
     order = g.order()
     _place_outside_loops(g, order, block_of, index)
     _backward_reductions_early(g, order, block_of, index)
-    _forward_values_late(g, order, block_of, index)
+    _forward_values_late(g, order, block_of, index, set(low.outputs.values()))
     members: dict[Block, list[str]] = {b: [] for b in blocks}
     for n in order:
         members[block_of[n]].append(n)
@@ -310,15 +310,18 @@ def _backward_reductions_early(g: Graph, order: list[str], block_of: dict, index
             block_of[n] = Block(Kind.BMID, last.seg, last.k)
 
 
-def _forward_values_late(g: Graph, order: list[str], block_of: dict, index: dict) -> None:
+def _forward_values_late(g: Graph, order: list[str], block_of: dict, index: dict,
+                         outputs: set[str]) -> None:
     """A forward value only the backward pass reads (the concat(x, h[t-1]) a weight
     gradient needs) is made where it is first needed, in a batched backward stage, so it
-    does not live through the loops."""
+    does not live through the loops. An output stays in the forward pass (a vector-Jacobian
+    product's graph has no loss reading it: vjp_start hands it out before the backward)."""
     batched = (Kind.BPRE, Kind.BMID, Kind.BPOST, Kind.BTAIL)
     for n in reversed(order):
         node = g.node(n)
         users = g.consumers(n)
         if node.grad or block_of[n].kind not in (Kind.PRE, Kind.MID, Kind.POST) or not users or \
+                n in outputs or \
                 node.op in ("input", "param", "state") or \
                 any(g.node(r).op == "state" for r in g.g.successors(n)):
             continue

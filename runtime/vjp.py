@@ -91,3 +91,80 @@ def in_shards(fn, params, inputs, cotangents, state=None, state_cotangents=None,
                 for name in parts[0][j]}
 
     return grads, stacked(1), stacked(2)
+
+
+# ---------------------------------------------------------------- vjp_start: two phases
+
+_IDLE: dict = {}  # id(backend) -> [clones of it, each with a workspace of its own, idle]
+
+
+def _lease(backend):
+    """A backend whose work memory no other call in flight uses: a clone from the
+    backend's idle clones (or a new one, `spawn()`), so a forward pass whose values
+    wait for their pullback keeps them, and a step after step reuses the memory."""
+    if backend is None:
+        from convc.runtime.model import default_backend
+
+        backend = default_backend()
+    if getattr(backend, "workspace", None) is None or not backend.capabilities.shards:
+        return backend, None  # no memory kept between calls: nothing to share
+    idle = _IDLE.setdefault(id(backend), [])
+    clone = idle.pop() if idle else backend.spawn()
+    return clone, (idle, clone)
+
+
+class Pullback:
+    """The second half of `vjp_start`: call it once with the outputs' cotangents.
+
+    pullback(cotangents, state_cotangents=None) -> (param_cts, input_cts, state_cts)
+
+    Until it is called (or closed, or collected), the forward pass's values are
+    kept in memory of this call's own.
+    """
+
+    def __init__(self, steps, model: dict, params, inputs, lease):
+        self._steps, self._model = steps, model
+        self._params, self._inputs = params, inputs
+        self._lease = lease
+
+    def __call__(self, cotangents, state_cotangents=None):
+        from convc.runtime.calls import check_call
+
+        if self._steps is None:
+            raise RuntimeError(f"{self._model['name']}: this pullback has run (or was "
+                               "closed) already; call vjp_start again")
+        check_call(self._model, "pullback", self._params, self._inputs, cotangents=cotangents,
+                   state_cotangents=state_cotangents)
+        try:
+            return self._steps.send((cotangents, state_cotangents))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Let the forward pass's values go without computing the product."""
+        steps, self._steps = self._steps, None
+        if steps is not None:
+            steps.close()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            idle, clone = lease
+            idle.append(clone)
+
+    def __del__(self):
+        self.close()
+
+
+def start(steps_fn, model: dict, params, inputs, state=None, steps=None, bptt=None,
+          backend=None):
+    """Run a generated `_vjp_steps` to the end of its forward pass: (outputs, final,
+    Pullback)."""
+    b, lease = _lease(backend)
+    gen = steps_fn(params, inputs, state=state, steps=steps, bptt=bptt, backend=b)
+    try:
+        outputs, final = next(gen)
+    except BaseException:
+        gen.close()
+        if lease is not None:
+            lease[0].append(lease[1])
+        raise
+    return outputs, final, Pullback(gen, model, params, inputs, lease)

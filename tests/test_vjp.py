@@ -192,3 +192,43 @@ def test_a_module_compiled_without_vjp_says_how_to_get_one():
     mod = api.load(path)
     with pytest.raises(ConvcError, match=r"vjp\(\) was not compiled.*vjp=True"):
         mod.vjp({}, {}, {})
+
+
+# ---------------------------------------------------------------- vjp_start: two phases
+
+@pytest.mark.parametrize("name", ["encoder_forecaster", "stack", "std_convlstm"])
+def test_vjp_start_gives_forward_and_then_vjp_bit_for_bit(name):
+    mod = _load(name)
+    params = random_params(mod, seed=8)
+    inputs, _ = random_batch(mod, N=N, T=T, seed=8)
+    C, S = _cotangents(mod, params, inputs, steps=T)
+    out, fin = mod.forward(params, inputs, steps=T)
+    outputs, final, pullback = mod.vjp_start(params, inputs, steps=T)
+    assert tree_bytes(outputs) == tree_bytes(out) and tree_bytes(final) == tree_bytes(fin)
+    # two calls in flight at once keep their own forward values
+    other = mod.vjp_start({k: 2 * v for k, v in params.items()}, inputs, steps=T)
+    got = pullback(C, state_cotangents=S)
+    want = mod.vjp(params, inputs, C, state_cotangents=S)
+    assert all(tree_bytes(a) == tree_bytes(b) for a, b in zip(got, want))
+    other[2].close()
+    with pytest.raises(RuntimeError, match="has run"):
+        pullback(C)
+
+
+def test_vjp_start_reuses_its_memory_step_after_step():
+    from convc.runtime import vjp as runtime_vjp
+    from convc.runtime.model import default_backend
+
+    mod = _load("seed")
+    params = random_params(mod, seed=9)
+    inputs, _ = random_batch(mod, N=N, T=T, seed=9)
+    C, _ = _cotangents(mod, params, inputs, steps=T)
+    _, _, pullback = mod.vjp_start(params, inputs)
+    pullback(C)
+    idle = runtime_vjp._IDLE[id(default_backend())]
+    clones = {id(b) for b in idle}
+    for _ in range(3):
+        _, _, pullback = mod.vjp_start(params, inputs)
+        assert len(idle) == len(clones) - 1  # one leased while the pullback waits
+        pullback(C)
+    assert {id(b) for b in idle} == clones  # no new clone: the same memory, step after step
