@@ -62,7 +62,8 @@ def _load(args, debug_nans: bool = False, snapshots: bool = False):
     target = (getattr(args, "device", None) or "cpu", getattr(args, "conv", None) or "numpy")
     mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans,
                    recompute=getattr(args, "recompute", None), snapshots=snapshots,
-                   target=target)  # planned for the backend it will run on
+                   target=target,  # planned for the backend it will run on
+                   vjp=bool(getattr(args, "vjp", False)))
     _print_warnings(mod.compiled.warnings)
     return mod
 
@@ -566,6 +567,9 @@ def _check_parsers(sub) -> None:
                    help="print the time of each compiler stage and what the passes changed")
     p.add_argument("--debug-nans", action="store_true",
                    help="generate a NaN/Inf check after every op (raises NonFiniteError)")
+    p.add_argument("--vjp", action="store_true",
+                   help="also generate vjp() and vjp_start(), the vector-Jacobian product of "
+                        "the outputs, for other frameworks' autograd (docs/compiler.md)")
     _add_recompute(p)
 
     p = _subcommand(sub, "graph", cmd_graph,

@@ -18,6 +18,7 @@ import pytest
 import convc
 import convc.api as api
 from convc import cli
+from convc.errors import ConvcError
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = str(ROOT / "examples" / "seed.cell")
@@ -124,6 +125,23 @@ def test_compile_writes_an_importable_module(capsys, tmp_path):
     x = rng.uniform(0, 1, (2, 3, 1, 16, 16)).astype(np.float32)
     loss, grads, _ = mod.loss_and_grad(mod.init_params(seed=0), {"x": x}, {"y": x})
     assert math.isfinite(loss) and sorted(grads) == sorted(mod.MODEL["params"])
+
+
+def test_compile_vjp_writes_a_module_with_the_vector_jacobian_product(capsys, tmp_path):
+    target = tmp_path / "seed_vjp.py"
+    code, _, _ = run(capsys, "compile", SEED, "--vjp", "-o", str(target))
+    assert code == 0
+    mod = api.import_generated(target)
+    params = mod.init_params(seed=0, dtype="float64")
+    x = np.random.default_rng(0).uniform(0, 1, (2, 3, 1, 16, 16))
+    out, _ = mod.forward(params, {"x": x})
+    param_cts, input_cts, state_cts = mod.vjp(params, {"x": x}, {"pred": np.ones_like(out["pred"])})
+    assert sorted(param_cts) == sorted(params) and input_cts["x"].shape == x.shape
+    assert sorted(state_cts) == sorted(mod.MODEL["states"])
+    plain = tmp_path / "seed.py"
+    assert run(capsys, "compile", SEED, "-o", str(plain))[0] == 0
+    with pytest.raises(ConvcError, match="--vjp"):
+        api.import_generated(plain).vjp(params, {"x": x}, {})
 
 
 def test_compile_emits_ir_dot_and_json_next_to_the_output(capsys, tmp_path):
