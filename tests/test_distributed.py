@@ -364,7 +364,11 @@ def test_a_rank_that_hangs_is_named_after_the_timeout(tmp_path):
 
 
 @needs_mpi
-def test_sigterm_to_the_launcher_saves_the_last_step(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1],
+                         ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_launcher_saves_the_last_step(tmp_path, signum):
+    """SIGTERM as a single process takes it; SIGUSR1, which Open MPI's mpirun forwards
+    without ending the job, the same way under MPI."""
     out = tmp_path / "run"
     args = ["train", SEED, *RUN, "--steps", "2000", "--out", str(out)]
     launcher = subprocess.Popen([*MPIRUN, "-n", "2", *CONVC, *args], cwd=tmp_path, env=_env(),
@@ -376,12 +380,15 @@ def test_sigterm_to_the_launcher_saves_the_last_step(tmp_path):
             if log.exists() and len(log.read_text().splitlines()) > 4:
                 break
             time.sleep(0.2)
-        launcher.send_signal(signal.SIGTERM)
+        launcher.send_signal(signum)
         _, err = launcher.communicate(timeout=60)
     finally:
         if launcher.poll() is None:
             launcher.kill()
-    assert "stopped by SIGTERM: saved step" in err, err[-2000:]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name}: saved step" in err, err[-2000:]
+    assert launcher.returncode == 128 + signum
+    assert err.count(f"{name}: stopping after this step") == 1  # said once, by rank 0
     step = _params(out)[1]["step"]
     rows = _log(out)
     assert int(rows[-1].split(",")[0]) == step > 3
