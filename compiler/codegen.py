@@ -335,10 +335,13 @@ class Generator:
         self.forward_fn(fns)
         fns()
         fns()
-        self.loss_fn(fns)
-        fns()
-        fns()
-        self.loss_and_grad_fn(fns)
+        if self.low.losses:
+            self.loss_fn(fns)
+            fns()
+            fns()
+            self.loss_and_grad_fn(fns)
+        else:
+            self.no_loss_fns(fns)
         fns()
         fns()
         if self.vjp is not None:
@@ -1092,6 +1095,16 @@ class Generator:
                 states.append(f"{name!r}: {self.v(ct)}{given}" if ct is not None else
                               f"{name!r}: xp.zeros((N,) + {tuple(node.shape)}, dtype)")
         o(f"state_cts = {{{', '.join(states)}}}")
+
+    def no_loss_fns(self, o: _Out) -> None:
+        """A model without a loss (its outputs are for forward and vjp) has no loss()."""
+        for k, name in enumerate(("loss", "loss_and_grad")):
+            if k:
+                o()
+                o()
+            o(f"def {name}(params, inputs, targets=None, **options):")
+            o('    """The model has no loss: it runs forward (and vjp, compiled with vjp=True)."""')
+            o(f"    raise _model.no_loss({name!r}, MODEL)")
 
     def no_vjp_fn(self, o: _Out) -> None:
         o("def vjp(params, inputs, cotangents, **options):")

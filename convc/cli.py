@@ -68,6 +68,14 @@ def _load(args, debug_nans: bool = False, snapshots: bool = False):
     return mod
 
 
+def _require_loss(mod, command: str) -> None:
+    """A model without a loss has nothing to train or to check the gradient of."""
+    if not mod.MODEL["loss"]:
+        raise ConvcError(f"{mod.MODEL['name']} has no loss, so there is nothing to {command}; "
+                         "add a `loss` statement, or train it inside another framework "
+                         "through its vjp (convc compile --vjp)")
+
+
 def _print_warnings(warnings) -> None:
     if warnings:
         from convc.spec.diagnostics import Diagnostic
@@ -288,6 +296,7 @@ def cmd_train(args) -> int:
     from convc.runtime.train import default_run_folder, train
 
     mod = _load(args, debug_nans=args.debug_nans)
+    _require_loss(mod, "train")
     options = {k: getattr(args, k) for k in (*TRAIN, *_RUN_OPTIONS)
                if getattr(args, k) is not None}
     result = train(mod, out=args.out or default_run_folder(mod.MODEL), device=args.device,
@@ -357,6 +366,7 @@ def cmd_gradcheck(args) -> int:
     from convc.runtime.gradcheck import format_report, gradcheck
 
     mod = _load(args)
+    _require_loss(mod, "gradcheck")
     if args.json:  # refuse a bad output name before the check runs
         from convc.runtime.atomic import check_output
 

@@ -72,3 +72,12 @@ def not_compiled(function: str, model: dict) -> Exception:
     return ConvcError(f"{model['name']}: {function}() was not compiled into this module; "
                       f"compile it with {function}=True (convc.load(path, {function}=True), "
                       f"`convc compile --{function}`)")
+
+
+def no_loss(function: str, model: dict) -> Exception:
+    """The error a generated module without a loss raises for loss() and loss_and_grad()."""
+    from convc.errors import ConvcError
+
+    return ConvcError(f"{model['name']}: the model has no loss, so it has no {function}(); "
+                      "add a `loss` statement to train it with convc, or train it inside "
+                      "another framework through vjp() (convc.load(path, vjp=True))")

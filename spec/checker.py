@@ -393,6 +393,7 @@ class _ModelChecker:
         sequences: dict[str, A.SeqDecl] = {}
         used: set[str] = set()
         losses = []
+        outputs = []
         for st in self.model.body:
             with _Errors(self.rep, self.prog.broken, st):
                 if isinstance(st, A.SeqDecl):
@@ -412,6 +413,7 @@ class _ModelChecker:
                 elif isinstance(st, A.Equation):
                     self._equation(st, scope, instances, used)
                 elif isinstance(st, A.OutputDecl):
+                    outputs.extend(st.names)
                     for n, loc in zip(st.names, st.locs):
                         if scope.lookup(n) is None:
                             self.rep.error("E200", f"output {n!r} is not defined"
@@ -425,9 +427,9 @@ class _ModelChecker:
                 else:
                     self.rep.error("E103", f"`{type(st).__name__.lower()}` belongs in a cell, "
                                    "not in a model", st.loc)
-        if not losses:
-            self.rep.error("E240", f"model {self.model.name!r} has no loss (add e.g. "
-                           "`loss bce(pred, y)`)", self.model.loc)
+        if not losses and not outputs:  # (one with outputs only runs forward and vjp)
+            self.rep.error("E240", f"model {self.model.name!r} has no loss and no output (add "
+                           "e.g. `output pred` and `loss bce(pred, y)`)", self.model.loc)
         for name, loc in weights.items():
             if name not in used:
                 self.rep.warning("W001", f"weight {name!r} is never used", loc)

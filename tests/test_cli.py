@@ -459,3 +459,16 @@ def test_a_bad_number_is_a_usage_error_in_every_command(capsys, name, base, acti
     good = {int: "1", float: "0.5"}[action.type.setting.kind]
     args = cli.build_parser().parse_args([*base, option, good])
     assert getattr(args, action.dest) == action.type.setting.parse(good)
+
+
+def test_train_and_gradcheck_refuse_a_model_without_a_loss(capsys, tmp_path):
+    spec = tmp_path / "no_loss.cell"
+    spec.write_text("import std\n\nmodel m {\n    input x: [1, 8, 8]\n"
+                    "    lstm = ConvLSTM(hidden = 2)\n    h = lstm(x)\n    output h\n}\n")
+    assert run(capsys, "compile", str(spec), "--vjp", "-o", str(tmp_path / "m.py"))[0] == 0
+    for command in ("train", "gradcheck"):
+        args = [command, str(spec)] + (["--out", str(tmp_path / "run")] if command == "train"
+                                       else [])
+        code, _, err = run(capsys, *args)
+        assert code == 1 and "has no loss" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -232,3 +232,36 @@ def test_vjp_start_reuses_its_memory_step_after_step():
         assert len(idle) == len(clones) - 1  # one leased while the pullback waits
         pullback(C)
     assert {id(b) for b in idle} == clones  # no new clone: the same memory, step after step
+
+
+# ---------------------------------------------------------------- a model without a loss
+
+NO_LOSS = '''
+import std
+
+model m {
+    """A ConvLSTM and a 1x1 head, without a loss: for forward and vjp."""
+    input x: [1, 6, 6]
+    lstm = ConvLSTM(hidden = 2)
+    h = lstm(x)
+    weight W_y = kernel(1, 1)
+    pred = sigmoid(conv(h, W_y))
+    output pred
+}
+'''
+
+
+def test_a_model_without_a_loss_compiles_for_forward_and_vjp():
+    mod = api.load(std_model_path("no_loss"), text=NO_LOSS, vjp=True)
+    assert mod.MODEL["loss"] == [] and mod.MODEL["targets"] == {}
+    params = random_params(mod, seed=10)
+    inputs, _ = random_batch(mod, N=N, T=T, seed=10)
+    C, S = _cotangents(mod, params, inputs, steps=T)
+    f = _functional(mod, C, S, steps=T)
+    pc, ic, _ = mod.vjp(params, inputs, C, state_cotangents=S)
+    u = {k: np.random.default_rng(1).standard_normal(v.shape) for k, v in params.items()}
+    fd = _directional(f, dict(params=params, inputs=inputs), u, "params")
+    assert abs(fd - _dot(pc, u)) <= 1e-6 * max(abs(fd), 1.0)
+    for call in (mod.loss, mod.loss_and_grad):
+        with pytest.raises(ConvcError, match="has no loss"):
+            call(params, inputs, {})
