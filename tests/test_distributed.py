@@ -301,6 +301,32 @@ def test_resumed_on_another_number_of_ranks(tmp_path, backend):
 
 # ---------------------------------------------------------------- faults
 
+@needs_mpi
+def test_a_setting_every_rank_refuses_ends_the_run_at_once(tmp_path):
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    result = mpirun(2, ["train", SEED, *RUN, "--steps", "3", "--shards", "3",
+                        "--out", str(out)], tmp_path, timeout=120)
+    assert time.monotonic() - t0 < 60
+    assert result.returncode == 1
+    assert "shards=3 does not match the 2 MPI ranks" in result.stderr
+    assert not out.exists()
+
+
+@needs_mpi
+def test_rank_0_refusing_the_folder_ends_every_rank(tmp_path):
+    """Only rank 0 opens --out; when it refuses it, rank 1 hears why and stops too."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = mpirun(2, ["train", SEED, *RUN, "--steps", "3", "--out", str(out)], tmp_path,
+                    timeout=120)
+    assert result.returncode == 1
+    assert "rank 0 (pid" in result.stderr and "failed during setup" in result.stderr
+    assert "holds notes.txt" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
 def _reference(tmp_path, steps: int, shards: int = 2) -> Path:
     folder = tmp_path / f"reference-{steps}"
     _ok(alone(["train", SEED, *RUN, "--steps", str(steps), "--shards", str(shards),
