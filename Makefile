@@ -12,6 +12,8 @@ PYTHON ?= python3
 # Optional test oracle; `make TORCH_SPEC=` skips it.
 TORCH_SPEC ?= torch==2.13.0
 CHAINER_SPEC ?= chainer==7.8.1
+# convc.jax (docs/jax.md); `make JAX_SPEC=` leaves it out
+JAX_SPEC ?= jax[cpu]>=0.4.30
 
 DEMO_SPEC ?= examples/seed.cell
 DEMO_OUT ?= demo_out
@@ -60,6 +62,10 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "note: could not install convc[mpi]; the distributed tests will be skipped"
 	PIP_BUILD_CONSTRAINT=$(CONSTRAINTS) PIP_CONSTRAINT=$(CONSTRAINTS) \
 	  $(VPY) -m pip install "$(CHAINER_SPEC)"
+	@if [ -n "$(JAX_SPEC)" ]; then \
+	  $(VPY) -m pip install "$(JAX_SPEC)" || \
+	    echo "note: could not install $(JAX_SPEC); the convc.jax tests will be skipped"; \
+	fi
 	@if [ -n "$(TORCH_SPEC)" ]; then \
 	  PIP_CONSTRAINT=$(CONSTRAINTS) $(VPY) -m pip install "$(TORCH_SPEC)" || \
 	    echo "note: could not install $(TORCH_SPEC); the torch oracle tests will be skipped"; \
