@@ -206,13 +206,7 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
             texts[name] = low.graph.dump() + "\n"
 
     def stage(name):
-        class _T:
-            def __enter__(self):
-                self.t = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timings[name] = timings.get(name, 0.0) + time.perf_counter() - self.t
-        return _T()
+        return _Stage(timings, name)
 
     warnings: list[Diagnostic] = []
     with stage("check"):
@@ -257,6 +251,19 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
                           weight_gradient_layout=layout, vjp=vc)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts, vc)
+
+
+class _Stage:
+    """Times one stage of a compile into `timings[name]` (added up over its runs)."""
+
+    def __init__(self, timings: dict, name: str):
+        self.timings, self.name = timings, name
+
+    def __enter__(self):
+        self.t = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t
 
 
 def _compile_vjp(prog: Program, model: str | None) -> VjpCompiled:
