@@ -1,0 +1,187 @@
+"""A compiled convc model as a JAX function (docs/jax.md).
+
+    import convc.jax
+    f = convc.jax.layer("examples/seed.cell")
+    outputs, final = f(params, {"x": x})      # params: {convc name: jax array}
+    jax.grad(lambda p: outputs_to_loss(f(p, {"x": x})[0]))(params)
+
+`layer(path_or_module, model=None, bptt=None, backend=None)` compiles the
+`.cell` file (or takes a module `convc.load(..., vjp=True)` made) and returns
+
+    f(params, inputs, state=None, steps=None) -> (outputs, final)
+
+params: {convc name, as in MODEL["params"]: array}; inputs: {input name: array
+(N, T, C, H, W)}; state: {state name: (N, C, H, W)} initial states instead of the
+spec's (a state the spec starts from another loop's final state, `init = enc`,
+cannot be given); steps: the number of frames a forecast model predicts, a Python
+int (static under jax.jit). It returns the model's outputs {name: (N, T, C, H,
+W)} and every final state {name: (N, C, H, W)}, as the module's `forward` does;
+both are differentiable, so a loss may use the final states too.
+
+`f` is a `jax.custom_vjp` function that calls the compiled NumPy module through
+`jax.pure_callback`, so it works under `jax.grad`, `jax.vjp` and `jax.jit` (and
+`jax.vmap`, one call per example). Its forward callback runs the module's
+`forward`; its backward callback runs the module's `vjp` (convc's generated
+BPTT) for the cotangents of the outputs and final states, and returns those of
+the parameters, inputs and given initial states. A pure_callback cannot keep
+Python state between the two calls (the forward pass's values cannot wait in
+memory for the backward pass, as they do in convc.chainer and convc.torch), so
+the backward callback runs the forward pass again inside `vjp`: a training step
+costs two forward passes and one backward pass. Gradients are first order: the
+backward pass is not itself differentiable.
+
+dtypes: float32 or float64 (one for all arrays; float64 needs
+`jax.config.update("jax_enable_x64", True)`). The callbacks run on the host's
+NumPy arrays; `backend=` (e.g. convc.runtime.backend.get_backend("gpu")) runs
+the module on that backend instead, copying the arrays to it and back.
+"""
+from __future__ import annotations
+
+import inspect
+
+import numpy
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["layer", "load_module"]
+
+
+def load_module(path_or_module, model: str | None = None, **options):
+    """A compiled module with vjp: `path_or_module` itself (made with vjp=True) or
+    `convc.load(path, model=model, vjp=True, **options)`."""
+    if hasattr(path_or_module, "MODEL"):
+        mod = path_or_module
+        if model is not None and mod.MODEL["name"] != model:
+            raise ValueError(f"the module given is model {mod.MODEL['name']!r}, not {model!r}")
+        if not hasattr(mod, "vjp_start"):
+            raise ValueError(f"model {mod.MODEL['name']}: the module has no vjp; load it with "
+                             "convc.load(path, vjp=True) (or `convc compile --vjp`)")
+        return mod
+    from convc import api
+
+    return api.load(path_or_module, model=model, vjp=True, **options)
+
+
+def _callback_options() -> dict:
+    """vmap_method="sequential" where this JAX's pure_callback takes it (0.4.34+)."""
+    if "vmap_method" in inspect.signature(jax.pure_callback).parameters:
+        return {"vmap_method": "sequential"}
+    return {}  # pragma: no cover - older JAX: its default, no vmap of the callback
+
+
+def _on(backend, tree):
+    """The callback's NumPy arrays as the backend's arrays (unchanged for NumPy)."""
+    xp = getattr(backend, "xp", numpy)
+    if xp is numpy:
+        return tree
+    return jax.tree_util.tree_map(xp.asarray, tree)  # pragma: no cover - needs a GPU
+
+
+def _host(tree, dtype):
+    """NumPy arrays of `dtype`, from NumPy or CuPy arrays."""
+    def one(a):
+        if not isinstance(a, numpy.ndarray) and hasattr(a, "get"):
+            a = a.get()  # pragma: no cover - CuPy
+        return numpy.asarray(a, dtype=dtype)
+    return jax.tree_util.tree_map(one, tree)
+
+
+def layer(path_or_module, model: str | None = None, bptt: int | None = None, backend=None,
+          **load_options):
+    """f(params, inputs, state=None, steps=None) -> (outputs, final), differentiable by JAX
+    (see the module's docstring)."""
+    mod = load_module(path_or_module, model, **load_options)
+    meta = mod.MODEL
+    out_axes = meta["vjp"]["output_axes"]
+    in_axes = {meta["axes"][n]: n for n in meta["inputs"]}
+    state_names = list(meta["states"])
+    options = _callback_options()
+    made: dict = {}
+
+    def shapes(params, inputs, steps):
+        """The ShapeDtypeStructs of (outputs, final), from the MODEL table."""
+        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+        first = next(iter(inputs.values()))
+        n = first.shape[0]
+
+        def length(axis):
+            if axis in in_axes:
+                return inputs[in_axes[axis]].shape[1]
+            value = steps.get(axis) if isinstance(steps, dict) else steps
+            if value is None:
+                raise ValueError(f"model {meta['name']} forecasts over axis {axis!r}: give "
+                                 "steps= (the number of frames to predict)")
+            return int(value)
+        outs = {k: jax.ShapeDtypeStruct((n, length(out_axes[k])) + tuple(s), dtype)
+                for k, s in meta["outputs"].items()}
+        fins = {k: jax.ShapeDtypeStruct((n,) + tuple(meta["states"][k]["shape"]), dtype)
+                for k in state_names}
+        return outs, fins
+
+    def build(steps):
+        def forward_cb(params, inputs, state):
+            out, fin = mod.forward(_on(backend, params), _on(backend, inputs),
+                                   state=_on(backend, state) or None, steps=steps,
+                                   backend=backend)
+            missing = [k for k in state_names if k not in fin]
+            if missing:  # MODEL and forward disagree: a compiler bug, not the caller's
+                raise RuntimeError(f"model {meta['name']}: forward gave no final state "
+                                   f"{', '.join(missing)}")
+            dtype = next(iter(params.values())).dtype
+            return _host(out, dtype), _host({k: fin[k] for k in state_names}, dtype)
+
+        def vjp_cb(params, inputs, state, out_cts, fin_cts):
+            dtype = next(iter(params.values())).dtype
+            pc, ic, sc = mod.vjp(_on(backend, params), _on(backend, inputs),
+                                 _on(backend, out_cts), state=_on(backend, state) or None,
+                                 state_cotangents=_on(backend, fin_cts), bptt=bptt,
+                                 backend=backend)
+            sc = {k: sc[k] if k in sc else numpy.zeros_like(state[k]) for k in state}
+            return (_host({k: pc[k] for k in params}, dtype),
+                    _host({k: ic[k] for k in inputs}, dtype), _host(sc, dtype))
+
+        def call(params, inputs, state):
+            return jax.pure_callback(forward_cb, shapes(params, inputs, steps), params,
+                                     inputs, state, **options)
+
+        @jax.custom_vjp
+        def run(params, inputs, state):
+            return call(params, inputs, state)
+
+        def run_fwd(params, inputs, state):
+            return call(params, inputs, state), (params, inputs, state)
+
+        def run_bwd(saved, cts):
+            params, inputs, state = saved
+            like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                          (params, inputs, state))
+            out_cts, fin_cts = cts
+            return jax.pure_callback(vjp_cb, like, params, inputs, state, out_cts, fin_cts,
+                                     **options)
+
+        run.defvjp(run_fwd, run_bwd)
+        return run
+
+    def f(params, inputs, state=None, steps=None):
+        """(outputs, final) of the compiled model; differentiable in params, inputs, state."""
+        missing = sorted(set(meta["params"]) - set(params))
+        if missing:
+            raise KeyError(f"model {meta['name']}: params has no {', '.join(missing)}")
+        state = dict(state or {})
+        for name in state:
+            spec = meta["states"].get(name)
+            if spec is None:
+                raise KeyError(f"model {meta['name']} has no state {name!r} (it has "
+                               f"{', '.join(state_names)})")
+            if spec["init"] == "final":
+                raise ValueError(f"state {name} starts from another loop's final state; it "
+                                 "cannot be given")
+        key = tuple(sorted(steps.items())) if isinstance(steps, dict) else steps
+        if key not in made:
+            made[key] = build(steps)
+        params = {k: params[k] for k in meta["params"]}
+        return made[key](params, dict(inputs), state)
+
+    f.module = mod
+    return f
