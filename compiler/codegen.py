@@ -1034,7 +1034,7 @@ class Generator:
         o('    own) until the pullback runs or is closed (convc.runtime.vjp.Pullback)."""')
         o("    rt.check_call(MODEL, 'vjp_start', params, inputs, state=state, steps=steps)")
         o("    return _vjp.start(_vjp_steps, MODEL, params, inputs, state=state, steps=steps,")
-        o("                      bptt=bptt, backend=backend)")
+        o(f"                      bptt=bptt, backend=backend, work={self.step_flops()})")
         o()
         o()
         o("def _vjp_steps(params, inputs, state=None, steps=None, bptt=None, backend=None):")
