@@ -446,7 +446,8 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 # The groups of `convc train --help` the settings are listed in (Setting.group).
 _SETTING_GROUPS = {"data": "data",
                    "optimisation": "optimisation (defaults: the spec's train block, then "
-                                   "built-in)"}
+                                   "built-in)",
+                   "distributed": "distributed (docs/distributed.md)"}
 
 
 def _add_setting(g, name: str) -> None:

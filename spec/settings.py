@@ -237,14 +237,17 @@ TRAIN: dict[str, Setting] = {
     "seed": _train(NONNEG_COUNT, "seed of data, split, order and init", default=0),
     "shards": _train(COUNT, "cut every batch into N shards whose gradients are summed in a "
                      "fixed order, as N MPI ranks do (default 1; one per rank under MPI)",
-                     metavar="N"),
+                     metavar="N", group="distributed"),
     "distributed": _train(Setting(bool), "train data-parallel over the MPI ranks of mpirun "
                           "or srun (on by itself under MPI; --distributed fails when not "
-                          "under MPI, --no-distributed ignores MPI)", trajectory=False),
+                          "under MPI, --no-distributed ignores MPI)", trajectory=False,
+                          group="distributed"),
     "collectives": _train(Setting(str, choices=COLLECTIVES), "how the ranks sum gradients: "
                           "mpi, or nccl between GPUs (default nccl on --device gpu when "
-                          "CuPy has NCCL)", trajectory=False),
+                          "CuPy has NCCL)", trajectory=False,
+                          group="distributed"),
     "timeout": _train(POSITIVE, "seconds beyond the slowest step seen that a rank waits "
                       "for the others before it ends a distributed run",
-                      default=DEFAULT_TIMEOUT, metavar="S", trajectory=False),
+                      default=DEFAULT_TIMEOUT, metavar="S", trajectory=False,
+                      group="distributed"),
 }
