@@ -105,7 +105,8 @@ class _Apply(chainer.FunctionNode):
 
     def forward(self, arrays):
         params, inputs, state = self._split(arrays)
-        self._backend = _backend_for(chainer.backend.get_array_module(*arrays))
+        self._xp = chainer.backend.get_array_module(*arrays)
+        self._backend = _backend_for(self._xp)
         kw = dict(state=state, steps=self.steps, backend=self._backend)
         if chainer.config.enable_backprop:
             self.retain_inputs(tuple(range(len(arrays))))  # for a second backward only
@@ -133,8 +134,7 @@ class _Apply(chainer.FunctionNode):
                                       "its backward cannot be differentiated again "
                                       "(enable_double_backprop=True)")
         n = len(self.out_names)
-        xp = chainer.backend.get_array_module(*[g for g in grad_outputs if g is not None])
-        cotangents = {name: (g.array if g is not None else xp.zeros(shape, dtype))
+        cotangents = {name: (g.array if g is not None else self._xp.zeros(shape, dtype))
                       for name, g, (shape, dtype) in zip(self.out_names, grad_outputs[:n],
                                                          self._like)}
         state_cotangents = {name: g.array for name, g in zip(self.final_names, grad_outputs[n:])
@@ -144,10 +144,6 @@ class _Apply(chainer.FunctionNode):
         found = [param_cts[k] for k in p] + [input_cts[k] for k in i] + \
             [state_cts.get(k) for k in s]
         return tuple(None if found[j] is None else chainer.Variable(found[j]) for j in indexes)
-
-    def __del__(self):
-        if self._pullback is not None:
-            self._pullback.close()
 
 
 class Link(chainer.Link):

@@ -87,101 +87,112 @@ def _host(tree, dtype):
     return jax.tree_util.tree_map(one, tree)
 
 
+def _shapes(meta: dict, params, inputs, steps):
+    """The ShapeDtypeStructs of (outputs, final), from the MODEL table: N from the inputs,
+    T from the input on an output's axis or, for a forecast axis, from steps."""
+    dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+    in_axes = {meta["axes"][n]: n for n in meta["inputs"]}
+    n = next(iter(inputs.values())).shape[0]
+
+    def length(axis):
+        if axis in in_axes:
+            return inputs[in_axes[axis]].shape[1]
+        value = steps.get(axis) if isinstance(steps, dict) else steps
+        if value is None:
+            raise ValueError(f"model {meta['name']} forecasts over axis {axis!r}: give "
+                             "steps= (the number of frames to predict)")
+        return int(value)
+    out_axes = meta["vjp"]["output_axes"]
+    outs = {k: jax.ShapeDtypeStruct((n, length(out_axes[k])) + tuple(s), dtype)
+            for k, s in meta["outputs"].items()}
+    fins = {k: jax.ShapeDtypeStruct((n,) + tuple(v["shape"]), dtype)
+            for k, v in meta["states"].items()}
+    return outs, fins
+
+
+def _callbacks(mod, steps, bptt, backend):
+    """(forward_cb, vjp_cb): what pure_callback calls, on NumPy arrays."""
+    meta = mod.MODEL
+    state_names = list(meta["states"])
+
+    def forward_cb(params, inputs, state):
+        out, fin = mod.forward(_on(backend, params), _on(backend, inputs),
+                               state=_on(backend, state) or None, steps=steps, backend=backend)
+        missing = [k for k in state_names if k not in fin]
+        if missing:  # MODEL and forward disagree: a compiler bug, not the caller's
+            raise RuntimeError(f"model {meta['name']}: forward gave no final state "
+                               f"{', '.join(missing)}")
+        dtype = next(iter(params.values())).dtype
+        return _host(out, dtype), _host({k: fin[k] for k in state_names}, dtype)
+
+    def vjp_cb(params, inputs, state, out_cts, fin_cts):
+        dtype = next(iter(params.values())).dtype
+        pc, ic, sc = mod.vjp(_on(backend, params), _on(backend, inputs), _on(backend, out_cts),
+                             state=_on(backend, state) or None,
+                             state_cotangents=_on(backend, fin_cts), bptt=bptt, backend=backend)
+        sc = {k: sc[k] if k in sc else numpy.zeros_like(state[k]) for k in state}
+        return (_host({k: pc[k] for k in params}, dtype),
+                _host({k: ic[k] for k in inputs}, dtype), _host(sc, dtype))
+
+    return forward_cb, vjp_cb
+
+
+def _custom_vjp(mod, steps, bptt, backend):
+    """run(params, inputs, state) -> (outputs, final), a jax.custom_vjp function whose
+    forward and backward are pure_callbacks into the module's forward and vjp."""
+    forward_cb, vjp_cb = _callbacks(mod, steps, bptt, backend)
+    options = _callback_options()
+
+    def call(params, inputs, state):
+        return jax.pure_callback(forward_cb, _shapes(mod.MODEL, params, inputs, steps), params,
+                                 inputs, state, **options)
+
+    @jax.custom_vjp
+    def run(params, inputs, state):
+        return call(params, inputs, state)
+
+    def run_fwd(params, inputs, state):
+        return call(params, inputs, state), (params, inputs, state)
+
+    def run_bwd(saved, cts):
+        like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), saved)
+        out_cts, fin_cts = cts
+        return jax.pure_callback(vjp_cb, like, *saved, out_cts, fin_cts, **options)
+
+    run.defvjp(run_fwd, run_bwd)
+    return run
+
+
+def _check_args(meta: dict, params, state: dict) -> None:
+    missing = sorted(set(meta["params"]) - set(params))
+    if missing:
+        raise KeyError(f"model {meta['name']}: params has no {', '.join(missing)}")
+    for name in state:
+        spec = meta["states"].get(name)
+        if spec is None:
+            raise KeyError(f"model {meta['name']} has no state {name!r} (it has "
+                           f"{', '.join(meta['states'])})")
+        if spec["init"] == "final":
+            raise ValueError(f"state {name} starts from another loop's final state; it "
+                             "cannot be given")
+
+
 def layer(path_or_module, model: str | None = None, bptt: int | None = None, backend=None,
           **load_options):
     """f(params, inputs, state=None, steps=None) -> (outputs, final), differentiable by JAX
     (see the module's docstring)."""
     mod = load_module(path_or_module, model, **load_options)
     meta = mod.MODEL
-    out_axes = meta["vjp"]["output_axes"]
-    in_axes = {meta["axes"][n]: n for n in meta["inputs"]}
-    state_names = list(meta["states"])
-    options = _callback_options()
-    made: dict = {}
-
-    def shapes(params, inputs, steps):
-        """The ShapeDtypeStructs of (outputs, final), from the MODEL table."""
-        dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
-        first = next(iter(inputs.values()))
-        n = first.shape[0]
-
-        def length(axis):
-            if axis in in_axes:
-                return inputs[in_axes[axis]].shape[1]
-            value = steps.get(axis) if isinstance(steps, dict) else steps
-            if value is None:
-                raise ValueError(f"model {meta['name']} forecasts over axis {axis!r}: give "
-                                 "steps= (the number of frames to predict)")
-            return int(value)
-        outs = {k: jax.ShapeDtypeStruct((n, length(out_axes[k])) + tuple(s), dtype)
-                for k, s in meta["outputs"].items()}
-        fins = {k: jax.ShapeDtypeStruct((n,) + tuple(meta["states"][k]["shape"]), dtype)
-                for k in state_names}
-        return outs, fins
-
-    def build(steps):
-        def forward_cb(params, inputs, state):
-            out, fin = mod.forward(_on(backend, params), _on(backend, inputs),
-                                   state=_on(backend, state) or None, steps=steps,
-                                   backend=backend)
-            missing = [k for k in state_names if k not in fin]
-            if missing:  # MODEL and forward disagree: a compiler bug, not the caller's
-                raise RuntimeError(f"model {meta['name']}: forward gave no final state "
-                                   f"{', '.join(missing)}")
-            dtype = next(iter(params.values())).dtype
-            return _host(out, dtype), _host({k: fin[k] for k in state_names}, dtype)
-
-        def vjp_cb(params, inputs, state, out_cts, fin_cts):
-            dtype = next(iter(params.values())).dtype
-            pc, ic, sc = mod.vjp(_on(backend, params), _on(backend, inputs),
-                                 _on(backend, out_cts), state=_on(backend, state) or None,
-                                 state_cotangents=_on(backend, fin_cts), bptt=bptt,
-                                 backend=backend)
-            sc = {k: sc[k] if k in sc else numpy.zeros_like(state[k]) for k in state}
-            return (_host({k: pc[k] for k in params}, dtype),
-                    _host({k: ic[k] for k in inputs}, dtype), _host(sc, dtype))
-
-        def call(params, inputs, state):
-            return jax.pure_callback(forward_cb, shapes(params, inputs, steps), params,
-                                     inputs, state, **options)
-
-        @jax.custom_vjp
-        def run(params, inputs, state):
-            return call(params, inputs, state)
-
-        def run_fwd(params, inputs, state):
-            return call(params, inputs, state), (params, inputs, state)
-
-        def run_bwd(saved, cts):
-            params, inputs, state = saved
-            like = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                          (params, inputs, state))
-            out_cts, fin_cts = cts
-            return jax.pure_callback(vjp_cb, like, params, inputs, state, out_cts, fin_cts,
-                                     **options)
-
-        run.defvjp(run_fwd, run_bwd)
-        return run
+    made: dict = {}  # steps -> its custom_vjp function
 
     def f(params, inputs, state=None, steps=None):
         """(outputs, final) of the compiled model; differentiable in params, inputs, state."""
-        missing = sorted(set(meta["params"]) - set(params))
-        if missing:
-            raise KeyError(f"model {meta['name']}: params has no {', '.join(missing)}")
         state = dict(state or {})
-        for name in state:
-            spec = meta["states"].get(name)
-            if spec is None:
-                raise KeyError(f"model {meta['name']} has no state {name!r} (it has "
-                               f"{', '.join(state_names)})")
-            if spec["init"] == "final":
-                raise ValueError(f"state {name} starts from another loop's final state; it "
-                                 "cannot be given")
+        _check_args(meta, params, state)
         key = tuple(sorted(steps.items())) if isinstance(steps, dict) else steps
         if key not in made:
-            made[key] = build(steps)
-        params = {k: params[k] for k in meta["params"]}
-        return made[key](params, dict(inputs), state)
+            made[key] = _custom_vjp(mod, steps, bptt, backend)
+        return made[key]({k: params[k] for k in meta["params"]}, dict(inputs), state)
 
     f.module = mod
     return f

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import (EXAMPLES, ROOT, STD_MODELS, one_blas_thread, random_batch,  # noqa: F401
                      random_params, random_state, shrink, std_model_path)
+from test_vjp import LEARNED
 
 try:
     from convc.runtime._chainer_compat import import_chainer
@@ -36,10 +39,12 @@ import convc.chainer as cch  # noqa: E402
 from convc.runtime import layouts  # noqa: E402
 
 MODELS = [p.stem for p in EXAMPLES] + sorted(STD_MODELS)
-N, T = 1, 2
+N, T = 2, 3
 
 
 def _load(name: str):
+    if name == "learned_start":  # a state whose start is a parameter
+        return api.load(None, text=LEARNED, vjp=True)
     if name in STD_MODELS:
         return api.load(std_model_path(name), text=STD_MODELS[name], vjp=True)
     path = next(p for p in EXAMPLES if p.stem == name)
@@ -86,11 +91,13 @@ def _check(link, inputs, state, steps, seed=3):
                                   atol=1e-8, rtol=1e-6, dtype=np.float64)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + ["learned_start"])
 def test_check_backward_passes_on_every_model(name):
     mod, link, inputs, state = _setup(name)
     assert len(list(link.params())) == len(mod.MODEL["params"])
     _check(link, inputs, state, _steps(mod, T))
+    if name == "learned_start":  # from the learned start: its parameter's gradient
+        _check(link, inputs, {}, _steps(mod, T))
 
 
 def test_check_backward_catches_a_wrong_gradient(monkeypatch):
@@ -110,7 +117,8 @@ def test_input_and_state_cotangents_equal_finite_differences(name):
     mod, link, inputs, state = _setup(name, seed=4)
     steps = _steps(mod, T)
     rng = np.random.default_rng(5)
-    out, fin = mod.forward(mod_params := link.convc_params(), inputs, state=state, steps=steps)
+    mod_params = link.convc_params()
+    out, fin = mod.forward(mod_params, inputs, state=state, steps=steps)
     C = {k: rng.standard_normal(v.shape) for k, v in out.items()}
     S = {k: rng.standard_normal(v.shape) for k, v in fin.items()}
 
@@ -280,6 +288,17 @@ def test_a_chainer_model_with_the_link_trains_like_one_written_in_chainer():
         got = getattr(theirs.core, k.replace(".", "_")).array
         assert not _close(v, layouts.to_torch_convlstm(start, mod, "lstm")[k])  # it moved
         assert _close(v, got), k
+
+
+def test_import_convc_does_not_import_chainer():
+    code = ("import sys, convc, convc.api, convc.runtime.model, convc.runtime.vjp\n"
+            "convc.load(None, text={!r}, vjp=True)\n"
+            "assert 'chainer' not in sys.modules, 'chainer imported'\n"
+            "import convc.chainer\n"
+            "assert 'chainer' in sys.modules\n").format(CORE)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- docs/chainer.md

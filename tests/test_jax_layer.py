@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from helpers import (EXAMPLES, ROOT, STD_MODELS, one_blas_thread, random_batch,  # noqa: F401
                      random_params, random_state, shrink, std_model_path)
+from test_vjp import LEARNED
 
 jax = pytest.importorskip("jax", reason="convc.jax needs JAX (pip install 'convc[jax]')")
 import jax.numpy as jnp  # noqa: E402
@@ -40,6 +43,8 @@ def float64():
 
 
 def _load(name: str):
+    if name == "learned_start":  # a state whose start is a parameter
+        return api.load(None, text=LEARNED, vjp=True)
     if name in STD_MODELS:
         return api.load(std_model_path(name), text=STD_MODELS[name], vjp=True)
     path = next(p for p in EXAMPLES if p.stem == name)
@@ -67,7 +72,8 @@ def _weights(mod, params, inputs, state, steps, seed=2):
             {k: rng.standard_normal(v.shape) for k, v in fin.items()})
 
 
-@pytest.mark.parametrize("name", ["encoder_forecaster", "stack", "std_convgru", "seed"])
+@pytest.mark.parametrize("name", ["encoder_forecaster", "stack", "std_convgru", "seed",
+                                  "learned_start"])
 def test_grad_equals_finite_differences_eager_and_jitted(name):
     mod, params, inputs, state = _point(name)
     steps = _steps(mod)
@@ -244,12 +250,23 @@ def test_a_jax_model_with_the_layer_trains_like_one_written_in_jax():
     assert _close(losses["convc"], losses["jax"]), (losses["convc"], losses["jax"])
     for k in rest:
         assert _close(final["convc"][k], final["jax"][k]), k
-    mapped = layouts.to_torch_convlstm({k: np.asarray(v) for k, v in final["convc"]["core"].items()},
-                                       mod, "lstm")
-    moved = layouts.to_torch_convlstm(start, mod, "lstm")
+    trained = {k: np.asarray(v) for k, v in final["convc"]["core"].items()}
+    mapped = layouts.to_torch_convlstm(trained, mod, "lstm")
+    before = layouts.to_torch_convlstm(start, mod, "lstm")
     for k, v in mapped.items():
-        assert not _close(v, moved[k])  # it trained
+        assert not _close(v, before[k])  # it trained
         assert _close(v, final["jax"]["core"][k]), k
+
+
+def test_import_convc_does_not_import_jax():
+    code = ("import sys, convc, convc.api, convc.runtime.model, convc.runtime.vjp\n"
+            "convc.load(None, text={!r}, vjp=True)\n"
+            "assert 'jax' not in sys.modules, 'jax imported'\n"
+            "import convc.jax\n"
+            "assert 'jax' in sys.modules\n").format(CORE)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 # ---------------------------------------------------------------- docs/jax.md
