@@ -148,7 +148,12 @@ def test_input_and_state_cotangents_equal_finite_differences(name):
             assert abs(fd - an) <= 1e-6 * max(abs(an), 1.0), (where, k, fd, an)
 
 
-def test_names_forward_and_the_module_agree():
+def _same(a, b) -> bool:
+    pa, pb = dict(a.namedparams()), dict(b.namedparams())
+    return set(pa) == set(pb) and all(np.array_equal(pa[k].array, pb[k].array) for k in pa)
+
+
+def test_names_forward_and_the_module_agree(tmp_path):
     mod, link, inputs, state = _setup("encoder_forecaster")
     assert link.names["enc1.W_x"] == "enc1__W_x" and link.names["W_out"] == "W_out"
     assert {"/" + c for c in link.names.values()} == {n for n, _ in link.namedparams()}
@@ -160,9 +165,14 @@ def test_names_forward_and_the_module_agree():
     with pytest.raises(ValueError, match="fc1.h starts from another loop"):
         link(inputs, state={"fc1.h": np.zeros((N, 3, 8, 8))}, steps=T)
     other = cch.Link(mod, dtype=np.float64, seed=7)
+    assert not _same(other, link)
     other.load_convc_params(link.convc_params())
-    assert all(np.array_equal(a.array, b.array) for a, b in zip(other.params(), link.params()))
+    assert _same(other, link)
     assert cch.chainer_name("params", taken={"params"}) == "params_"
+    chainer.serializers.save_npz(tmp_path / "link.npz", link)  # under the Chainer names
+    again = cch.Link(mod, dtype=np.float64, seed=8)
+    chainer.serializers.load_npz(tmp_path / "link.npz", again)
+    assert _same(again, link)
 
 
 def test_float32_a_second_backward_and_no_double_backward():
