@@ -13,6 +13,10 @@
    of the three benchmark configurations (`seed`, `small`, `shi2015`),
    synchronised around each step, and the same model in PyTorch on CUDA
    beside it when torch with CUDA can be imported (same weights and data).
+4. Two GPUs (only where CuPy sees two or more, with mpi4py and mpirun):
+   `mpirun -n 2 convc train --device gpu --collectives nccl` gives bitwise
+   the losses of one process with `--shards 2` on one GPU
+   (runtime/distributed.py's NCCL path, docs/distributed.md).
 
 Without CuPy or a GPU it stops at once with a message and exit status 2.
 """
@@ -207,6 +211,45 @@ CONFIG_SET = {
 }
 
 
+def check_two_gpus(xp, steps: int = 4, device: str = "gpu", collectives: str = "nccl") -> dict:
+    """2 ranks x 1 GPU through NCCL against 1 process with --shards 2: the losses of
+    log.csv, bit for bit. Skipped (saying why) with fewer than two GPUs or no MPI.
+    (device="cpu", collectives="mpi" runs the same plumbing on the CPU, for its test.)"""
+    import shutil
+    import subprocess
+    import tempfile
+
+    count = xp.cuda.runtime.getDeviceCount()
+    if count < 2:
+        return dict(ran=False, why=f"{count} GPU visible; the check needs two")
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        return dict(ran=False, why="mpi4py is not installed (pip install 'convc[mpi]')")
+    bindir = Path(sys.executable).parent
+    mpirun = shutil.which("mpirun", path=str(bindir)) or shutil.which("mpirun")
+    if mpirun is None:
+        return dict(ran=False, why="no mpirun")
+    from convc.runtime.runlog import read_log
+
+    spec = str(ROOT / "examples" / "seed.cell")
+    common = ["train", spec, "--device", device, "--deterministic", "--steps", str(steps),
+              "--batch-size", "4", "--clips", "16", "--quiet"]
+    convc = [sys.executable, "-m", "convc"]
+    with tempfile.TemporaryDirectory() as tmp:
+        one, two = Path(tmp) / "one", Path(tmp) / "two"
+        runs = {"shards2": [*convc, *common, "--shards", "2", "--out", str(one)],
+                "nccl2": [mpirun, "-n", "2", *convc, *common, "--collectives", collectives,
+                          "--distributed", "--out", str(two)]}
+        for name, command in runs.items():
+            done = subprocess.run(command, capture_output=True, text=True, timeout=240)
+            if done.returncode != 0:
+                return dict(ran=True, ok=False, failed=name, stderr=done.stderr[-2000:])
+        a = [r["loss"].hex() for r in read_log(one / "log.csv")]
+        b = [r["loss"].hex() for r in read_log(two / "log.csv")]
+    return dict(ran=True, ok=a == b, losses_shards2=a, losses_nccl2=b)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="5 timed steps instead of 20")
@@ -256,8 +299,17 @@ def main(argv=None) -> int:
             (t.get("error") if t else "not available")
         print(f"   {cname:8s} convc {row['convc']['median_ms']:8.2f} ms   torch CUDA {tt}",
               flush=True)
+    if time.perf_counter() < deadline:
+        report["two_gpus"] = check_two_gpus(xp)
+    else:
+        report["two_gpus"] = dict(ran=False, why="time limit")
+    t2 = report["two_gpus"]
+    print("4. two GPUs, NCCL vs --shards 2: " +
+          (("PASS" if t2["ok"] else "FAIL") if t2["ran"] else f"not run ({t2['why']})"),
+          flush=True)
     report["seconds"] = time.perf_counter() - start
-    ok = report["float64"]["ok"] and report["repeat"]["bitwise_identical"]
+    ok = report["float64"]["ok"] and report["repeat"]["bitwise_identical"] and \
+        (not t2["ran"] or t2["ok"])
     report["ok"] = bool(ok)
     print(json.dumps(report))
     return 0 if ok else 1

@@ -258,3 +258,23 @@ def test_winograd_trial_kernels_agree_with_convc(winograd_trial):
     np.testing.assert_allclose(wino.conv2d_grad_weight(x, gy, w.shape, *geo),
                                direct.conv2d_grad_weight(x, gy, w.shape, *geo),
                                rtol=1e-12, atol=1e-12)
+
+
+def test_gpu_check_two_gpu_case_runs_its_plumbing_on_the_cpu():
+    """Step 4 (two GPUs through NCCL against --shards 2 on one) with the CPU and MPI in
+    their place: the launch, the flags and the comparison of the logs. It skips,
+    saying why, with fewer than two devices."""
+    gc = _module(ROOT / "bench" / "gpu_check.py", "convc_gpu_check_test2")
+
+    class Devices:  # what gpu_check reads of CuPy: the number of devices
+        def __init__(self, count):
+            self.cuda = type("cuda", (), {"runtime": type("rt", (), {
+                "getDeviceCount": staticmethod(lambda: count)})})
+
+    one = gc.check_two_gpus(Devices(1))
+    assert one == dict(ran=False, why="1 GPU visible; the check needs two")
+    pytest.importorskip("mpi4py", reason="the convc[mpi] extra is not installed")
+    got = gc.check_two_gpus(Devices(2), steps=2, device="cpu", collectives="mpi")
+    assert got["ran"], got
+    assert got["ok"], got
+    assert len(got["losses_nccl2"]) == 2
