@@ -1,0 +1,155 @@
+"""What a training step costs through convc.torch.Layer, against the compiled module's own.
+
+For the peer yardstick's seed and small configurations
+(/work/shared/bench/peers/common.py CONFIGS, written as `.cell` text by
+convc.runtime.bench.peer_cell_text), in float32, at 1 and 2 threads:
+
+- convc: the module's own step, `loss_and_grad` and a plain SGD update of
+  every parameter (what `sgd_step` does);
+- torch: the same model as a `convc.torch.Layer`: its forward pass, the BCE
+  loss of its prediction in torch, `loss.backward()` (the generated VJP),
+  `torch.optim.SGD.step()`.
+
+Each round runs `--steps` steps of each, one of one then one of the other
+(after warm-up steps of both), so that both see the same load of a shared
+machine; a round's figure is the median ms per step of each, the result the
+median over `--rounds` rounds, and the ratio torch / convc of those medians. Threads: BLAS
+(threadpoolctl) and torch's intra-op pool, both set to the count.
+
+    .venv/bin/python bench/layer_overhead.py
+    .venv/bin/python bench/layer_overhead.py --configs small --threads 2 --rounds 9
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+LR = 0.1
+
+
+def cpu_flags() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                  if ln.startswith("model name")), "?")
+    flags = sorted({f for f in text.split() if f == "avx2" or f.startswith("avx512")})
+    return f"{model}; {' '.join(flags) or 'no avx2'}"
+
+
+def setup(name: str):
+    import convc
+    from convc.runtime.bench import CONFIGS, _batch, peer_cell_text
+
+    cfg = dict(CONFIGS[name], name=name)
+    mod = convc.load(None, text=peer_cell_text(cfg), vjp=True)
+    inputs, targets, _ = _batch(mod, cfg["N"], cfg["T"], None, 1, np.float32)
+    return mod, inputs, targets
+
+
+def convc_stepper(mod, inputs, targets):
+    params = mod.init_params(seed=0, dtype="float32")
+
+    def step():
+        loss, grads, _ = mod.loss_and_grad(params, inputs, targets)
+        for k in sorted(params):
+            params[k] -= LR * grads[k]
+        return loss
+    return step
+
+
+def torch_stepper(mod, inputs, targets):
+    import torch
+
+    import convc.torch as ct
+
+    layer = ct.Layer(mod, dtype=torch.float32, seed=0)
+    opt = torch.optim.SGD(layer.parameters(), lr=LR)
+    x = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    y = torch.from_numpy(next(iter(targets.values())))
+
+    def step():
+        opt.zero_grad()
+        pred = layer(x)
+        loss = torch.nn.functional.binary_cross_entropy(pred, y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
+def alternated(a, b, n: int) -> tuple[float, float]:
+    """n steps of a and of b, one of each in turn (so that both see the same machine
+    load); the median ms per step of each."""
+    ta, tb = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        a()
+        t1 = time.perf_counter()
+        b()
+        t2 = time.perf_counter()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
+def measure(name: str, threads: int, rounds: int, steps: int, warmup: int) -> dict:
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    mod, inputs, targets = setup(name)
+    with threadpool_limits(limits=threads):
+        a, b = convc_stepper(mod, inputs, targets), torch_stepper(mod, inputs, targets)
+        la, lb = a(), b()  # the same start: the same loss (BCE of logits vs of sigmoid)
+        for _ in range(warmup):
+            a(), b()
+        ms = {"convc": [], "torch": []}
+        for _ in range(rounds):
+            ta, tb = alternated(a, b, steps)
+            ms["convc"].append(ta)
+            ms["torch"].append(tb)
+    med = {k: statistics.median(v) for k, v in ms.items()}
+    return dict(config=name, threads=threads, convc_ms=med["convc"], torch_ms=med["torch"],
+                ratio=med["torch"] / med["convc"], first_loss=(la, lb),
+                spread={k: (min(v), max(v)) for k, v in ms.items()})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["seed", "small"])
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=0, help="steps per round (0: by config)")
+    ap.add_argument("--warmup", type=int, default=3)
+    args = ap.parse_args(argv)
+    import torch
+
+    print(f"cpu: {cpu_flags()}; {os.cpu_count()} cores; load {' '.join(map(str, os.getloadavg()))}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}")
+    print(f"{'config':8} {'threads':>7} {'convc ms':>9} {'Layer ms':>9} {'ratio':>6}   "
+          f"(median of {args.rounds} rounds; min-max convc | Layer)")
+    for name in args.configs:
+        for threads in args.threads:
+            steps = args.steps or {"seed": 40}.get(name, 8)
+            r = measure(name, threads, args.rounds, steps, args.warmup)
+            sa, sb = r["spread"]["convc"], r["spread"]["torch"]
+            print(f"{name:8} {threads:>7} {r['convc_ms']:9.2f} {r['torch_ms']:9.2f} "
+                  f"{r['ratio']:6.3f}   ({sa[0]:.2f}-{sa[1]:.2f} | {sb[0]:.2f}-{sb[1]:.2f}; "
+                  f"first loss {r['first_loss'][0]:.5f} / {r['first_loss'][1]:.5f})",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
