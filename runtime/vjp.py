@@ -187,7 +187,10 @@ class Pullback:
             _give_back(held)
 
     def __del__(self):
-        self.close()
+        try:
+            self.close()
+        except Exception:  # at interpreter exit the generator's module may be gone already
+            pass
 
 
 def _send(gen, value, backend=None):
