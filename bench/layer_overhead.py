@@ -6,14 +6,17 @@ convc.runtime.bench.peer_cell_text), in float32, at 1 and 2 threads:
 
 - convc: the module's own step, `loss_and_grad` and a plain SGD update of
   every parameter (what `sgd_step` does);
-- torch: the same model as a `convc.torch.Layer`: its forward pass, the BCE
-  loss of its prediction in torch, `loss.backward()` (the generated VJP),
-  `torch.optim.SGD.step()`.
+- vjp: the Layer's step without torch: `vjp_start`, the BCE's cotangent in
+  NumPy, the pullback, the SGD update (what the generated VJP costs over
+  `loss_and_grad`);
+- torch (Layer): the same model as a `convc.torch.Layer`: its forward pass,
+  the BCE loss of its prediction in torch, `loss.backward()` (the generated
+  VJP), `torch.optim.SGD.step()`.
 
 Each round runs `--steps` steps of each, one of one then one of the other
 (after warm-up steps of both), so that both see the same load of a shared
 machine; a round's figure is the median ms per step of each, the result the
-median over `--rounds` rounds, and the ratio torch / convc of those medians. Threads: BLAS
+median over `--rounds` rounds, and the ratios to convc of those medians. Threads: BLAS
 (threadpoolctl) and torch's intra-op pool, both set to the count.
 
     .venv/bin/python bench/layer_overhead.py
@@ -68,6 +71,23 @@ def convc_stepper(mod, inputs, targets):
     return step
 
 
+def vjp_stepper(mod, inputs, targets):
+    """The Layer's step without torch: vjp_start, the BCE's cotangent in NumPy, the
+    pullback, SGD. What it costs over `convc` is the generated vjp's (it also makes
+    the inputs' and the initial states' cotangents); the Layer's over it, torch's."""
+    params = mod.init_params(seed=0, dtype="float32")
+    (out_name,), y = list(mod.MODEL["outputs"]), next(iter(targets.values()))
+
+    def step():
+        outputs, _, pullback = mod.vjp_start(params, inputs)
+        p = outputs[out_name]
+        ct = (p - y) / (np.maximum(p * (1 - p), 1e-12) * p.size)
+        grads, _, _ = pullback({out_name: ct})
+        for k in sorted(params):
+            params[k] -= LR * grads[k]
+    return step
+
+
 def torch_stepper(mod, inputs, targets):
     import torch
 
@@ -88,19 +108,16 @@ def torch_stepper(mod, inputs, targets):
     return step
 
 
-def alternated(a, b, n: int) -> tuple[float, float]:
-    """n steps of a and of b, one of each in turn (so that both see the same machine
+def alternated(steppers, n: int) -> list[float]:
+    """n steps of each stepper, one of each in turn (so that all see the same machine
     load); the median ms per step of each."""
-    ta, tb = [], []
+    times = [[] for _ in steppers]
     for _ in range(n):
-        t0 = time.perf_counter()
-        a()
-        t1 = time.perf_counter()
-        b()
-        t2 = time.perf_counter()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+        for k, step in enumerate(steppers):
+            t0 = time.perf_counter()
+            step()
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) * 1e3 for t in times]
 
 
 def measure(name: str, threads: int, rounds: int, steps: int, warmup: int) -> dict:
@@ -110,18 +127,20 @@ def measure(name: str, threads: int, rounds: int, steps: int, warmup: int) -> di
     torch.set_num_threads(threads)
     mod, inputs, targets = setup(name)
     with threadpool_limits(limits=threads):
-        a, b = convc_stepper(mod, inputs, targets), torch_stepper(mod, inputs, targets)
-        la, lb = a(), b()  # the same start: the same loss (BCE of logits vs of sigmoid)
+        kinds = {"convc": convc_stepper, "vjp": vjp_stepper, "torch": torch_stepper}
+        steppers = [make(mod, inputs, targets) for make in kinds.values()]
+        first = [step() for step in steppers]  # the same start: the same loss
         for _ in range(warmup):
-            a(), b()
-        ms = {"convc": [], "torch": []}
+            for step in steppers:
+                step()
+        ms = {k: [] for k in kinds}
         for _ in range(rounds):
-            ta, tb = alternated(a, b, steps)
-            ms["convc"].append(ta)
-            ms["torch"].append(tb)
+            for k, t in zip(kinds, alternated(steppers, steps)):
+                ms[k].append(t)
     med = {k: statistics.median(v) for k, v in ms.items()}
-    return dict(config=name, threads=threads, convc_ms=med["convc"], torch_ms=med["torch"],
-                ratio=med["torch"] / med["convc"], first_loss=(la, lb),
+    return dict(config=name, threads=threads, convc_ms=med["convc"], vjp_ms=med["vjp"],
+                torch_ms=med["torch"], ratio=med["torch"] / med["convc"],
+                vjp_ratio=med["vjp"] / med["convc"], first_loss=(first[0], first[2]),
                 spread={k: (min(v), max(v)) for k, v in ms.items()})
 
 
@@ -137,15 +156,17 @@ def main(argv=None) -> int:
 
     print(f"cpu: {cpu_flags()}; {os.cpu_count()} cores; load {' '.join(map(str, os.getloadavg()))}")
     print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}")
-    print(f"{'config':8} {'threads':>7} {'convc ms':>9} {'Layer ms':>9} {'ratio':>6}   "
-          f"(median of {args.rounds} rounds; min-max convc | Layer)")
+    print(f"{'config':8} {'threads':>7} {'convc ms':>9} {'vjp ms':>8} {'Layer ms':>9} "
+          f"{'vjp/convc':>9} {'Layer/convc':>11}   (median of {args.rounds} rounds; "
+          f"min-max convc | Layer)")
     for name in args.configs:
         for threads in args.threads:
             steps = args.steps or {"seed": 40}.get(name, 8)
             r = measure(name, threads, args.rounds, steps, args.warmup)
             sa, sb = r["spread"]["convc"], r["spread"]["torch"]
-            print(f"{name:8} {threads:>7} {r['convc_ms']:9.2f} {r['torch_ms']:9.2f} "
-                  f"{r['ratio']:6.3f}   ({sa[0]:.2f}-{sa[1]:.2f} | {sb[0]:.2f}-{sb[1]:.2f}; "
+            print(f"{name:8} {threads:>7} {r['convc_ms']:9.2f} {r['vjp_ms']:8.2f} "
+                  f"{r['torch_ms']:9.2f} {r['vjp_ratio']:9.3f} {r['ratio']:11.3f}   "
+                  f"({sa[0]:.2f}-{sa[1]:.2f} | {sb[0]:.2f}-{sb[1]:.2f}; "
                   f"first loss {r['first_loss'][0]:.5f} / {r['first_loss'][1]:.5f})",
                   flush=True)
     return 0

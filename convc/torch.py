@@ -117,12 +117,14 @@ class _Call:
     """What one forward call needs besides its tensors: the layer, the names in the
     order of the flat tensor list, the bridge and backend, steps."""
 
-    def __init__(self, layer: "Layer", input_names, state_names, bridge, backend, steps):
+    def __init__(self, layer: "Layer", input_names, state_names, bridge, backend, steps,
+                 finals: bool):
         self.layer, self.bridge, self.backend, self.steps = layer, bridge, backend, steps
         self.input_names, self.state_names = list(input_names), list(state_names)
         self.n_params = len(layer._names)
         self.output_names = list(layer.convc_module.MODEL["outputs"])
-        self.final_names = list(layer.convc_module.MODEL["states"])
+        # the final states are outputs of the call only when asked for
+        self.final_names = list(layer.convc_module.MODEL["states"]) if finals else []
 
     def split(self, arrays):
         """Flat arrays -> (params, inputs, state) dicts of convc names."""
@@ -381,7 +383,7 @@ class Layer(nn.Module):
         tensors = params + [t if t.dtype == dtype else t.to(dtype)
                             for t in (*seqs.values(), *state.values())]
         bridge, backend = self._bridge(device)
-        call = _Call(self, seqs, state, bridge, backend, steps)
+        call = _Call(self, seqs, state, bridge, backend, steps, return_state)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             flat = _Apply.apply(call, *tensors)
             n_out = len(call.output_names)
