@@ -13,6 +13,11 @@ convc.runtime.bench.peer_cell_text), in float32, at 1 and 2 threads:
   the BCE loss of its prediction in torch, `loss.backward()` (the generated
   VJP), `torch.optim.SGD.step()`.
 
+With 2 threads on a machine of 2 cores, torch's OpenMP threads spin for a
+while after each parallel torch op (the loss, the optimizer) and take the
+cores from convc's shard threads; `--omp-passive` makes them sleep
+(OMP_WAIT_POLICY=PASSIVE), as a user would on such a machine.
+
 Each round runs `--steps` steps of each, one of one then one of the other
 (after warm-up steps of both), so that both see the same load of a shared
 machine; a round's figure is the median ms per step of each, the result the
@@ -21,6 +26,7 @@ median over `--rounds` rounds, and the ratios to convc of those medians. Threads
 
     .venv/bin/python bench/layer_overhead.py
     .venv/bin/python bench/layer_overhead.py --configs small --threads 2 --rounds 9
+    .venv/bin/python bench/layer_overhead.py --omp-passive
 """
 from __future__ import annotations
 
@@ -151,11 +157,19 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=0, help="steps per round (0: by config)")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--omp-passive", action="store_true",
+                    help="OMP_WAIT_POLICY=PASSIVE for torch's OpenMP pool (set before torch is "
+                         "imported): its idle threads sleep instead of spinning")
     args = ap.parse_args(argv)
+    if args.omp_passive:
+        if "torch" in sys.modules:
+            raise SystemExit("--omp-passive: torch is imported already")
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     import torch
 
     print(f"cpu: {cpu_flags()}; {os.cpu_count()} cores; load {' '.join(map(str, os.getloadavg()))}")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
+          f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{'config':8} {'threads':>7} {'convc ms':>9} {'vjp ms':>8} {'Layer ms':>9} "
           f"{'vjp/convc':>9} {'Layer/convc':>11}   (median of {args.rounds} rounds; "
           f"min-max convc | Layer)")
