@@ -90,6 +90,38 @@ def test_gradcheck_parameters_inputs_and_initial_states(name):
         np.testing.assert_array_equal(v.detach().numpy(), out[k])
 
 
+TINY = """
+import std
+
+model tiny {
+    \"\"\"A std ConvLSTM with peepholes, small enough for gradcheck's full Jacobians.\"\"\"
+    input x: [1, 4, 4]
+    l = ConvLSTM(hidden = 2, kernel = 3)
+    h = l(x)
+    output h
+}
+"""
+
+
+def test_gradcheck_full_jacobians():
+    """gradcheck's slow mode: every column of the Jacobian of the outputs and final states,
+    by central differences, against every row by the layer's backward."""
+    mod = api.load(std_model_path("tiny"), text=TINY, vjp=True)
+    layer, inputs, state, _ = _case(mod, N=1, T=2, seed=2)
+    keys = [f"params.{ct.torch_name(n)}" for n, _ in layer.named_convc_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in layer.named_convc_parameters()]
+
+    def f(*args):
+        given = dict(zip(keys, args[:len(keys)]))
+        out, fin = torch.func.functional_call(
+            layer, given, (args[len(keys)],),
+            dict(state=dict(zip(state, args[len(keys) + 1:])), return_state=True))
+        return (out, *fin.values())
+
+    assert torch.autograd.gradcheck(f, (*params, inputs["x"], *state.values()), eps=1e-6,
+                                    atol=1e-8, rtol=1e-6)
+
+
 def _grads(layer, inputs, state, steps, seed=3, **kw):
     """Gradients of <outputs, C> + <final states, S> through the layer's backward."""
     for p in layer.parameters():
