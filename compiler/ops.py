@@ -105,6 +105,10 @@ class OpDef:
     # False: the op only moves or reinterprets data (a source, a view, concat): reports
     # count no work for it
     arithmetic: bool = True
+    # (args, attrs) -> the value of one element as a C/CUDA expression over the scalars
+    # `args` (type T; EXP, TANH, LOG1P, FABS are T's functions): what a fused step
+    # kernel computes (compiler/fuse.py, compiler/render.py); None: not fusable
+    scalar: Callable | None = None
     # (in_shapes, out_shape) -> multiply-add FLOPs of one sample; None: an elementwise or
     # data-moving op, counted by elements
     flops: Callable | None = None
@@ -127,6 +131,16 @@ def _code_with_out(code):
         assert text.endswith(")"), text
         return text[:-1] + f", out={out})"
     return into
+
+
+def c_number(v) -> str:
+    """A float as a C/CUDA literal of the kernel's type T (scalar templates)."""
+    v = float(v)
+    if v != v:
+        return "((T)NAN)"
+    if v in (float("inf"), float("-inf")):
+        return "((T)INFINITY)" if v > 0 else "(-(T)INFINITY)"
+    return f"((T){v!r})"
 
 
 def defop(**kw) -> OpDef:
@@ -236,7 +250,8 @@ def _sum_to(b, node, contrib, i):
     return contrib
 
 
-defop(name="add", arity=2, elementwise=True, shape=_elementwise,
+defop(name="add", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} + {a[1]})", shape=_elementwise,
       code=lambda a, at: f"{a[0]} + {a[1]}",
       into=lambda a, at, out: f"xp.add({a[0]}, {a[1]}, out={out})", alias=(0, 1),
       terms=(1, 1),
@@ -245,7 +260,8 @@ defop(name="add", arity=2, elementwise=True, shape=_elementwise,
            lambda b, n, g, i: _sum_to(b, n, g, i)),
       doc="elementwise sum (NumPy broadcasting)")
 
-defop(name="sub", arity=2, elementwise=True, shape=_elementwise,
+defop(name="sub", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} - {a[1]})", shape=_elementwise,
       code=lambda a, at: f"{a[0]} - {a[1]}",
       into=lambda a, at, out: f"xp.subtract({a[0]}, {a[1]}, out={out})", alias=(0, 1),
       terms=(1, -1),
@@ -254,7 +270,8 @@ defop(name="sub", arity=2, elementwise=True, shape=_elementwise,
            lambda b, n, g, i: _sum_to(b, n, b.op("neg", g), i)),
       doc="elementwise difference")
 
-defop(name="mul", arity=2, elementwise=True, shape=_elementwise,
+defop(name="mul", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} * {a[1]})", shape=_elementwise,
       code=lambda a, at: f"{a[0]} * {a[1]}",
       into=lambda a, at, out: f"xp.multiply({a[0]}, {a[1]}, out={out})", alias=(0, 1),
       zero_if_any=(0, 1),
@@ -263,7 +280,8 @@ defop(name="mul", arity=2, elementwise=True, shape=_elementwise,
            lambda b, n, g, i: _sum_to(b, n, b.op("mul", g, n.inputs[0]), i)),
       doc="elementwise (Hadamard) product")
 
-defop(name="addn", arity=-1, variadic=True, elementwise=True, shape=_elementwise,
+defop(name="addn", arity=-1, variadic=True, elementwise=True,
+      scalar=lambda a, at: "(" + " + ".join(a) + ")", shape=_elementwise,
       code=lambda a, at: " + ".join(a),
       into=lambda a, at, out: (f"xp.add({a[0]}, {a[1]}, out={out})" if len(a) == 2 else
                                f"rt.addn({', '.join(a)}, out={out})"), alias=(0,),
@@ -272,7 +290,8 @@ defop(name="addn", arity=-1, variadic=True, elementwise=True, shape=_elementwise
       vjp=(lambda b, n, g, i: _sum_to(b, n, g, i),),
       doc="sum of several values (a cotangent with several contributions)")
 
-defop(name="neg", arity=1, elementwise=True, shape=_same,
+defop(name="neg", arity=1, elementwise=True,
+      scalar=lambda a, at: f"(-{a[0]})", shape=_same,
       code=lambda a, at: f"-{a[0]}",
       into=lambda a, at, out: f"xp.negative({a[0]}, out={out})", alias=(0,),
       zero_if_all=True,
@@ -280,7 +299,8 @@ defop(name="neg", arity=1, elementwise=True, shape=_same,
       vjp=(_neg_g,),
       doc="negation")
 
-defop(name="scale", arity=1, elementwise=True, shape=_same,
+defop(name="scale", arity=1, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} * {c_number(at['factor'])})", shape=_same,
       code=lambda a, at: f"{a[0]} * {float_source(at['factor'])}",
       into=lambda a, at, out: f"xp.multiply({a[0]}, {float_source(at['factor'])}, out={out})",
       alias=(0,), zero_if_all=True,
@@ -294,14 +314,16 @@ defop(name="scale", arity=1, elementwise=True, shape=_same,
 
 # ---------------------------------------------------------------- activations
 
-defop(name="sigmoid", arity=1, elementwise=True, shape=_same, function=True,
+defop(name="sigmoid", arity=1, elementwise=True,
+      scalar=lambda a, at: f"(1 / (1 + EXP(-{a[0]})))", shape=_same, function=True,
       code=lambda a, at: f"rt.sigmoid({a[0]})",
       into=OUT, alias=(0,), activation=True, grad_from_output="sigmoid_grad",
       ref=lambda x: R.sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("sigmoid_grad", n.id, g),),
       doc="logistic sigmoid 1/(1+exp(-x))")
 
-defop(name="tanh", arity=1, elementwise=True, shape=_same, function=True,
+defop(name="tanh", arity=1, elementwise=True,
+      scalar=lambda a, at: f"TANH({a[0]})", shape=_same, function=True,
       code=lambda a, at: f"xp.tanh({a[0]})",
       # rt.tanh: from exp, faster than NumPy's float32 tanh
       into=lambda a, at, out: f"rt.tanh({a[0]}, out={out})", alias=(0,), zero_if_all=True,
@@ -310,7 +332,8 @@ defop(name="tanh", arity=1, elementwise=True, shape=_same, function=True,
       vjp=(lambda b, n, g, i: b.op("tanh_grad", n.id, g),),
       doc="hyperbolic tangent")
 
-defop(name="relu", arity=1, elementwise=True, shape=_same, function=True,
+defop(name="relu", arity=1, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} < 0 ? 0 : {a[0]})", shape=_same, function=True,
       code=lambda a, at: f"xp.maximum({a[0]}, 0)",
       into=lambda a, at, out: f"xp.maximum({a[0]}, 0, out={out})", alias=(0,),
       zero_if_all=True, activation=True, grad_from_output="relu_grad",
@@ -318,14 +341,16 @@ defop(name="relu", arity=1, elementwise=True, shape=_same, function=True,
       vjp=(lambda b, n, g, i: b.op("relu_grad", n.id, g),),
       doc="max(x, 0)")
 
-defop(name="hard_sigmoid", arity=1, elementwise=True, shape=_same, function=True,
+defop(name="hard_sigmoid", arity=1, elementwise=True,
+      scalar=lambda a, at: f"CLIP01(0.2 * {a[0]} + 0.5)", shape=_same, function=True,
       code=lambda a, at: f"rt.hard_sigmoid({a[0]})",
       into=OUT, alias=(0,), activation=True,
       ref=lambda x: R.hard_sigmoid(x),
       vjp=(lambda b, n, g, i: b.op("hard_sigmoid_grad", n.inputs[0], g),),
       doc="clip(0.2*x + 0.5, 0, 1), as in Keras")
 
-defop(name="softplus", arity=1, elementwise=True, shape=_same, function=True,
+defop(name="softplus", arity=1, elementwise=True,
+      scalar=lambda a, at: f"(({a[0]} < 0 ? 0 : {a[0]}) + LOG1P(EXP(-FABS({a[0]}))))", shape=_same, function=True,
       code=lambda a, at: f"xp.logaddexp(0.0, {a[0]})",
       into=lambda a, at, out: f"xp.logaddexp(0.0, {a[0]}, out={out})", alias=(0,),
       activation=True,
@@ -334,19 +359,23 @@ defop(name="softplus", arity=1, elementwise=True, shape=_same, function=True,
       doc="log(1 + exp(x)), a smooth relu")
 
 # gradients of activations: primitives of the backward pass (no VJP of their own)
-defop(name="sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
+defop(name="sigmoid_grad", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[1]} * {a[0]} * (1 - {a[0]}))", shape=_elementwise,
       code=lambda a, at: f"rt.sigmoid_grad({a[0]}, {a[1]})",
       into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * y * (1 - y), doc="g*y*(1-y) from the sigmoid's output y")
-defop(name="tanh_grad", arity=2, elementwise=True, shape=_elementwise,
+defop(name="tanh_grad", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[1]} * (1 - {a[0]} * {a[0]}))", shape=_elementwise,
       code=lambda a, at: f"rt.tanh_grad({a[0]}, {a[1]})",
       into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * (1 - y * y), doc="g*(1-y*y) from the tanh's output y")
-defop(name="relu_grad", arity=2, elementwise=True, shape=_elementwise,
+defop(name="relu_grad", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} > 0 ? {a[1]} : 0)", shape=_elementwise,
       code=lambda a, at: f"rt.relu_grad({a[0]}, {a[1]})",
       into=OUT, zero_if_any=(1,),
       ref=lambda y, g: g * (y > 0), doc="g where the relu's output is positive")
-defop(name="hard_sigmoid_grad", arity=2, elementwise=True, shape=_elementwise,
+defop(name="hard_sigmoid_grad", arity=2, elementwise=True,
+      scalar=lambda a, at: f"({a[0]} > -2.5 && {a[0]} < 2.5 ? {a[1]} * 0.2 : 0)", shape=_elementwise,
       code=lambda a, at: f"rt.hard_sigmoid_grad({a[0]}, {a[1]})",
       into=OUT, zero_if_any=(1,),
       ref=lambda x, g: g * 0.2 * ((x > -2.5) & (x < 2.5)),
@@ -662,6 +691,8 @@ def record_problems(op: OpDef) -> list[str]:
     if op.elementwise:
         need(op.writes_into, "elementwise without `into`: time loops would allocate its "
                              "result at every step")
+        need(op.scalar is not None, "elementwise without `scalar`: fused step kernels "
+                                    "(compiler/fuse.py) cannot compute it")
     if op.alias:
         need(op.writes_into, "alias without `into`")
     if op.view:
