@@ -110,9 +110,12 @@ def needs_grad(low: Lowered, inputs: bool = False) -> set[str]:
     return ng
 
 
-def differentiate(low: Lowered, vjp: bool = False) -> Backward:
+def differentiate(low: Lowered, vjp: bool = False, data: bool = True) -> Backward:
+    """The backward pass (vjp=True: of a vector-Jacobian product; data=False: its
+    parameters' cotangents only, none for the inputs and initial states)."""
     g = low.graph
-    ng = needs_grad(low, inputs=vjp)
+    data = vjp and data
+    ng = needs_grad(low, inputs=data)
     bw = Backward(needs_grad=ng)
     parts: dict[str, list[str]] = {}
     if vjp:
@@ -164,7 +167,7 @@ def differentiate(low: Lowered, vjp: bool = False) -> Backward:
             g.add(Node(co, "carry_out", (ct,), dict(read=nid), node.shape, node.loc, None,
                        grad=True))
             bw.carry_outs[nid] = co
-            if vjp and node.attrs.get("init") != "final":
+            if data and node.attrs.get("init") != "final":
                 bw.init_cts[node.attrs["state"]] = co
             src = node.attrs.get("init_from")
             if src is not None and src in ng:

@@ -197,6 +197,8 @@ class Generator:
                  debug_nans: bool = False, vjp: "Generator | None" = None):
         self.debug_nans = debug_nans
         self.vjp = vjp  # the generator of the vector-Jacobian product's graph, if compiled
+        self.params_only: Generator | None = None  # (of vjp's: its parameters-only graph)
+        self.data = True  # False for that graph: no cotangents of inputs and states
         self.low = low
         self.g: Graph = low.graph
         self.bw = bw
@@ -1027,17 +1029,30 @@ class Generator:
     def vjp_start_fn(self, o: _Out, main: Lowered) -> None:
         """vjp_start(): the forward pass now, the product when the pullback is called (a
         generator, _vjp_steps, keeps the forward's values between the two)."""
-        o("def vjp_start(params, inputs, state=None, steps=None, bptt=None, backend=None):")
+        o("def vjp_start(params, inputs, state=None, steps=None, bptt=None, backend=None,")
+        o("              wrt='all'):")
         o('    """Run forward; return (outputs, final, pullback), where pullback(cotangents,')
         o("    state_cotangents=None) gives vjp's (param_cts, input_cts, state_cts) without")
         o("    running forward again. The forward's values are kept (in memory of this call's")
-        o('    own) until the pullback runs or is closed (convc.runtime.vjp.Pullback)."""')
+        o("    own) until the pullback runs or is closed (convc.runtime.vjp.Pullback).")
+        o("    wrt='params': the parameters' cotangents only (input_cts and state_cts are")
+        o('    empty), without the backward work only the inputs and states need."""')
         o("    rt.check_call(MODEL, 'vjp_start', params, inputs, state=state, steps=steps)")
-        o("    return _vjp.start(_vjp_steps, MODEL, params, inputs, state=state, steps=steps,")
+        o("    steps_fn = _vjp.choose(wrt, all=_vjp_steps, params=" +
+          ("_vjp_steps_params" if self.params_only is not None else "None") + ")")
+        o("    return _vjp.start(steps_fn, MODEL, params, inputs, state=state, steps=steps,")
         o(f"                      bptt=bptt, backend=backend, work={self.step_flops()})")
         o()
         o()
-        o("def _vjp_steps(params, inputs, state=None, steps=None, bptt=None, backend=None):")
+        self.steps_generator_fn(o, main, "_vjp_steps")
+        if self.params_only is not None:
+            o()
+            o()
+            self.params_only.steps_generator_fn(o, main, "_vjp_steps_params")
+
+    def steps_generator_fn(self, o: _Out, main: Lowered, name: str) -> None:
+        """The generator vjp_start runs: the forward pass, a pause, the backward pass."""
+        o(f"def {name}(params, inputs, state=None, steps=None, bptt=None, backend=None):")
         o('    """vjp_start\'s forward pass; then, sent the cotangents, its backward pass."""')
         o.indent()
         self.prologue(o, with_targets=False)
@@ -1073,6 +1088,15 @@ class Generator:
     def vjp_results(self, o: _Out, main: Lowered) -> None:
         """param_cts, input_cts and state_cts, as vjp returns them."""
         bw = self.bw
+        if not self.data:  # the parameters-only graph
+            o("param_cts = {")
+            for name in sorted(main.params):
+                gid = bw.grads.get(name)
+                o(f"    {name!r}: {self.v(gid)}," if gid is not None else
+                  f"    {name!r}: xp.zeros_like(params[{name!r}]),")
+            o("}")
+            o("input_cts, state_cts = {}, {}")
+            return
         o("param_cts = {")
         for name in sorted(main.params):
             gid = bw.grads.get(name)
@@ -1278,9 +1302,15 @@ def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = Fal
     if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
         raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
     plan = plan_module(low, bw, sched, recompute, weight_gradient_layout)
+    def vjp_generator(vc):
+        vplan = plan_module(vc.lowered, vc.backward, vc.schedule, recompute,
+                            weight_gradient_layout, vjp=True)
+        return Generator(vc.lowered, vc.backward, vc.schedule, vplan, debug_nans=debug_nans)
+
     vgen = None
     if vjp is not None:
-        vplan = plan_module(vjp.lowered, vjp.backward, vjp.schedule, recompute,
-                            weight_gradient_layout, vjp=True)
-        vgen = Generator(vjp.lowered, vjp.backward, vjp.schedule, vplan, debug_nans=debug_nans)
+        vgen = vjp_generator(vjp)
+        if vjp.params_only is not None:
+            vgen.params_only = vjp_generator(vjp.params_only)
+            vgen.params_only.data = False
     return Generator(low, bw, sched, plan, debug_nans=debug_nans, vjp=vgen).module()

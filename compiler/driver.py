@@ -47,6 +47,7 @@ class VjpCompiled:
     lowered: Lowered
     backward: Backward
     schedule: Schedule
+    params_only: "VjpCompiled | None" = None  # the same without input and state cotangents
 
 
 @dataclass
@@ -247,6 +248,7 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     if vjp:
         with stage("vjp"):
             vc = _compile_vjp(prog, model)
+            vc.params_only = _compile_vjp(prog, model, data=False)
     with stage("codegen"):
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
                           weight_gradient_layout=layout, vjp=vc)
@@ -266,9 +268,10 @@ class _Stage:
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t
 
 
-def _compile_vjp(prog: Program, model: str | None) -> VjpCompiled:
+def _compile_vjp(prog: Program, model: str | None, data: bool = True) -> VjpCompiled:
     """The vector-Jacobian product's graph: the model lowered again, without its loss
-    and targets, differentiated from cotangents of its outputs and final states."""
+    and targets, differentiated from cotangents of its outputs and final states
+    (data=False: for the parameters' cotangents only)."""
     low = lower(prog, model, strict=False)
     low.losses = []
     low.targets = {}
@@ -280,7 +283,7 @@ def _compile_vjp(prog: Program, model: str | None) -> VjpCompiled:
     passes.fold_zero_channels(g)
     passes.dce(g, _roots(low))
     _prune_params(low)
-    bw = differentiate(low, vjp=True)
+    bw = differentiate(low, vjp=True, data=data)
     _prune_backward(low, bw)
     sched = schedule(low, bw, passes.loop_rewrites(low, bw))
     return VjpCompiled(low, bw, sched)

@@ -163,7 +163,8 @@ CODE_NAMES = frozenset({
     "init_params", "inputs", "loss_and_grad", "loss_and_grad_shard", "lr", "name", "np",
     "options", "outputs", "params", "rt", "seed", "sgd_step", "start", "state", "steps",
     "stop", "t", "t0", "targets", "w", "xp", "math", "check_call",
-    "vjp", "vjp_shard", "vjp_start", "cotangents", "state_cotangents", "param_cts", "input_cts", "state_cts",
+    "vjp", "vjp_shard", "vjp_start", "cotangents", "state_cotangents", "param_cts", "input_cts",
+    "state_cts", "wrt", "steps_fn",
 })
 # ... and the names it derives: work buffers w0, w1, ...; per-axis lengths T_x and
 # arenas arena_x; loop helpers; a value's buffers h_buf, h_seq, h_win, h_ckpt, h_final.

@@ -142,10 +142,13 @@ class _Apply(torch.autograd.Function):
     def forward(ctx, call: _Call, *tensors):
         bridge, mod, layer = call.bridge, call.layer.convc_module, call.layer
         params, inputs, state = call.split([bridge.array(t) for t in tensors])
+        # no input or state needs a gradient: the parameters-only pullback skips their work
+        data = any(ctx.needs_input_grad[1 + call.n_params:])
         with layer._options(bridge):
             outputs, final, pullback = mod.vjp_start(params, inputs, state=state,
                                                      steps=call.steps, bptt=layer.bptt,
-                                                     backend=call.backend)
+                                                     backend=call.backend,
+                                                     wrt="all" if data else "params")
         ctx.call, ctx.pullback = call, pullback
         ctx.shapes = {k: v.shape for k, v in outputs.items()}
         ctx.dtype = next(iter(params.values())).dtype

@@ -271,3 +271,12 @@ def _default():
     from convc.runtime.model import default_backend
 
     return default_backend()
+
+
+def choose(wrt: str, **steps_fns):
+    """The generated `_vjp_steps` for vjp_start's `wrt=`: 'all' (parameters, inputs and
+    initial states) or 'params' (the parameters' cotangents only)."""
+    fn = steps_fns.get(wrt) if isinstance(wrt, str) else None
+    if fn is None:
+        raise ValueError(f"vjp_start: wrt={wrt!r}; choose 'all' or 'params'")
+    return fn

@@ -215,7 +215,7 @@ def generated_functions(source: str) -> list[ast.FunctionDef]:
 FIXED_NAMES = frozenset({
     "params", "inputs", "targets", "state", "steps", "bptt", "backend", "seed", "lr", "options",
     "B", "xp", "dtype", "N", "t", "t0", "name", "_", "loss", "grads", "final", "outputs",
-    "cotangents", "state_cotangents", "param_cts", "input_cts", "state_cts"})
+    "cotangents", "state_cotangents", "param_cts", "input_cts", "state_cts", "wrt", "steps_fn"})
 FIXED_PATTERNS = (re.compile(r"T_\w+"), re.compile(r"arena_\w+"))
 _ROLES = r"(?:_(?:seq|buf|prev|next|init))*"
 _CONSTANT = re.compile(r"const_(?:neg)?(?:\d+(?:_\d+)?(?:e[mp]\d+)?|inf|nan)(?:_\d+)?")

@@ -265,3 +265,25 @@ def test_a_model_without_a_loss_compiles_for_forward_and_vjp():
     for call in (mod.loss, mod.loss_and_grad):
         with pytest.raises(ConvcError, match="has no loss"):
             call(params, inputs, {})
+
+
+@pytest.mark.parametrize("name", ["encoder_forecaster", "std_convlstm"])
+def test_vjp_start_for_the_parameters_only_skips_the_rest(name):
+    mod = _load(name)
+    params = random_params(mod, seed=12)
+    inputs, _ = random_batch(mod, N=N, T=T, seed=12)
+    C, S = _cotangents(mod, params, inputs, steps=T)
+    full = mod.vjp_start(params, inputs, steps=T)[2](C, state_cotangents=S)
+    outputs, final, pullback = mod.vjp_start(params, inputs, steps=T, wrt="params")
+    pc, ic, sc = pullback(C, state_cotangents=S)
+    assert ic == {} and sc == {} and set(pc) == set(params)
+    for k in pc:
+        np.testing.assert_allclose(pc[k], full[0][k], rtol=1e-13, atol=1e-15, err_msg=k)
+    # the parameters-only backward pass has less to do: no input convolution's gradient
+    src = mod.source
+    body = src[src.index("def _vjp_steps_params"):]
+    assert body.count("conv2d_grad_input") < \
+        src[src.index("def _vjp_steps("):src.index("def _vjp_steps_params")].count(
+            "conv2d_grad_input")
+    with pytest.raises(ValueError, match="wrt="):
+        mod.vjp_start(params, inputs, steps=T, wrt="inputs")
