@@ -449,8 +449,8 @@ class Generator:
             axes.setdefault(low.axis_of[name], name)
         nodes = dict(low.inputs, **(low.targets if with_targets else {}))
         if cotangents:  # the vjp's: a cotangent for each output, on the output's axis
+            self.bind_output_cotangents(o)
             for name, seed in self.bw.seeds.items():
-                o(f"{self.v(seed)} = rt.time_major(cotangents[{name!r}], dtype, xp)")
                 axes.setdefault(self.output_axis(name), f"cotangent {name}")
                 nodes[f"cotangent {name}"] = seed
         for ax in sorted({s.axis for s in low.segments} | set(axes)):
@@ -856,7 +856,6 @@ class Generator:
 
     # ------------------------------------------------------------ functions
     def forward_fn(self, o: _Out) -> None:
-        low = self.low
         o("def forward(params, inputs, steps=None, state=None, backend=None):")
         o('    """Run the model forward: returns (outputs, final_states).')
         o("")
@@ -870,13 +869,7 @@ class Generator:
         self.begin_function("forward")
         self.emit_blocks(o)
         o()
-        def out(i):  # loop values live in buffers the backend reuses: hand out copies
-            e = f"rt.batch_major({self.batched(i)})"
-            return e + ".copy()" if self.s.block_of[i].kind.is_loop else e
-
-        outs = ", ".join(f"{n!r}: {out(i)}" for n, i in low.outputs.items())
-        o(f"outputs = {{{outs}}}")
-        o(f"final = {{{self.finals()}}}")
+        self.emit_outputs(o)
         o("return outputs, final")
         o.dedent()
 
@@ -1070,39 +1063,40 @@ class Generator:
 
     def vjp_pause(self, o: _Out) -> None:
         """Between the passes: hand out the outputs and final states, take the cotangents."""
-        low = self.low
         o()
+        self.emit_outputs(o)
+        o("cotangents, state_cotangents = yield outputs, final")
+        self.bind_output_cotangents(o)
+        self.bind_state_cotangents(o)
 
-        def out(i):  # loop values live in buffers the backward pass reuses: copies
+    def emit_outputs(self, o: _Out) -> None:
+        """`outputs` and `final` as forward() returns them: loop values live in buffers
+        the backend (or the backward pass) reuses, so they are handed out as copies."""
+        def out(i):
             e = f"rt.batch_major({self.batched(i)})"
             return e + ".copy()" if self.s.block_of[i].kind.is_loop else e
 
-        outs = ", ".join(f"{n!r}: {out(i)}" for n, i in low.outputs.items())
+        outs = ", ".join(f"{n!r}: {out(i)}" for n, i in self.low.outputs.items())
         o(f"outputs = {{{outs}}}")
         o(f"final = {{{self.finals()}}}")
-        o("cotangents, state_cotangents = yield outputs, final")
+
+    def bind_output_cotangents(self, o: _Out) -> None:
+        """The vjp's cotangent of each output, time-major like the output."""
         for name, seed in self.bw.seeds.items():
             o(f"{self.v(seed)} = rt.time_major(cotangents[{name!r}], dtype, xp)")
-        self.bind_state_cotangents(o)
 
     def vjp_results(self, o: _Out, main: Lowered) -> None:
         """param_cts, input_cts and state_cts, as vjp returns them."""
         bw = self.bw
-        if not self.data:  # the parameters-only graph
-            o("param_cts = {")
-            for name in sorted(main.params):
-                gid = bw.grads.get(name)
-                o(f"    {name!r}: {self.v(gid)}," if gid is not None else
-                  f"    {name!r}: xp.zeros_like(params[{name!r}]),")
-            o("}")
-            o("input_cts, state_cts = {}, {}")
-            return
         o("param_cts = {")
         for name in sorted(main.params):
             gid = bw.grads.get(name)
             o(f"    {name!r}: {self.v(gid)}," if gid is not None else
               f"    {name!r}: xp.zeros_like(params[{name!r}]),")
         o("}")
+        if not self.data:  # the parameters-only graph
+            o("input_cts, state_cts = {}, {}")
+            return
         ins = ", ".join(f"{n!r}: rt.batch_major({self.v(bw.input_cts[n])})" if n in bw.input_cts
                         else f"{n!r}: xp.zeros_like(inputs[{n!r}], dtype=dtype)"
                         for n in main.inputs)
