@@ -53,19 +53,11 @@ _GPU: dict = {}  # the one CuPy backend every Link shares (vjp_start keeps clone
 
 
 def load_module(path_or_module, model: str | None = None, **options):
-    """A compiled module with vjp_start: `path_or_module` itself (made with vjp=True)
-    or `convc.load(path, model=model, vjp=True, **options)`."""
-    if hasattr(path_or_module, "MODEL"):
-        mod = path_or_module
-        if model is not None and mod.MODEL["name"] != model:
-            raise ValueError(f"the module given is model {mod.MODEL['name']!r}, not {model!r}")
-        if not hasattr(mod, "vjp_start"):
-            raise ValueError(f"model {mod.MODEL['name']}: the module has no vjp_start; load it "
-                             "with convc.load(path, vjp=True) (or `convc compile --vjp`)")
-        return mod
-    from convc import api
+    """The compiled module: `path_or_module` itself (made with vjp=True) or
+    `convc.load(path, model=model, vjp=True, **options)` (runtime/vjp.py)."""
+    from convc.runtime.vjp import module_with_vjp
 
-    return api.load(path_or_module, model=model, vjp=True, **options)
+    return module_with_vjp(path_or_module, model, **options)
 
 
 def chainer_name(name: str, taken=()) -> str:

@@ -194,21 +194,10 @@ class _Apply(torch.autograd.Function):
 
 def _compiled(path_or_module, model, text, recompute, debug_nans):
     """The generated module: the one given, or `convc.load(..., vjp=True)` of a path."""
-    if hasattr(path_or_module, "MODEL") and hasattr(path_or_module, "forward"):
-        if recompute is not None or debug_nans or text is not None or model is not None:
-            raise ValueError("model=, text=, recompute= and debug_nans= are compile options: "
-                             "give them to convc.load(..., vjp=True), or give the layer a "
-                             "path")
-        mod = path_or_module
-    else:
-        from convc import api
+    from convc.runtime.vjp import module_with_vjp
 
-        mod = api.load(path_or_module, model=model, text=text, recompute=recompute,
-                       debug_nans=debug_nans, vjp=True)
-    if not callable(getattr(mod, "vjp_start", None)):
-        raise ValueError(f"model {mod.MODEL['name']}: the module was compiled without its "
-                         f"vector-Jacobian product; load it with convc.load(..., vjp=True)")
-    return mod
+    return module_with_vjp(path_or_module, model, text=text, recompute=recompute,
+                           debug_nans=debug_nans)
 
 
 class Layer(nn.Module):

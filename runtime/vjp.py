@@ -280,3 +280,29 @@ def choose(wrt: str, **steps_fns):
     if fn is None:
         raise ValueError(f"vjp_start: wrt={wrt!r}; choose 'all' or 'params'")
     return fn
+
+
+def module_with_vjp(path_or_module, model: str | None = None, **options):
+    """The compiled module a framework layer wraps: `path_or_module` itself (a module
+    made with vjp=True), or `convc.load(path, model=model, vjp=True, **options)`.
+
+    Compile options (`text=`, `recompute=`, `debug_nans=`) go with a path only: a
+    module given is compiled already, and one without vjp_start is refused.
+    """
+    if hasattr(path_or_module, "MODEL") and hasattr(path_or_module, "forward"):
+        mod = path_or_module
+        given = sorted(k for k, v in options.items() if v is not None and v is not False)
+        if given:
+            raise ValueError(f"{', '.join(k + '=' for k in given)} are compile options: give "
+                             "them to convc.load(..., vjp=True), or give the layer a path")
+        if model is not None and mod.MODEL["name"] != model:
+            raise ValueError(f"the module given is model {mod.MODEL['name']!r}, not {model!r}")
+    else:
+        from convc import api
+
+        mod = api.load(path_or_module, model=model, vjp=True, **options)
+    if not callable(getattr(mod, "vjp_start", None)):
+        raise ValueError(f"model {mod.MODEL['name']}: the module was compiled without its "
+                         "vector-Jacobian product; load it with convc.load(path, vjp=True) "
+                         "(or `convc compile --vjp`)")
+    return mod
