@@ -169,3 +169,38 @@ STD_MODELS = {
 def std_model_path(name: str) -> Path:
     """The path (not a file) a STD_MODELS text is compiled under: its comments name it."""
     return ROOT / "tests" / f"{name}.cell"
+
+
+def assert_convc_leaves_out(framework: str, layer_module: str, text: str) -> None:
+    """In a fresh interpreter: importing convc and compiling `text` with vjp=True imports
+    no `framework`; importing `layer_module` (convc.torch, ...) does."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, convc, convc.api, convc.runtime.model, convc.runtime.vjp\n"
+            f"convc.load(None, text={text!r}, vjp=True)\n"
+            f"assert {framework!r} not in sys.modules, '{framework} imported'\n"
+            f"import {layer_module}\n"
+            f"assert {framework!r} in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def run_docs_python(doc: str, needle: str, cwd: Path) -> dict:
+    """Run every ```python block of docs/<doc> in order, in one namespace, in `cwd`;
+    one of them must use `needle`. Returns the namespace."""
+    import os
+
+    text = (ROOT / "docs" / doc).read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks and any(needle in b for b in blocks), f"docs/{doc} shows no {needle}"
+    namespace: dict = {"__name__": "docs_" + Path(doc).stem}
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        for block in blocks:
+            exec(compile(block, f"docs/{doc}", "exec"), namespace)
+    finally:
+        os.chdir(here)
+    return namespace

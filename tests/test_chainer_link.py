@@ -10,15 +10,13 @@ same model written in Chainer functions alone. The page's example must run.
 """
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from helpers import (EXAMPLES, ROOT, STD_MODELS, one_blas_thread, random_batch,  # noqa: F401
+from helpers import (EXAMPLES, ROOT, STD_MODELS, assert_convc_leaves_out, one_blas_thread,  # noqa: F401
+                     random_batch, run_docs_python,
                      random_params, random_state, shrink, std_model_path)
 from test_vjp import LEARNED
 
@@ -301,24 +299,12 @@ def test_a_chainer_model_with_the_link_trains_like_one_written_in_chainer():
 
 
 def test_import_convc_does_not_import_chainer():
-    code = ("import sys, convc, convc.api, convc.runtime.model, convc.runtime.vjp\n"
-            "convc.load(None, text={!r}, vjp=True)\n"
-            "assert 'chainer' not in sys.modules, 'chainer imported'\n"
-            "import convc.chainer\n"
-            "assert 'chainer' in sys.modules\n").format(CORE)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_convc_leaves_out("chainer", "convc.chainer", CORE)
 
 
 # ---------------------------------------------------------------- docs/chainer.md
 
-def test_the_docs_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "chainer.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1 and "convc.chainer.Link" in blocks[0]
+def test_the_docs_example_runs(tmp_path):
     shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {"__name__": "docs_chainer"}
-    exec(compile(blocks[0], "docs/chainer.md", "exec"), namespace)
+    namespace = run_docs_python("chainer.md", "convc.chainer.Link", tmp_path)
     assert namespace["losses"][-1] < namespace["losses"][0]

@@ -13,10 +13,6 @@
 """
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
@@ -26,7 +22,8 @@ torch = pytest.importorskip("torch", reason="convc.torch needs PyTorch "
 import convc.api as api  # noqa: E402
 import convc.torch as ct  # noqa: E402
 from convc.runtime import layouts  # noqa: E402
-from helpers import (EXAMPLES, ROOT, STD_MODELS, one_blas_thread, random_params,  # noqa: E402,F401
+from helpers import (EXAMPLES, ROOT, STD_MODELS, assert_convc_leaves_out, one_blas_thread,  # noqa: E402,F401
+                     random_params, run_docs_python,
                      shrink, std_model_path)
 
 F64 = torch.float64
@@ -291,11 +288,7 @@ def test_names_without_dots_and_the_mapping_back():
 
 
 def test_importing_convc_does_not_import_torch():
-    code = ("import sys, convc; convc.load('examples/seed.cell', vjp=True); "
-            "assert 'torch' not in sys.modules, 'torch imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_convc_leaves_out("torch", "convc.torch", TINY)
 
 
 # ---------------------------------------------------------------- against PyTorch alone
@@ -399,11 +392,5 @@ def test_adam_trains_a_mixed_model_as_pytorch_alone():
 
 # ---------------------------------------------------------------- docs/torch.md
 
-def test_the_docs_example_runs(tmp_path, monkeypatch):
-    text = (ROOT / "docs" / "torch.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert blocks and any("convc.torch.Layer" in b for b in blocks)
-    monkeypatch.chdir(ROOT)
-    namespace: dict = {"__name__": "docs_torch"}
-    for block in blocks:
-        exec(compile(block, "docs/torch.md", "exec"), namespace)
+def test_the_docs_example_runs():
+    run_docs_python("torch.md", "convc.torch.Layer", ROOT)
