@@ -284,7 +284,8 @@ def choose(wrt: str, **steps_fns):
 
 def module_with_vjp(path_or_module, model: str | None = None, **options):
     """The compiled module a framework layer wraps: `path_or_module` itself (a module
-    made with vjp=True), or `convc.load(path, model=model, vjp=True, **options)`.
+    made with vjp=True), or `convc.runtime.loader.load(path, model=model, vjp=True, **options)`
+    (what `convc.load` compiles, without its train/predict helpers).
 
     Compile options (`text=`, `recompute=`, `debug_nans=`) go with a path only: a
     module given is compiled already, and one without vjp_start is refused.
@@ -298,9 +299,9 @@ def module_with_vjp(path_or_module, model: str | None = None, **options):
         if model is not None and mod.MODEL["name"] != model:
             raise ValueError(f"the module given is model {mod.MODEL['name']!r}, not {model!r}")
     else:
-        from convc import api
+        from convc.runtime import loader
 
-        mod = api.load(path_or_module, model=model, vjp=True, **options)
+        mod = loader.load(path_or_module, model=model, vjp=True, **options)
     if not callable(getattr(mod, "vjp_start", None)):
         raise ValueError(f"model {mod.MODEL['name']}: the module was compiled without its "
                          "vector-Jacobian product; load it with convc.load(path, vjp=True) "
