@@ -31,7 +31,7 @@ CONSTRAINTS := $(abspath constraints.txt)
 
 help:
 	@echo "convc make targets:"
-	@echo "  make venv       create $(VENV) and install convc[dev], Chainer and torch"
+	@echo "  make venv       create $(VENV) and install convc[dev], Chainer, torch and oneDNN"
 	@echo "  make test       run the tests, then the core ones with --poison (PYTEST_ARGS='-k conv' to select)"
 	@echo "  make demo       train $(DEMO_SPEC) on synthetic data into $(DEMO_OUT)/ (DEMO_ARGS=...)"
 	@echo "  make fuzz       run the long hypothesis fuzz profile"
@@ -60,6 +60,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VPY) -m pip install -e ".[dev]"
 	$(VPY) -m pip install -e ".[mpi]" || \
 	  echo "note: could not install convc[mpi]; the distributed tests will be skipped"
+	$(VPY) -m pip install -e ".[onednn]" || \
+	  echo "note: could not install convc[onednn] (a Linux x86-64 wheel); the oneDNN tests will be skipped"
 	PIP_BUILD_CONSTRAINT=$(CONSTRAINTS) PIP_CONSTRAINT=$(CONSTRAINTS) \
 	  $(VPY) -m pip install "$(CHAINER_SPEC)"
 	@if [ -n "$(JAX_SPEC)" ]; then \

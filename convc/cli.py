@@ -439,8 +439,9 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
                    help="cpu (NumPy) or gpu (CuPy); default cpu")
     p.add_argument("--conv", choices=backend_names(), default="numpy",
                    help="convolution: numpy (convc's own im2col+GEMM, the default), chainer "
-                        "(Chainer's), reference (the direct definition, slow), or another "
-                        "registered backend")
+                        "(Chainer's), reference (the direct definition, slow), onednn (oneDNN's "
+                        "float32 convolutions where they win, convc[onednn]; docs/compiler.md), "
+                        "or another registered backend")
 
 
 # The groups of `convc train --help` the settings are listed in (Setting.group).

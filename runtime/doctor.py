@@ -147,6 +147,17 @@ def _chainer() -> str:
     return str(getattr(chainer, "__version__", "installed (version unknown)"))
 
 
+def _onednn() -> str:
+    """Whether the `--conv onednn` backend can be made here, with libdnnl's version."""
+    from convc.errors import BackendError
+    from convc.runtime import ops_onednn
+
+    try:
+        return f"available: oneDNN {ops_onednn.version()}"
+    except BackendError as exc:
+        return f"not available: {exc}"
+
+
 def _safely(item: str, compute: Callable[[], str]) -> Row:
     try:
         return item, compute()
@@ -181,6 +192,7 @@ def report() -> list[Row]:
         _safely("chainer", _chainer),
         _safely("matplotlib", lambda: _module_version("matplotlib")),
         _safely("torch", lambda: _module_version("torch")),
+        _safely("onednn", _onednn),
     ]
     return rows
 

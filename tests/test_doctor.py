@@ -22,6 +22,7 @@ EXPECTED_ITEMS = [
     "chainer",
     "matplotlib",
     "torch",
+    "onednn",
 ]
 
 
