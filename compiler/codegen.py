@@ -39,6 +39,8 @@ generated code to check).
 """
 from __future__ import annotations
 
+import dataclasses
+
 
 from convc import __version__
 from convc.spec.diagnostics import SOURCES
@@ -51,6 +53,7 @@ from .naming import Names
 from .ops import OPS, float_source, node_flops
 from .peel import ALIAS, COMPUTE, ZERO, Variant
 from .plan import FunctionPlan, ModulePlan, plan_module
+from .render import render_c_kernel, same_kernel
 from .schedule import Block, Kind, Schedule
 
 class _Out:
@@ -209,6 +212,7 @@ class Generator:
         self.seg_T = plan.seg_T
         self.names = Names(self.g, low.loc_owner, low.cells)  # every variable's name
         self.fp: FunctionPlan = next(iter(plan.functions.values()))  # the one being rendered
+        self.kernels = _KernelTable()  # the fused kernels rendered (one table per module)
 
     # the plan of the function being rendered
     @property
@@ -396,6 +400,7 @@ class Generator:
         o("    for name in sorted(params):")
         o("        params[name] -= lr * grads[name]")
         o("    return loss")
+        self.kernels.emit(o)
         return "\n".join(o.lines) + "\n"
 
     def model_meta(self) -> dict:
@@ -433,9 +438,14 @@ class Generator:
     def prologue(self, o: _Out, with_targets: bool, cotangents: bool = False) -> None:
         low = self.low
         o("B = backend if backend is not None else _model.default_backend()")
+        fused = any(any(lm.kernels.values()) for lm in self.fp.loops.values())
+        if fused:
+            o("rt.fused_backend(B, MODEL)  # the fused kernels run on the CPU, on NumPy arrays")
         o("xp = B.xp")
         first = sorted(low.params)[0] if low.params else None
         o(f"dtype = params[{first!r}].dtype" if first else "dtype = np.float32")
+        if fused:
+            o("K = FK.of(dtype)  # this dtype's fused kernels (built on first use)")
         for name in sorted(low.params):
             o(f"{self.v(low.params[name].node)} = params[{name!r}]")
         for name, nid in low.inputs.items():
@@ -1208,20 +1218,12 @@ class _LoopRender:
     # ------------------------------------------------------------ emission
     def emit(self, o: _Out, v: Variant) -> None:
         g, gen = self.g, self.gen
-        dest = v.dest
+        key = next(k for k, x in self.lm.variants.items() if x is v)
+        fused = {n: k for k in self.lm.kernels.get(key, []) for n, op, *_ in k.body
+                 if op != "const"}  # its members (a literal stays a node of its own too)
         expr: dict[str, str] = {}
-        needed_zero = set()  # zero values some computation reads
-        for n in self.body:
-            if n in v.live and v.status[n] == COMPUTE:
-                needed_zero.update(i for i in v.args[n]
-                                   if v.status.get(i) == ZERO or i in v.zero_sources)
-        dest = {n: self.place(d) for n, d in dest.items()}
-        for z in sorted(needed_zero & v.zero_sources):
-            node = g.node(z)
-            if node.op == "state":
-                o(f"{gen.v(z)} = {gen.buf(z)}[{gen.step_ix(z)}]")
-            else:
-                o(f"{gen.v(z)} = xp.zeros({_step_shape(node.shape)}, dtype)")
+        needed_zero = self.emit_zero_sources(o, v)
+        dest = {n: self.place(d) for n, d in v.dest.items()}
 
         def ex(x):
             x = v.resolve(x)
@@ -1233,6 +1235,10 @@ class _LoopRender:
 
         for n in self.body:
             if n not in v.live:
+                continue
+            if n in fused:
+                if n == fused[n].body[-1][0]:  # it runs where its last member was
+                    self.emit_kernel(o, fused[n], dest, ex, expr)
                 continue
             node = g.node(n)
             st = v.status[n]
@@ -1287,19 +1293,93 @@ class _LoopRender:
             gen.check(o, n, name, step=True, backward=self.backward)
 
 
+    def emit_zero_sources(self, o: _Out, v: Variant) -> set[str]:
+        """Name the zero sources some computation reads; returns every zero value read."""
+        g, gen = self.g, self.gen
+        needed_zero = set()
+        for n in self.body:
+            if n in v.live and v.status[n] == COMPUTE:
+                needed_zero.update(i for i in v.args[n]
+                                   if v.status.get(i) == ZERO or i in v.zero_sources)
+        for z in sorted(needed_zero & v.zero_sources):
+            node = g.node(z)
+            if node.op == "state":
+                o(f"{gen.v(z)} = {gen.buf(z)}[{gen.step_ix(z)}]")
+            else:
+                o(f"{gen.v(z)} = xp.zeros({_step_shape(node.shape)}, dtype)")
+        return needed_zero
+
+    def emit_kernel(self, o: _Out, k, dest: dict, ex, expr: dict) -> None:
+        """One fused kernel: its outputs bound to their places (a fresh array where the
+        plan has none), then one call that computes every member."""
+        gen, g = self.gen, self.g
+        for n, op, *_ in k.body:
+            if op != "const":
+                o.loc_comment(g.node(n))
+        outs = []
+        for n in k.outputs:
+            name = gen.v(n)
+            if n in dest and n not in self.lm.fresh:
+                o(f"{name} = {dest[n]}")
+            else:
+                o(f"{name} = rt.empty(xp, {_step_shape(g.node(n).shape)}, dtype)")
+            outs.append(name)
+            expr[n] = name
+        ins = [ex(i) for i, _ in k.inputs]
+        what = ", ".join(op for _, op, _, _ in k.body if op != "const")
+        o(f"K.{self.gen.kernels.add(k)}({', '.join(outs + ins)})  # {what}")
+
+
+class _KernelTable:
+    """The fused kernels a module calls, each once (two loops often compute the same),
+    named k0, k1, ... in the order they are first called; rendered as C at its end."""
+
+    def __init__(self):
+        self.by_code: dict[str, str] = {}
+        self.kernels: list = []
+
+    def add(self, k) -> str:
+        code = same_kernel(k)
+        if code not in self.by_code:
+            name = f"k{len(self.kernels)}"
+            self.by_code[code] = name
+            self.kernels.append(dataclasses.replace(k, name=name))
+        return self.by_code[code]
+
+    def emit(self, o: _Out) -> None:
+        if not self.kernels:
+            return
+        o()
+        o()
+        o("# The fused step kernels the loops above call (K.k0, ...), as C: runtime/fused.py")
+        o("# compiles each for this CPU the first time a function runs in a dtype, and caches it.")
+        o("KERNELS = {")
+        for k in self.kernels:
+            o(f'    {k.name!r}: r"""')
+            o.lines.extend(render_c_kernel(k).rstrip("\n").split("\n"))
+            o('""",')
+        o("}")
+        o("FK = rt.FusedKernels(KERNELS)")
+
+
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,
              recompute: int | None = None,
-             weight_gradient_layout: str | None = None, vjp=None) -> str:
+             weight_gradient_layout: str | None = None, vjp=None, fuse: bool = False) -> str:
     """Plan the module (plan.py), then render it. `weight_gradient_layout`: what the
     target backend's capabilities declare (runtime/backend.py); `vjp`: the
     vector-Jacobian product's compile (driver.VjpCompiled), rendered as `vjp`."""
     if recompute is not None and (not isinstance(recompute, int) or recompute < 1):
         raise ValueError(f"recompute must be a whole number of steps >= 1, not {recompute!r}")
-    plan = plan_module(low, bw, sched, recompute, weight_gradient_layout)
+    fuse = fuse and not debug_nans  # --debug-nans checks every value: one NumPy call each
+    plan = plan_module(low, bw, sched, recompute, weight_gradient_layout, fuse=fuse)
+    main = Generator(low, bw, sched, plan, debug_nans=debug_nans)
+
     def vjp_generator(vc):
         vplan = plan_module(vc.lowered, vc.backward, vc.schedule, recompute,
-                            weight_gradient_layout, vjp=True)
-        return Generator(vc.lowered, vc.backward, vc.schedule, vplan, debug_nans=debug_nans)
+                            weight_gradient_layout, vjp=True, fuse=fuse)
+        gen = Generator(vc.lowered, vc.backward, vc.schedule, vplan, debug_nans=debug_nans)
+        gen.kernels = main.kernels
+        return gen
 
     vgen = None
     if vjp is not None:
@@ -1307,4 +1387,5 @@ def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = Fal
         if vjp.params_only is not None:
             vgen.params_only = vjp_generator(vjp.params_only)
             vgen.params_only.data = False
-    return Generator(low, bw, sched, plan, debug_nans=debug_nans, vjp=vgen).module()
+    main.vjp = vgen
+    return main.module()

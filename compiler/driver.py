@@ -164,20 +164,21 @@ def target_capabilities(target):
 def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
                   debug_nans: bool = False, recompute: int | None = None,
-                  snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False) -> Compiled:
+                  snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False,
+                  fuse: bool = False) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
     c = compile_program(prog, model, debug_nans=debug_nans, recompute=recompute,
-                        snapshots=snapshots, target=target, vjp=vjp)
+                        snapshots=snapshots, target=target, vjp=vjp, fuse=fuse)
     c.timings = {"parse": parse_s, **c.timings}
     return c
 
 
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
                     debug_nans: bool = False, recompute: int | None = None,
-                    snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False
-                    ) -> Compiled:
+                    snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False,
+                    fuse: bool = False) -> Compiled:
     """Check, lower, differentiate, schedule and generate one model.
 
     recompute=K: loss_and_grad keeps the forward values the backward pass
@@ -191,15 +192,16 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     it reads fastest (`weight_gradient_layout`); the module still runs on
     every backend.
 
-    vjp: also generate `vjp(params, inputs, cotangents, ...)`, the
-    vector-Jacobian product of the outputs and final states (for other
-    frameworks' autograd): a second lowering of the model without its loss,
-    differentiated from cotangents (autodiff's vjp=True), scheduled and
-    planned on its own and rendered into the same module.
+    vjp: also generate `vjp(params, inputs, cotangents, ...)`, the VJP of the
+    outputs and final states (for other frameworks' autograd): the model
+    lowered again without its loss, differentiated from cotangents
+    (autodiff's vjp=True) and rendered into the same module.
+
+    fuse: loop bodies' elementwise work in fused C kernels (fuse.py, render.py,
+    runtime/fused.py), for the CPU; not with debug_nans (it checks each value).
     """
-    timings: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    texts: dict[str, str] = {}
+    fuse = fuse and not debug_nans
+    timings, counts, texts = {}, {}, {}
 
     def snap(name):
         assert name in IR_STAGES, name
@@ -239,7 +241,7 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         counts["bwd_dce"] = _prune_backward(low, bw)
     snap("autodiff")
     with stage("schedule"):
-        rewrites = passes.loop_rewrites(low, bw)
+        rewrites = passes.loop_rewrites(low, bw, fuse=fuse)
         snap("loop_rewrites")
         sched = schedule(low, bw, rewrites)
     snap("schedule")
@@ -247,11 +249,11 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     vc = None
     if vjp:
         with stage("vjp"):
-            vc = _compile_vjp(prog, model)
-            vc.params_only = _compile_vjp(prog, model, data=False)
+            vc = _compile_vjp(prog, model, fuse=fuse)
+            vc.params_only = _compile_vjp(prog, model, data=False, fuse=fuse)
     with stage("codegen"):
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
-                          weight_gradient_layout=layout, vjp=vc)
+                          weight_gradient_layout=layout, vjp=vc, fuse=fuse)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts, vc)
 
 
@@ -268,7 +270,8 @@ class _Stage:
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.t
 
 
-def _compile_vjp(prog: Program, model: str | None, data: bool = True) -> VjpCompiled:
+def _compile_vjp(prog: Program, model: str | None, data: bool = True, fuse: bool = False
+                 ) -> VjpCompiled:
     """The vector-Jacobian product's graph: the model lowered again, without its loss
     and targets, differentiated from cotangents of its outputs and final states
     (data=False: for the parameters' cotangents only)."""
@@ -285,7 +288,7 @@ def _compile_vjp(prog: Program, model: str | None, data: bool = True) -> VjpComp
     _prune_params(low)
     bw = differentiate(low, vjp=True, data=data)
     _prune_backward(low, bw)
-    sched = schedule(low, bw, passes.loop_rewrites(low, bw))
+    sched = schedule(low, bw, passes.loop_rewrites(low, bw, fuse=fuse))
     return VjpCompiled(low, bw, sched)
 
 

@@ -14,7 +14,9 @@ members element by element in one pass:
 - groups are made in the body's order: a node joins the open group when it
   has the group's shape; a node outside the group that reads a member
   closes it (so the kernel can run where its last member was, and nothing
-  between its members needs its values);
+  between its members needs its values), and so does one that writes into
+  memory (a place of the memory plan): the kernel reads its inputs where its
+  last member was, so no buffer may be overwritten between its members;
 - a kernel's outputs are the members something outside the group reads, or
   that have a place of their own in the loop's memory plan (a state's
   update, a stored value, a carried cotangent, a part of a concat).
@@ -80,7 +82,7 @@ def kernels(g: Graph, lm: LoopMemory, v: Variant, prefix: str = "k") -> list[Ker
                 close()
             open_group.append(n)
             members.add(n)
-        elif reads & members:
+        elif reads & members or n in v.dest:
             close()
     close()
     return [_kernel(g, lm, v, grp, f"{prefix}{k}") for k, grp in enumerate(groups)]
@@ -98,8 +100,12 @@ def _kernel(g: Graph, lm: LoopMemory, v: Variant, group: list[str], name: str) -
     for n in group:
         args = [v.resolve(i) for i in v.args[n]]
         for i in args:
-            if i not in inside and i not in seen:
-                seen.add(i)
+            if i in inside or i in seen:
+                continue
+            seen.add(i)
+            if g.node(i).op == "const":  # a literal of the kernel
+                k.body.append((i, "const", [], dict(g.node(i).attrs)))
+            else:
                 k.inputs.append((i, tuple(g.node(i).shape)))
         k.body.append((n, g.node(n).op, args, dict(g.node(n).attrs)))
     needed = set(lm.fixed) | set(lm.part_of) | set(lm.read_ct_of_carry.values())

@@ -241,6 +241,7 @@ class LoopMemory:
     variants: dict[str, Variant] = field(default_factory=dict)  # "first", "general", ...
     zero: set[str] = field(default_factory=set)  # backward: carries nothing arrives at
     never: set[str] = field(default_factory=set)  # backward: carries with no cotangent
+    kernels: dict[str, list] = field(default_factory=dict)  # variant -> its fused kernels
     pos: dict[str, int] = field(init=False)  # node -> its place in the body
 
     def __post_init__(self):

@@ -227,6 +227,7 @@ def _const_shape(shapes, attrs):
 
 defop(name="const", shape=_const_shape, arity=0, owned=False, arithmetic=False,
       code=lambda a, at: float_source(at["value"]),
+      scalar=lambda a, at: c_number(at["value"]),
       ref=lambda **at: np.asarray(at["value"], dtype=np.float64),
       doc="a scalar constant")
 

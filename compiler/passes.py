@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ir import Graph, seg_order
+from .ir import Graph, is_data_seg, seg_order
 from .ops import OPS
 
 
@@ -205,10 +205,15 @@ def dce(g: Graph, roots) -> int:
 # values stay correct; nodes are rewritten in place where their ids are known
 # elsewhere (the backward pass's tables, state links, outputs).
 
-def loop_rewrites(low, bw) -> dict[str, int]:
+def loop_rewrites(low, bw, fuse: bool = False) -> dict[str, int]:
     """Run every loop-aware rewrite once; returns how many nodes each changed.
 
-    Idempotent: a second run finds nothing to do.
+    Idempotent: a second run finds nothing to do. fuse: the loops' elementwise
+    work will run in fused kernels (fuse.py), where a gate is one statement of
+    a kernel over the gate's channels: activations of sibling slices are not
+    merged into one call then, and an elementwise op whose every use is a
+    channel slice is computed slice by slice instead (`slice_elementwise`),
+    so that every gate is of the kernel's shape.
     """
     g = low.graph
     counts = {}
@@ -218,8 +223,11 @@ def loop_rewrites(low, bw) -> dict[str, int]:
     counts["reassociate_adds"] = reassociate_adds(g, cycles)
     counts["split_grad_input_slices"] = split_grad_input_slices(g)
     counts["concat_slice_grads"] = concat_slice_grads(g)
-    counts["merge_sibling_activations"] = merge_sibling_activations(g)
-    counts["merge_sibling_activation_grads"] = merge_sibling_activation_grads(g)
+    if fuse:
+        counts["slice_elementwise"] = slice_elementwise(g)
+    else:
+        counts["merge_sibling_activations"] = merge_sibling_activations(g)
+        counts["merge_sibling_activation_grads"] = merge_sibling_activation_grads(g)
     counts["dead"] = remove_dead(g, protected_nodes(low, bw))
     return counts
 
@@ -518,6 +526,52 @@ def merge_sibling_activations(g: Graph) -> int:
                     if not g.consumers(s):
                         g.remove(s)
                 changed += 1
+    return changed
+
+
+def slice_elementwise(g: Graph) -> int:
+    """slice(f(a, b), i, j) -> f(slice(a, i, j), slice(b, i, j)) when every use of f is
+    a channel slice: a ConvLSTM's z = conv_x + conv_h becomes one add per gate.
+
+    For fused kernels (fuse.py), which group ops of one shape: each part then
+    has its gate's shape. Operands are sliced where they have f's channels and
+    passed whole where they broadcast over them (a channel of length 1). Runs
+    to a fixed point, so slices move up through a chain of such ops.
+    """
+    changed = 0
+    again = True
+    while again:
+        again = False
+        for nid in g.order():
+            if nid not in g:
+                continue
+            node = g.node(nid)
+            op = OPS[node.op]
+            users = g.consumers(nid)
+            if not (op.elementwise and op.scalar is not None) or not users or \
+                    node.seg is None or is_data_seg(node.seg) or \
+                    node.shape is None or len(node.shape) < 1 or \
+                    any(g.node(u).op != "slice" for u in users) or len(set(users)) != len(users):
+                continue
+            C, rank = node.shape[0], len(node.shape)
+            ins = [g.node(i) for i in node.inputs]
+            if any(x.shape is None for x in ins):
+                continue
+            # an operand has f's channels (sliced), or broadcasts over them (passed whole)
+            whole = [len(x.shape) < rank or x.shape[len(x.shape) - rank] == 1 for x in ins]
+            if any(not w and tuple(x.shape)[0] != C for x, w in zip(ins, whole)):
+                continue
+            attrs = {k: v for k, v in node.attrs.items() if not k.startswith("_")}
+            for u in users:
+                un = g.node(u)
+                a, b = un.attrs["start"], un.attrs["stop"]
+                parts = [x.id if w else _new(g, f"{x.id}_part", "slice", (x.id,), un, un.seg,
+                                             grad=un.grad, start=a, stop=b)
+                         for x, w in zip(ins, whole)]
+                _rewrite(g, u, node.op, tuple(parts), **attrs)
+            g.remove(nid)
+            changed += 1
+            again = True
     return changed
 
 

@@ -12,7 +12,8 @@ backward pass). Each is planned on its own, as a `FunctionPlan`:
 - for loss_and_grad with recompute=K, what is kept for one window only
   (recompute.py);
 - its memory plan (memplan.py): liveness, arenas, and for each loop its
-  fixed places, the variants of its body (peel.py) and their work buffers.
+  fixed places, the variants of its body (peel.py) and their work buffers;
+- with fuse=True, each variant's fused step kernels (fuse.py).
 
 codegen.py renders a finished `ModulePlan`; it decides nothing.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .autodiff import Backward
+from .fuse import kernels
 from .ir import Graph, data_name, is_data_seg
 from .lower import Lowered
 from .memplan import FunctionMemory, LoopMemory, add_variant, plan_function, plan_loop
@@ -139,10 +141,12 @@ def _backward_variants(g: Graph, bw: Backward, lm: LoopMemory, stored: set[str])
 
 
 def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int | None,
-                weight_gradient_layout: str | None, vjp: bool = False) -> ModulePlan:
+                weight_gradient_layout: str | None, vjp: bool = False,
+                fuse: bool = False) -> ModulePlan:
     """Plan forward, loss and loss_and_grad (vjp=True: the one function `vjp` of a
     vector-Jacobian product's graph). `weight_gradient_layout` is what the target
-    backend declares (runtime/backend.py's Capabilities)."""
+    backend declares (runtime/backend.py's Capabilities); fuse: group each loop
+    body's elementwise work into kernels (fuse.py)."""
     g = low.graph
     state_of_update = {g.node(n).attrs["update"]: n for n in g.order()
                        if g.node(n).op == "state"}
@@ -164,8 +168,12 @@ def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int |
         cm = channel_major_values(g, s, stored, weight_gradient_layout)
         memory = plan_function(g, s, blocks, members, stored, keep, time_of, rec.ring,
                                rec.windows, rec.window_values)
-        functions[name] = FunctionPlan(name, blocks, members, stored, cm, rec, memory,
-                                       _loops(g, bw, blocks, members, stored, state_of_update))
+        loops = _loops(g, bw, blocks, members, stored, state_of_update)
+        if fuse:
+            for b, lm in loops.items():
+                for key, v in lm.variants.items():
+                    lm.kernels[key] = kernels(g, lm, v, prefix=f"{name}_{b.kind}{b.seg}_{b.k}_{key}_")
+        functions[name] = FunctionPlan(name, blocks, members, stored, cm, rec, memory, loops)
 
     states = [g.node(r).attrs["update"] for seg in low.segments for r in seg.states]
     rec = plan_recompute(g, s, recompute, bw is not None,

@@ -13,8 +13,16 @@ convolution's output or a row of a (T, N, ...) buffer without a copy.
 
     C:    void NAME(long n, const T *in0, long in0_s0..s3, ..., T *out0, long ..)
     CUDA: extern "C" __global__ void NAME(the same arguments), one thread an element
+
+`render_c_kernel` is what generated code runs on the CPU: the same element
+statements, which runtime/fused.py compiles inside a CPython wrapper that
+takes NumPy arrays, `kernel(out0, ..., in0, ...)`, reads their strides
+(NumPy's broadcasting from the right, as the NumPy statements it replaces)
+and lets go of the GIL while it runs, so batch shards run side by side.
 """
 from __future__ import annotations
+
+import re
 
 from .fuse import Kernel
 from .ops import OPS
@@ -49,21 +57,24 @@ def _signature(k: Kernel) -> str:
     return ", ".join(args)
 
 
-def _element(k: Kernel, indent: str) -> list[str]:
-    """The statements of one element at (a, c, h, w): read, compute, write."""
+def _strided(name: str) -> str:
+    return f"{name}[a * {name}_s0 + c * {name}_s1 + h * {name}_s2 + w * {name}_s3]"
+
+
+def _element(k: Kernel, indent: str, read=_strided, write=_strided) -> list[str]:
+    """The statements of one element at (a, c, h, w): read, compute, write. `read` and
+    `write` give the C lvalue of operand `inJ` / `outJ` at that element."""
     names = {}
     lines = []
     for j, (node, _) in enumerate(k.inputs):
         names[node] = f"x{j}"
-        lines.append(f"T x{j} = in{j}[a * in{j}_s0 + c * in{j}_s1 + h * in{j}_s2 + "
-                     f"w * in{j}_s3];")
+        lines.append(f"T x{j} = {read(f'in{j}')};")
     for j, (node, op, args, attrs) in enumerate(k.body):
         names[node] = f"t{j}"
         expr = OPS[op].scalar([names[i] for i in args], attrs)
         lines.append(f"T t{j} = {expr};  /* {node} = {op} */")
     for j, node in enumerate(k.outputs):
-        lines.append(f"out{j}[a * out{j}_s0 + c * out{j}_s1 + h * out{j}_s2 + "
-                     f"w * out{j}_s3] = {names[node]};")
+        lines.append(f"{write(f'out{j}')} = {names[node]};")
     return [indent + line for line in lines]
 
 
@@ -101,3 +112,80 @@ def render_cuda(kernels: list[Kernel], dtype: str = "float32") -> str:
         out.append("}")
         out.append("")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- the CPU module
+
+def render_c_kernel(k: Kernel) -> str:
+    """One kernel as the C that generated code carries (runtime/fused.py compiles it
+    inside its CPython wrapper, once per dtype: T is float or double there, EXP and
+    TANH its functions). It defines what the wrapper calls:
+
+    - NOUT, NIN, RANK and DIMS: the outputs, the inputs, the kernel's rank per
+      sample and its (C, H, W);
+    - `kernel_strided(n, p, s)`: the loops over (a, c, h, w) with each operand's
+      four element strides `s` (any layout NumPy gives);
+    - `kernel_planes(n, p, s)`: when every operand is whole planes of (H, W) or
+      constant over them, the same with one contiguous (vectorised) inner loop
+      over a plane; returns 0 without doing anything when the strides are not so.
+    """
+    C, H, W = _dims(k.shape)
+    nin, nout = len(k.inputs), len(k.outputs)
+    order = [f"out{j}" for j in range(nout)] + [f"in{j}" for j in range(nin)]
+    what = ", ".join(f"{n} = {op}" for n, op, _, _ in k.body)
+    lines = [f"/* {what} */",
+             f"enum {{ NOUT = {nout}, NIN = {nin}, RANK = {len(tuple(k.shape))} }};",
+             f"static const long DIMS[3] = {{{C}, {H}, {W}}};", ""]
+    decl = []
+    for j, name in enumerate(order):
+        const = "const " if name.startswith("in") else ""
+        decl.append(f"    {const}T *{name} = ({const}T *)p[{j}];")
+        decl.append(f"    const long " + ", ".join(f"{name}_s{d} = s[{4 * j + d}]"
+                                                     for d in range(4)) + ";")
+    lines += ["static void kernel_strided(long n, char **p, const long *s) {", *decl,
+              "    for (long a = 0; a < n; a++)", f"    for (long c = 0; c < {C}; c++)",
+              f"    for (long h = 0; h < {H}; h++)", f"    for (long w = 0; w < {W}; w++) {{",
+              *_element(k, " " * 8), "    }", "}", ""]
+    whole = _planes(k)
+    lines.append("static int kernel_planes(long n, char **p, const long *s) {")
+    if whole is None:
+        lines += ["    return 0;  /* an operand is a row or a column of a plane */", "}"]
+        return "\n".join(lines) + "\n"
+    # whole planes are contiguous: stride 1 along W and W along H (moot at length 1)
+    conds = [f"(s[{4 * j + 3}] == 1 || {W} == 1) && (s[{4 * j + 2}] == {W} || {H} == 1)"
+             for j, name in enumerate(order) if whole[name]]
+    lines.append(f"    if (!({' && '.join(f'({c})' for c in conds) or '1'})) return 0;")
+    lines += decl
+    lines += ["    for (long a = 0; a < n; a++)", f"    for (long c = 0; c < {C}; c++) {{"]
+    for name in order:
+        const = "const " if name.startswith("in") else ""
+        lines.append(f"        {const}T *{name}_r = {name} + a * {name}_s0 + c * {name}_s1;")
+    # element i of a plane reads and writes element i only (an output may be an
+    # input's buffer, element for element): no dependence between iterations
+    lines += ["        #pragma GCC ivdep", f"        for (long i = 0; i < {H * W}; i++) {{"]
+    lines += _element(k, " " * 12, read=lambda x: f"{x}_r[i]" if whole[x] else f"{x}_r[0]",
+                      write=lambda x: f"{x}_r[i]")
+    lines += ["        }", "    }", "    return 1;", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def _planes(k: Kernel) -> dict[str, bool] | None:
+    """Per operand: whether it is a whole (H, W) plane (else constant over the plane);
+    None when some operand is neither (a row (1, W) or a column (H, 1))."""
+    _, H, W = _dims(k.shape)
+    whole = {f"out{j}": True for j in range(len(k.outputs))}
+    for j, (_, shape) in enumerate(k.inputs):
+        _, h, w = _dims(shape)
+        if (h, w) == (H, W):
+            whole[f"in{j}"] = True
+        elif (h, w) == (1, 1):
+            whole[f"in{j}"] = False
+        else:
+            return None
+    return whole
+
+
+def same_kernel(k: Kernel) -> str:
+    """What a kernel computes, whatever its name: its C rendering less name and comments."""
+    return re.sub(r"/\*.*?\*/", "", render_c([Kernel("K", k.shape, k.inputs, k.outputs,
+                                                      k.body)]))

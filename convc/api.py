@@ -35,8 +35,8 @@ def compile_file(path, model: str | None = None, text: str | None = None,
 
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
-         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False
-         ) -> types.ModuleType:
+         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False,
+         fuse: bool = False) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,
@@ -52,7 +52,7 @@ def load(path, model: str | None = None, text: str | None = None,
     from convc.runtime import train as _train
 
     mod = loader.load(path, model=model, text=text, debug_nans=debug_nans, recompute=recompute,
-                      snapshots=snapshots, target=target, vjp=vjp)
+                      snapshots=snapshots, target=target, vjp=vjp, fuse=fuse)
 
     def train(params=None, **options):
         return _train.train(mod, params=params, **options)

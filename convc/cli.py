@@ -54,6 +54,12 @@ def _add_recompute(p) -> None:
                         "steps only, recomputing each window (less memory, more compute)")
 
 
+def _add_fuse(p) -> None:
+    p.add_argument("--fuse", action="store_true",
+                   help="run each loop's elementwise work in fused C kernels, built for this "
+                        "CPU with the system C compiler (`convc doctor` says if it can)")
+
+
 def _load(args, debug_nans: bool = False, snapshots: bool = False):
     """Compile the command's FILE (and --model) in memory; warnings go to stderr."""
     import convc.api as api
@@ -63,7 +69,8 @@ def _load(args, debug_nans: bool = False, snapshots: bool = False):
     mod = api.load(args.file, model=getattr(args, "model", None), debug_nans=debug_nans,
                    recompute=getattr(args, "recompute", None), snapshots=snapshots,
                    target=target,  # planned for the backend it will run on
-                   vjp=bool(getattr(args, "vjp", False)))
+                   vjp=bool(getattr(args, "vjp", False)),
+                   fuse=bool(getattr(args, "fuse", False)))
     _print_warnings(mod.compiled.warnings)
     return mod
 
@@ -582,6 +589,7 @@ def _check_parsers(sub) -> None:
     p.add_argument("--vjp", action="store_true",
                    help="also generate vjp() and vjp_start(), the vector-Jacobian product of "
                         "the outputs, for other frameworks' autograd (docs/compiler.md)")
+    _add_fuse(p)
     _add_recompute(p)
 
     p = _subcommand(sub, "graph", cmd_graph,

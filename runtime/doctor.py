@@ -158,6 +158,14 @@ def _onednn() -> str:
         return f"not available: {exc}"
 
 
+def _fused() -> str:
+    """Whether fused step kernels (fuse=True, `--fuse`) can be built here, and with what."""
+    from convc.runtime import fused
+
+    ok, how = fused.available()
+    return f"available: {how}" if ok else f"not available: {how}"
+
+
 def _safely(item: str, compute: Callable[[], str]) -> Row:
     try:
         return item, compute()
@@ -193,6 +201,7 @@ def report() -> list[Row]:
         _safely("matplotlib", lambda: _module_version("matplotlib")),
         _safely("torch", lambda: _module_version("torch")),
         _safely("onednn", _onednn),
+        _safely("fused kernels", _fused),
     ]
     return rows
 

@@ -36,8 +36,8 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
 
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
-         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False
-         ) -> types.ModuleType:
+         snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False,
+         fuse: bool = False) -> types.ModuleType:
     """Compile a `.cell` file (or `text`) in memory and import the generated module.
 
     The module has what the generated code defines (`init_params`, `forward`,
@@ -52,8 +52,15 @@ def load(path, model: str | None = None, text: str | None = None,
     """
     from convc.compiler.driver import compile_model
 
+    if fuse:
+        from convc.runtime import fused
+
+        ok, why = fused.available()
+        if not ok:
+            raise fused.KernelBuildError(f"fuse=True: fused kernels cannot be built here: "
+                                         f"{why}")
     c = compile_model(path, text=text, model=model, debug_nans=debug_nans, recompute=recompute,
-                      snapshots=snapshots, target=target, vjp=vjp)
+                      snapshots=snapshots, target=target, vjp=vjp, fuse=fuse)
     mod = module_from_source(c.source, c.name)
     mod.compiled = c
     mod.source = c.source

@@ -23,6 +23,7 @@ EXPECTED_ITEMS = [
     "matplotlib",
     "torch",
     "onednn",
+    "fused kernels",
 ]
 
 

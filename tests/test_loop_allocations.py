@@ -49,7 +49,7 @@ import convc.api as api
 from convc.runtime import kernels as rt
 from convc.runtime.gradcheck import random_problem
 from helpers import one_blas_thread  # noqa: F401  (an autouse fixture)
-from helpers import EXAMPLES, STD_MODELS, load_example, load_text
+from helpers import EXAMPLES, STD_MODELS, load_example, load_text, shrink
 
 LENGTHS = (4, 8)
 SCALAR_BYTES = 16
@@ -247,6 +247,39 @@ def test_time_loops_allocate_nothing_per_step(model, call):
 
     grown = growth(run, mod.forward.__code__.co_filename)
     assert grown == {}, (f"{model} {call}: allocations grow with T:\n"
+                         + describe(grown, mod.source.splitlines()))
+
+
+_FUSED: dict = {}
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fused_time_loops_allocate_nothing_per_step(model):
+    """The same with fused step kernels (fuse=True): a kernel writes into the places
+    the memory plan gave its outputs."""
+    from convc.runtime import fused
+
+    ok, why = fused.available()
+    if not ok:
+        pytest.skip(f"fused kernels cannot be built here: {why}")
+    if model not in _FUSED:
+        if model in STD_MODELS:
+            _FUSED[model] = load_text(STD_MODELS[model], name=f"{model}.cell", fuse=True)
+        else:
+            path = next(p for p in EXAMPLES if p.stem == model)
+            _FUSED[model] = api.load(path, text=shrink(path.read_text(encoding="utf-8")),
+                                     fuse=True)
+    mod = _FUSED[model]
+    _one_thread()
+    runs = {}
+
+    def run(T):
+        if T not in runs:
+            runs[T] = _call(mod, "loss_and_grad", T)
+        runs[T]()
+
+    grown = growth(run, mod.forward.__code__.co_filename)
+    assert grown == {}, (f"{model} fused loss_and_grad: allocations grow with T:\n"
                          + describe(grown, mod.source.splitlines()))
 
 

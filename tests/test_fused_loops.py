@@ -1,0 +1,165 @@
+"""Generated code with fused step kernels (convc.load(..., fuse=True)) against the plain
+NumPy path it replaces.
+
+For every example (shrunk), every std-cell model and the 50 random models of the
+invariants record, in float64: loss_and_grad's loss, gradients and final states
+and forward's outputs agree with the plain module's to 1e-12 of each value's
+size, and two runs give the same bits. The kernels' Python side refuses bad
+operands with a message (never a crash), a fused module refuses a GPU backend,
+and without a C toolchain fuse=True says why. Skipped, saying why, where
+kernels cannot be built (runtime/fused.py `available`).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import convc.api as api
+from convc.errors import BackendError
+from convc.runtime import fused
+from convc.runtime.gradcheck import random_problem
+from helpers import EXAMPLES, ROOT, STD_MODELS, shrink, std_model_path
+
+OK, WHY = fused.available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"fused kernels cannot be built here: {WHY}")
+
+TOL = 1e-12
+
+
+def _models():
+    for p in EXAMPLES:
+        yield p.stem, p, shrink(p.read_text(encoding="utf-8"))
+    for name, text in sorted(STD_MODELS.items()):
+        yield name, std_model_path(name), text
+    record = json.loads((ROOT / "tests" / "invariants" / "record-Haswell.json").read_text())
+    for e in record["models"]:
+        if e["kind"] == "random":
+            yield e["name"], ROOT / "tests" / f"{e['name']}.cell", e["text"]
+
+
+MODELS = list(_models())
+
+
+def _worst(a: dict, b: dict) -> tuple[float, str]:
+    worst, where = 0.0, ""
+    for k in a:
+        x, y = np.asarray(a[k]), np.asarray(b[k])
+        scale = max(float(np.max(np.abs(x))) if x.size else 0.0, 1e-300)
+        err = float(np.max(np.abs(x - y))) / scale if x.size else 0.0
+        if err > worst:
+            worst, where = err, k
+    return worst, where
+
+
+@pytest.mark.parametrize("name, path, text", MODELS, ids=[m[0] for m in MODELS])
+def test_fused_kernels_agree_with_the_numpy_path(name, path, text):
+    plain = api.load(path, text=text)
+    fast = api.load(path, text=text, fuse=True)
+    if not name.startswith("random/"):  # (a random model's loops may have no two ops to fuse)
+        assert "K.k" in fast.source, f"{name}: no loop of it got a fused kernel"
+    params, inputs, targets = random_problem(plain, batch=2, frames=4)
+    la, ga, fa = plain.loss_and_grad(params, inputs, targets)
+    lb, gb, fb = fast.loss_and_grad(params, inputs, targets)
+    assert abs(la - lb) <= TOL * max(abs(la), 1e-300), (name, la, lb)
+    for what, a, b in (("gradient", ga, gb), ("final state", fa, fb)):
+        assert set(a) == set(b)
+        err, where = _worst(a, b)
+        assert err <= TOL, f"{name}: {what} {where} differs by {err:.2e} of its size"
+    oa, _ = plain.forward(params, inputs, steps=4)
+    ob, _ = fast.forward(params, inputs, steps=4)
+    err, where = _worst(oa, ob)
+    assert err <= TOL, f"{name}: output {where} differs by {err:.2e}"
+    # bitwise the same, run to run
+    lc, gc, _ = fast.loss_and_grad(params, inputs, targets)
+    assert lc == lb and all(np.array_equal(gc[k], gb[k]) for k in gb), name
+
+
+def test_float32_and_the_vjp_run_fused_too():
+    path = next(p for p in EXAMPLES if p.stem == "seed")
+    text = shrink(path.read_text(encoding="utf-8"))
+    plain = api.load(path, text=text, vjp=True)
+    fast = api.load(path, text=text, vjp=True, fuse=True)
+    params, inputs, targets = random_problem(plain, batch=3, frames=5)
+    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    i32 = {k: v.astype(np.float32) for k, v in inputs.items()}
+    t32 = {k: v.astype(np.float32) for k, v in targets.items()}
+    la, ga, _ = plain.loss_and_grad(p32, i32, t32)
+    lb, gb, _ = fast.loss_and_grad(p32, i32, t32)
+    assert all(g.dtype == np.float32 for g in gb.values())
+    assert abs(la - lb) <= 1e-5 * abs(la)
+    assert _worst(ga, gb)[0] <= 1e-4
+    outs, _ = plain.forward(params, inputs, steps=5)
+    cts = {k: np.random.default_rng(0).standard_normal(v.shape) for k, v in outs.items()}
+    va = plain.vjp(params, inputs, cts)
+    vb = fast.vjp(params, inputs, cts)
+    for a, b in zip(va, vb):
+        assert _worst(a, b)[0] <= TOL
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    """One fused kernel of the seed model in float64 and its operands' shapes."""
+    path = next(p for p in EXAMPLES if p.stem == "seed")
+    mod = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=True)
+    name = sorted(mod.KERNELS)[0]
+    return mod.FK.of("float64").__dict__[name], mod.KERNELS[name]
+
+
+def _arity(source: str) -> tuple[int, int]:
+    import re
+
+    line = next(ln for ln in source.splitlines() if ln.startswith("enum"))
+    nums = dict(re.findall(r"(\w+) = (\d+)", line))
+    return int(nums["NOUT"]), int(nums["NIN"])
+
+
+def test_the_kernels_refuse_bad_operands_with_a_message(kernel):
+    fn, source = kernel
+    nout, nin = _arity(source)
+    dims = [int(x) for x in source.split("DIMS[3] = {")[1].split("}")[0].split(",")]
+    good = [np.zeros((2, *dims)) for _ in range(nout + nin)]
+    fn(*good)  # well-formed: runs
+    with pytest.raises(TypeError, match="takes"):
+        fn(*good[:-1])
+    with pytest.raises(TypeError, match="not a NumPy array"):
+        fn(*good[:-1], 1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        fn(*good[:-1], good[-1].astype(np.float32))
+    with pytest.raises(ValueError, match="length"):
+        fn(np.zeros((2, dims[0] + 1, *dims[1:])), *good[1:])
+    ro = np.zeros((2, *dims))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        fn(ro, *good[1:])
+
+
+def test_a_fused_module_refuses_a_gpu_backend():
+    path = next(p for p in EXAMPLES if p.stem == "seed")
+    fast = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=True)
+    params, inputs, targets = random_problem(fast, batch=1, frames=2)
+    gpu = types.SimpleNamespace(capabilities=types.SimpleNamespace(device="gpu"))
+    with pytest.raises(BackendError, match="CPU only"):
+        fast.loss_and_grad_shard(params, inputs, targets, backend=gpu)
+
+
+def test_without_a_toolchain_fuse_says_why(tmp_path):
+    script = (
+        "import convc\n"
+        "from convc.runtime.fused import KernelBuildError\n"
+        "try:\n"
+        f"    m = convc.load({str(EXAMPLES[0])!r}, fuse=True)\n"
+        "    m.init_params  # the module is made; its kernels are built at the first call\n"
+        "    p = m.init_params(dtype='float64')\n"
+        "    from convc.runtime.gradcheck import random_problem\n"
+        "    params, inputs, targets = random_problem(m, batch=1, frames=2)\n"
+        "    m.loss_and_grad(params, inputs, targets)\n"
+        "except KernelBuildError as e:\n"
+        "    print('REFUSED', e)\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env={**__import__("os").environ, "CONVC_FUSE": "0"}, timeout=300)
+    assert "REFUSED" in r.stdout and "CONVC_FUSE=0" in r.stdout, r.stdout + r.stderr
