@@ -11,7 +11,12 @@ convc.runtime.bench.peer_cell_text), in float32, at 1 and 2 threads:
   `loss_and_grad`);
 - torch (Layer): the same model as a `convc.torch.Layer`: its forward pass,
   the BCE loss of its prediction in torch, `loss.backward()` (the generated
-  VJP), `torch.optim.SGD.step()`.
+  VJP), `torch.optim.SGD.step()`;
+- torch floor: that step with the layer replaced by a stand-in of no cost
+  (an autograd Function that hands back a prediction and gradients made
+  beforehand): what torch's loss, autograd and optimizer cost by themselves,
+  whatever the layer. `Layer - floor` is what the layer itself costs in a
+  torch step; its ratio to convc is the layer's overhead.
 
 With 2 threads on a machine of 2 cores, torch's OpenMP threads spin for a
 while after each parallel torch op (the loss, the optimizer) and take the
@@ -114,6 +119,41 @@ def torch_stepper(mod, inputs, targets):
     return step
 
 
+def floor_stepper(mod, inputs, targets):
+    """The torch step of torch_stepper with a stand-in layer of no cost."""
+    import torch
+
+    import convc.torch as ct
+
+    layer = ct.Layer(mod, dtype=torch.float32, seed=0)
+    x = {k: torch.from_numpy(v) for k, v in inputs.items()}
+    y = torch.from_numpy(next(iter(targets.values())))
+    with torch.no_grad():
+        pred0 = layer(x)
+    params = list(layer.parameters())
+    grads = [torch.zeros_like(p) for p in params]
+
+    class StandIn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *tensors):
+            return pred0.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return tuple(grads)
+
+    opt = torch.optim.SGD(params, lr=LR)
+
+    def step():
+        opt.zero_grad()
+        pred = StandIn.apply(*params)
+        loss = torch.nn.functional.binary_cross_entropy(pred, y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+    return step
+
+
 def alternated(steppers, n: int) -> list[float]:
     """n steps of each stepper, one of each in turn (so that all see the same machine
     load); the median ms per step of each."""
@@ -133,7 +173,8 @@ def measure(name: str, threads: int, rounds: int, steps: int, warmup: int) -> di
     torch.set_num_threads(threads)
     mod, inputs, targets = setup(name)
     with threadpool_limits(limits=threads):
-        kinds = {"convc": convc_stepper, "vjp": vjp_stepper, "torch": torch_stepper}
+        kinds = {"convc": convc_stepper, "vjp": vjp_stepper, "torch": torch_stepper,
+                 "floor": floor_stepper}
         steppers = [make(mod, inputs, targets) for make in kinds.values()]
         first = [step() for step in steppers]  # the same start: the same loss
         for _ in range(warmup):
@@ -144,8 +185,10 @@ def measure(name: str, threads: int, rounds: int, steps: int, warmup: int) -> di
             for k, t in zip(kinds, alternated(steppers, steps)):
                 ms[k].append(t)
     med = {k: statistics.median(v) for k, v in ms.items()}
+    own = [t - f for t, f in zip(ms["torch"], ms["floor"])]  # per round: the layer's part
     return dict(config=name, threads=threads, convc_ms=med["convc"], vjp_ms=med["vjp"],
                 torch_ms=med["torch"], ratio=med["torch"] / med["convc"],
+                floor_ms=med["floor"], own_ratio=statistics.median(own) / med["convc"],
                 vjp_ratio=med["vjp"] / med["convc"], first_loss=(first[0], first[2]),
                 spread={k: (min(v), max(v)) for k, v in ms.items()})
 
@@ -171,15 +214,16 @@ def main(argv=None) -> int:
     print(f"python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}"
           f", OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     print(f"{'config':8} {'threads':>7} {'convc ms':>9} {'vjp ms':>8} {'Layer ms':>9} "
-          f"{'vjp/convc':>9} {'Layer/convc':>11}   (median of {args.rounds} rounds; "
-          f"min-max convc | Layer)")
+          f"{'floor ms':>9} {'vjp/convc':>9} {'Layer/convc':>11} {'(Layer-floor)/convc':>19}"
+          f"   (median of {args.rounds} rounds; min-max convc | Layer)")
     for name in args.configs:
         for threads in args.threads:
             steps = args.steps or {"seed": 40}.get(name, 8)
             r = measure(name, threads, args.rounds, steps, args.warmup)
             sa, sb = r["spread"]["convc"], r["spread"]["torch"]
             print(f"{name:8} {threads:>7} {r['convc_ms']:9.2f} {r['vjp_ms']:8.2f} "
-                  f"{r['torch_ms']:9.2f} {r['vjp_ratio']:9.3f} {r['ratio']:11.3f}   "
+                  f"{r['torch_ms']:9.2f} {r['floor_ms']:9.2f} {r['vjp_ratio']:9.3f} "
+                  f"{r['ratio']:11.3f} {r['own_ratio']:19.3f}   "
                   f"({sa[0]:.2f}-{sa[1]:.2f} | {sb[0]:.2f}-{sb[1]:.2f}; "
                   f"first loss {r['first_loss'][0]:.5f} / {r['first_loss'][1]:.5f})",
                   flush=True)

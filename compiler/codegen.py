@@ -53,7 +53,7 @@ from .naming import Names
 from .ops import OPS, float_source, node_flops
 from .peel import ALIAS, COMPUTE, ZERO, Variant
 from .plan import FunctionPlan, ModulePlan, plan_module
-from .render import render_c_kernel, same_kernel
+from .render import render_c_kernel, render_python_kernel, same_kernel
 from .schedule import Block, Kind, Schedule
 
 class _Out:
@@ -438,14 +438,11 @@ class Generator:
     def prologue(self, o: _Out, with_targets: bool, cotangents: bool = False) -> None:
         low = self.low
         o("B = backend if backend is not None else _model.default_backend()")
-        fused = any(any(lm.kernels.values()) for lm in self.fp.loops.values())
-        if fused:
-            o("rt.fused_backend(B, MODEL)  # the fused kernels run on the CPU, on NumPy arrays")
         o("xp = B.xp")
         first = sorted(low.params)[0] if low.params else None
         o(f"dtype = params[{first!r}].dtype" if first else "dtype = np.float32")
-        if fused:
-            o("K = FK.of(dtype)  # this dtype's fused kernels (built on first use)")
+        if any(any(lm.kernels.values()) for lm in self.fp.loops.values()):
+            o("K = FK.of(dtype, B)  # the fused kernels for this dtype and backend")
         for name in sorted(low.params):
             o(f"{self.v(low.params[name].node)} = params[{name!r}]")
         for name, nid in low.inputs.items():
@@ -1359,7 +1356,19 @@ class _KernelTable:
             o.lines.extend(render_c_kernel(k).rstrip("\n").split("\n"))
             o('""",')
         o("}")
-        o("FK = rt.FusedKernels(KERNELS)")
+        o()
+        o()
+        o("class ArrayKernels:")
+        o('    """The same kernels over the array module, for the GPU and where no C compiler')
+        o('    is found."""')
+        for k in self.kernels:
+            o()
+            o("    @staticmethod")
+            for line in render_python_kernel(k):
+                o("    " + line)
+        o()
+        o()
+        o("FK = rt.FusedKernels(KERNELS, ArrayKernels)")
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,

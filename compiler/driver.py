@@ -165,7 +165,7 @@ def compile_model(path: str | Path | None = None, text: str | None = None,
                   file: str | None = None, model: str | None = None,
                   debug_nans: bool = False, recompute: int | None = None,
                   snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False,
-                  fuse: bool = False) -> Compiled:
+                  fuse: bool | None = None) -> Compiled:
     t0 = time.perf_counter()
     prog = load_program(path, text=text, file=file)
     parse_s = time.perf_counter() - t0
@@ -178,7 +178,7 @@ def compile_model(path: str | Path | None = None, text: str | None = None,
 def compile_program(prog: Program, model: str | None = None, checked: bool = False,
                     debug_nans: bool = False, recompute: int | None = None,
                     snapshots: bool = False, target=DEFAULT_TARGET, vjp: bool = False,
-                    fuse: bool = False) -> Compiled:
+                    fuse: bool | None = None) -> Compiled:
     """Check, lower, differentiate, schedule and generate one model.
 
     recompute=K: loss_and_grad keeps the forward values the backward pass
@@ -197,10 +197,10 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
     lowered again without its loss, differentiated from cotangents
     (autodiff's vjp=True) and rendered into the same module.
 
-    fuse: loop bodies' elementwise work in fused C kernels (fuse.py, render.py,
-    runtime/fused.py), for the CPU; not with debug_nans (it checks each value).
+    fuse: loops' elementwise work in fused C kernels (fuse.py, runtime/fused.py);
+    None: where they can be built, for a CPU target; never with debug_nans.
     """
-    fuse = fuse and not debug_nans
+    fuse = _fuse(fuse, target, debug_nans)
     timings, counts, texts = {}, {}, {}
 
     def snap(name):
@@ -255,6 +255,15 @@ def compile_program(prog: Program, model: str | None = None, checked: bool = Fal
         source = generate(low, bw, sched, debug_nans=debug_nans, recompute=recompute,
                           weight_gradient_layout=layout, vjp=vc, fuse=fuse)
     return Compiled(prog, low, bw, sched, source, warnings, timings, counts, texts, vc)
+
+
+def _fuse(fuse: bool | None, target, debug_nans: bool) -> bool:
+    """Whether to fuse: as asked, else where kernels can be built, for a CPU target."""
+    if fuse is None:
+        from convc.runtime import fused
+
+        fuse = target_capabilities(target).device == "cpu" and fused.default_on()
+    return bool(fuse) and not debug_nans
 
 
 class _Stage:

@@ -185,6 +185,26 @@ def _planes(k: Kernel) -> dict[str, bool] | None:
     return whole
 
 
+# ---------------------------------------------------------------- the array fallback
+
+def render_python_kernel(k: Kernel) -> list[str]:
+    """The kernel as Python over an array module (NumPy or CuPy), one call a statement:
+    what a fused module runs where its C cannot (another device, no compiler), and
+    what the C is checked against. Same arguments: outputs, then inputs."""
+    outs = [f"out{j}" for j in range(len(k.outputs))]
+    names = {node: f"in{j}" for j, (node, _) in enumerate(k.inputs)}
+    what = ", ".join(op for _, op, _, _ in k.body if op != "const")
+    lines = [f"def {k.name}({', '.join(outs + list(names.values()))}):",
+             f'    """{what}"""',
+             "    xp = rt.array_module(out0)"]
+    for j, (node, op, args, attrs) in enumerate(k.body):
+        names[node] = f"t{j}"
+        lines.append(f"    t{j} = {OPS[op].code([names[a] for a in args], attrs)}")
+    for j, node in enumerate(k.outputs):
+        lines.append(f"    xp.copyto(out{j}, {names[node]})")
+    return lines
+
+
 def same_kernel(k: Kernel) -> str:
     """What a kernel computes, whatever its name: its C rendering less name and comments."""
     return re.sub(r"/\*.*?\*/", "", render_c([Kernel("K", k.shape, k.inputs, k.outputs,

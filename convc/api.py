@@ -36,7 +36,7 @@ def compile_file(path, model: str | None = None, text: str | None = None,
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
          snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False,
-         fuse: bool = False) -> types.ModuleType:
+         fuse: bool | None = None) -> types.ModuleType:
     """Compile a `.cell` file in memory and import it.
 
     The returned module has `init_params`, `forward`, `loss_and_grad`,

@@ -55,9 +55,10 @@ def _add_recompute(p) -> None:
 
 
 def _add_fuse(p) -> None:
-    p.add_argument("--fuse", action="store_true",
+    p.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
                    help="run each loop's elementwise work in fused C kernels, built for this "
-                        "CPU with the system C compiler (`convc doctor` says if it can)")
+                        "CPU with the system C compiler (the default where `convc doctor` says "
+                        "they can be; --no-fuse: the plain NumPy path)")
 
 
 def _load(args, debug_nans: bool = False, snapshots: bool = False):
@@ -70,7 +71,7 @@ def _load(args, debug_nans: bool = False, snapshots: bool = False):
                    recompute=getattr(args, "recompute", None), snapshots=snapshots,
                    target=target,  # planned for the backend it will run on
                    vjp=bool(getattr(args, "vjp", False)),
-                   fuse=bool(getattr(args, "fuse", False)))
+                   fuse=getattr(args, "fuse", None))
     _print_warnings(mod.compiled.warnings)
     return mod
 

@@ -19,8 +19,16 @@ reassociated. The same source, compiler and CPU give the same bits, run to
 run; they agree with the NumPy path to rounding (a few ulp of each function).
 
 `available()` says whether kernels can be built here (a C compiler, Python's
-headers, NumPy's headers) and, if not, why: the driver compiles the plain
-NumPy path then, and `convc doctor` shows the reason.
+headers, NumPy's headers) and, if not, why; `convc doctor` shows it. Models
+are compiled with fused kernels by default where they can be built
+(`default_on`), for the CPU; the environment variable CONVC_FUSE=0 makes the
+plain NumPy path the default again (fuse=True still fuses).
+
+Where the C cannot run (a GPU backend's arrays, a compiler that fails) a
+fused module runs its `ArrayKernels` instead: the same kernels in Python over
+the array module, one call a statement (CONVC_FUSE=array asks for them
+everywhere). A failed build is said once, as a warning, with the compiler's
+message.
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import sysconfig
 import tempfile
 import threading
 import types
+import warnings
 from pathlib import Path
 
 FLAGS = ["-O2", "-ftree-vectorize", "-march=native", "-fno-math-errno", "-fno-trapping-math",
@@ -59,10 +68,13 @@ def _includes() -> list[str]:
     return [sysconfig.get_paths()["include"], numpy.get_include()]
 
 
+def default_on() -> bool:
+    """Whether models compile with fused kernels when fuse= is not given."""
+    return os.environ.get("CONVC_FUSE", "") != "0" and available()[0]
+
+
 def available() -> tuple[bool, str]:
     """(True, what builds the kernels) or (False, why they cannot be built here)."""
-    if os.environ.get("CONVC_FUSE", "") == "0":
-        return False, "turned off (CONVC_FUSE=0)"
     cc = compiler()
     if cc is None:
         return False, "no C compiler (cc or gcc) on PATH"
@@ -207,8 +219,7 @@ def load(kernel: str, name: str, dtype: str):
     compiled on first use and cached on disk."""
     why = _why_not()
     if why is not None:
-        raise KernelBuildError(f"fused kernels cannot be built here: {why}; compile the "
-                               f"model without fused kernels (convc compile without --fuse)")
+        raise KernelBuildError(f"fused kernels cannot be built here: {why}")
     cc = compiler()
     probe = extension_source(kernel, name, dtype, "convc_k")
     key = _key(probe, cc)
@@ -237,18 +248,25 @@ def _import(module: str, so: Path):
 
 
 class FusedKernels:
-    """A generated module's kernels (its KERNELS: name -> C), built per dtype on demand.
+    """A generated module's kernels: its KERNELS (name -> C), built per dtype on demand,
+    and its ArrayKernels (the same over the array module).
 
-    `of(dtype)` is a namespace of callables, `K.k0(...)`: the first call for a
-    dtype builds every kernel of the module in it, `jobs` compilers at a time."""
+    `of(dtype, backend)` is what the module's functions call `K.k0(...)` on: the C
+    kernels for a CPU backend's NumPy arrays (the first call in a dtype builds
+    every kernel of the module in it, several compilers at once), else the array
+    kernels."""
 
-    def __init__(self, kernels: dict[str, str]):
+    def __init__(self, kernels: dict[str, str], fallback=None):
         self.kernels = dict(kernels)
-        self._built: dict[str, types.SimpleNamespace] = {}
+        self.fallback = fallback
+        self._built: dict[str, object] = {}
         self._lock = threading.Lock()
 
-    def of(self, dtype) -> types.SimpleNamespace:
-        key = str(getattr(dtype, "name", dtype))
+    def of(self, dtype, backend=None):
+        if backend is not None and (backend.capabilities.device != "cpu"
+                                    or getattr(backend, "xp", None) is not _numpy()):
+            return self.fallback
+        key = _numpy().dtype(dtype).name
         ns = self._built.get(key)
         if ns is None:
             with self._lock:  # shards of one call start together: build once
@@ -257,13 +275,27 @@ class FusedKernels:
                     ns = self._built[key] = self._build(key)
         return ns
 
-    def _build(self, dtype: str) -> types.SimpleNamespace:
-        if dtype not in DTYPES:
-            raise TypeError(f"fused kernels run in float32 or float64, not {dtype}")
+    def _build(self, dtype: str):
+        if os.environ.get("CONVC_FUSE", "") == "array" or dtype not in DTYPES:
+            return self.fallback
         jobs = max(1, min(len(self.kernels), os.cpu_count() or 1, 8))
-        with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # gcc runs outside the GIL
-            fns = pool.map(lambda item: load(item[1], item[0], dtype), self.kernels.items())
-            return types.SimpleNamespace(**dict(zip(self.kernels, fns)))
+        try:
+            with concurrent.futures.ThreadPoolExecutor(jobs) as pool:  # gcc: outside the GIL
+                fns = list(pool.map(lambda item: load(item[1], item[0], dtype),
+                                    self.kernels.items()))
+        except KernelBuildError as exc:
+            if self.fallback is None:
+                raise
+            warnings.warn(f"fused kernels: {exc}\nrunning them as array code instead (slower)",
+                          RuntimeWarning, stacklevel=3)
+            return self.fallback
+        return types.SimpleNamespace(**dict(zip(self.kernels, fns)))
+
+
+def _numpy():
+    import numpy
+
+    return numpy
 
 
 def _build(source: str, cc: str, so: Path) -> None:

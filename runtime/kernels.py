@@ -15,7 +15,6 @@ import threading
 
 import numpy as np
 
-from convc.errors import BackendError
 
 from .backend import Capabilities
 from .fused import FusedKernels  # noqa: F401  (a generated module's FK)
@@ -450,14 +449,6 @@ def arena(backend, function: str, size: int, dtype):
     if workspace is not None and hasattr(workspace, "slot"):
         return workspace.slot(xp, ("arena", function), (size,), dtype)
     return xp.empty((size,), dtype=dtype)
-
-
-def fused_backend(backend, model: dict) -> None:
-    """A module compiled with fused kernels runs them on the CPU: refuse another device."""
-    if backend.capabilities.device != "cpu":
-        raise BackendError(f"model {model['name']} was compiled with fused CPU kernels "
-                           f"(fuse=True); it runs on the CPU only. Compile it without them "
-                           f"(convc compile --no-fuse) for the {backend.capabilities.device}")
 
 
 def empty(xp, shape, dtype, keep=None, at=None):

@@ -37,7 +37,7 @@ def module_from_source(source: str, name: str, filename: str | None = None) -> t
 def load(path, model: str | None = None, text: str | None = None,
          debug_nans: bool = False, recompute: int | None = None,
          snapshots: bool = False, target=("cpu", "numpy"), vjp: bool = False,
-         fuse: bool = False) -> types.ModuleType:
+         fuse: bool | None = None) -> types.ModuleType:
     """Compile a `.cell` file (or `text`) in memory and import the generated module.
 
     The module has what the generated code defines (`init_params`, `forward`,

@@ -11,11 +11,19 @@ Profiles (choose with `pytest --hypothesis-profile=NAME`):
 
 Tests that count what they tried add to `fuzz_counter`; the total is printed
 at the end of the run.
+
+Models compile to the plain NumPy path here (CONVC_FUSE=0, also for the
+commands tests run in subprocesses): the invariants record, the goldens and
+the bitwise checks are of that path. tests/test_fused_loops.py and the tests
+that pass fuse=True check the fused kernels against it.
 """
 from __future__ import annotations
 
 import collections
+import os
 import time
+
+os.environ["CONVC_FUSE"] = "0"
 
 import pytest
 from hypothesis import HealthCheck, settings

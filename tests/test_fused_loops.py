@@ -4,14 +4,18 @@ NumPy path it replaces.
 For every example (shrunk), every std-cell model and the 50 random models of the
 invariants record, in float64: loss_and_grad's loss, gradients and final states
 and forward's outputs agree with the plain module's to 1e-12 of each value's
-size, and two runs give the same bits. The kernels' Python side refuses bad
-operands with a message (never a crash), a fused module refuses a GPU backend,
-and without a C toolchain fuse=True says why. Skipped, saying why, where
-kernels cannot be built (runtime/fused.py `available`).
+size, with the C kernels and with the module's ArrayKernels (what runs on a GPU
+backend or without a compiler), and two runs give the same bits. The kernels'
+Python side refuses bad operands with a message (never a crash); a GPU backend
+gets the array kernels; a compiler that fails gives a warning and the array
+kernels; without a C toolchain fuse=True says why and the default is the plain
+path. Skipped, saying why, where kernels cannot be built (runtime/fused.py
+`available`).
 """
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import types
@@ -20,7 +24,7 @@ import numpy as np
 import pytest
 
 import convc.api as api
-from convc.errors import BackendError
+from convc.runtime.backend import get_backend
 from convc.runtime import fused
 from convc.runtime.gradcheck import random_problem
 from helpers import EXAMPLES, ROOT, STD_MODELS, shrink, std_model_path
@@ -77,6 +81,12 @@ def test_fused_kernels_agree_with_the_numpy_path(name, path, text):
     # bitwise the same, run to run
     lc, gc, _ = fast.loss_and_grad(params, inputs, targets)
     assert lc == lb and all(np.array_equal(gc[k], gb[k]) for k in gb), name
+    # the array kernels (a GPU backend's, or where no compiler works) agree too
+    fast.FK = types.SimpleNamespace(of=lambda dtype, backend=None: fast.ArrayKernels)
+    ld, gd, _ = fast.loss_and_grad(params, inputs, targets)
+    assert abs(la - ld) <= TOL * max(abs(la), 1e-300), (name, la, ld)
+    err, where = _worst(ga, gd)
+    assert err <= TOL, f"{name}: gradient {where} (array kernels) differs by {err:.2e}"
 
 
 def test_float32_and_the_vjp_run_fused_too():
@@ -138,28 +148,58 @@ def test_the_kernels_refuse_bad_operands_with_a_message(kernel):
         fn(ro, *good[1:])
 
 
-def test_a_fused_module_refuses_a_gpu_backend():
+def test_a_gpu_backend_gets_the_array_kernels():
     path = next(p for p in EXAMPLES if p.stem == "seed")
     fast = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=True)
-    params, inputs, targets = random_problem(fast, batch=1, frames=2)
-    gpu = types.SimpleNamespace(capabilities=types.SimpleNamespace(device="gpu"))
-    with pytest.raises(BackendError, match="CPU only"):
-        fast.loss_and_grad_shard(params, inputs, targets, backend=gpu)
+    gpu = types.SimpleNamespace(capabilities=types.SimpleNamespace(device="gpu"), xp=None)
+    assert fast.FK.of(np.float64, gpu) is fast.ArrayKernels
+    cpu = fast.FK.of(np.float64, get_backend("cpu", "numpy"))
+    assert cpu is not fast.ArrayKernels and type(cpu.k0).__name__ == "builtin_function_or_method"
 
 
-def test_without_a_toolchain_fuse_says_why(tmp_path):
-    script = (
-        "import convc\n"
+def _run(script: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=300)
+
+
+PROBLEM = (
+    "import warnings\n"
+    "import convc\n"
+    "from convc.runtime.gradcheck import random_problem\n"
+    f"path = {str(next(p for p in EXAMPLES if p.stem == 'seed'))!r}\n"
+    "plain = convc.load(path, fuse=False)\n"
+    "params, inputs, targets = random_problem(plain, batch=1, frames=3)\n"
+    "want = plain.loss_and_grad(params, inputs, targets)[0]\n")
+
+
+def test_a_compiler_that_fails_gives_a_warning_and_the_array_kernels(tmp_path):
+    script = PROBLEM + (
+        "m = convc.load(path, fuse=True)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    got = m.loss_and_grad(params, inputs, targets)[0]\n"
+        "print('WARNED', [str(x.message).splitlines()[0][:60] for x in w])\n"
+        "print('SAME', abs(got - want) <= 1e-12 * abs(want))\n")
+    r = _run(script, CC="false", CONVC_CACHE=str(tmp_path), CONVC_FUSE="")
+    assert "WARNED ['fused kernels: false" in r.stdout and "SAME True" in r.stdout, \
+        r.stdout + r.stderr
+
+
+def test_without_a_toolchain_fuse_says_why_and_the_default_is_plain(tmp_path):
+    script = PROBLEM + (
         "from convc.runtime.fused import KernelBuildError\n"
+        "print('DEFAULT FUSED', 'K.k' in convc.load(path).source)\n"
         "try:\n"
-        f"    m = convc.load({str(EXAMPLES[0])!r}, fuse=True)\n"
-        "    m.init_params  # the module is made; its kernels are built at the first call\n"
-        "    p = m.init_params(dtype='float64')\n"
-        "    from convc.runtime.gradcheck import random_problem\n"
-        "    params, inputs, targets = random_problem(m, batch=1, frames=2)\n"
-        "    m.loss_and_grad(params, inputs, targets)\n"
+        "    convc.load(path, fuse=True)\n"
         "except KernelBuildError as e:\n"
         "    print('REFUSED', e)\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                       env={**__import__("os").environ, "CONVC_FUSE": "0"}, timeout=300)
-    assert "REFUSED" in r.stdout and "CONVC_FUSE=0" in r.stdout, r.stdout + r.stderr
+    r = _run(script, CC=str(tmp_path / "no-such-cc"), CONVC_FUSE="")
+    assert "DEFAULT FUSED False" in r.stdout, r.stdout + r.stderr
+    assert "REFUSED fuse=True: fused kernels cannot be built here: no C compiler" in r.stdout, \
+        r.stdout + r.stderr
+
+
+def test_where_kernels_can_be_built_the_default_is_fused():
+    r = _run(PROBLEM + "print('DEFAULT FUSED', 'K.k' in convc.load(path).source)\n",
+             CONVC_FUSE="")
+    assert "DEFAULT FUSED True" in r.stdout, r.stdout + r.stderr
