@@ -125,9 +125,9 @@ def render_c_kernel(k: Kernel) -> str:
       sample and its (C, H, W);
     - `kernel_strided(n, p, s)`: the loops over (a, c, h, w) with each operand's
       four element strides `s` (any layout NumPy gives);
-    - `kernel_planes(n, p, s)`: when every operand is whole planes of (H, W) or
-      constant over them, the same with one contiguous (vectorised) inner loop
-      over a plane; returns 0 without doing anything when the strides are not so.
+    - `kernel_planes(n, p, s)`: the same with one contiguous (vectorised) inner
+      loop over a plane, for when `planes_ok(s)`: every operand is whole planes
+      of (H, W) with contiguous rows, or constant over them.
     """
     C, H, W = _dims(k.shape)
     nin, nout = len(k.inputs), len(k.outputs)
@@ -140,22 +140,26 @@ def render_c_kernel(k: Kernel) -> str:
     for j, name in enumerate(order):
         const = "const " if name.startswith("in") else ""
         decl.append(f"    {const}T *{name} = ({const}T *)p[{j}];")
-        decl.append(f"    const long " + ", ".join(f"{name}_s{d} = s[{4 * j + d}]"
+        decl.append("    const long " + ", ".join(f"{name}_s{d} = s[{4 * j + d}]"
                                                      for d in range(4)) + ";")
     lines += ["static void kernel_strided(long n, char **p, const long *s) {", *decl,
               "    for (long a = 0; a < n; a++)", f"    for (long c = 0; c < {C}; c++)",
               f"    for (long h = 0; h < {H}; h++)", f"    for (long w = 0; w < {W}; w++) {{",
               *_element(k, " " * 8), "    }", "}", ""]
     whole = _planes(k)
-    lines.append("static int kernel_planes(long n, char **p, const long *s) {")
     if whole is None:
-        lines += ["    return 0;  /* an operand is a row or a column of a plane */", "}"]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + [
+            "static int planes_ok(const long *s) { return 0; }  /* a row or a column */",
+            "static void kernel_planes(long n, char **p, const long *s) {}"]) + "\n"
     # whole planes are contiguous: stride 1 along W and W along H (moot at length 1)
-    conds = [f"(s[{4 * j + 3}] == 1 || {W} == 1) && (s[{4 * j + 2}] == {W} || {H} == 1)"
-             for j, name in enumerate(order) if whole[name]]
-    lines.append(f"    if (!({' && '.join(f'({c})' for c in conds) or '1'})) return 0;")
-    lines += decl
+    conds = []
+    for j, name in enumerate(order):
+        if whole[name]:
+            conds += [f"s[{4 * j + 3}] == 1"] if W > 1 else []
+            conds += [f"s[{4 * j + 2}] == {W}"] if H > 1 else []
+    lines += ["static int planes_ok(const long *s) {",
+              f"    return {' && '.join(conds) or '1'};", "}", ""]
+    lines += ["static void kernel_planes(long n, char **p, const long *s) {", *decl]
     lines += ["    for (long a = 0; a < n; a++)", f"    for (long c = 0; c < {C}; c++) {{"]
     for name in order:
         const = "const " if name.startswith("in") else ""
@@ -165,7 +169,7 @@ def render_c_kernel(k: Kernel) -> str:
     lines += ["        #pragma GCC ivdep", f"        for (long i = 0; i < {H * W}; i++) {{"]
     lines += _element(k, " " * 12, read=lambda x: f"{x}_r[i]" if whole[x] else f"{x}_r[0]",
                       write=lambda x: f"{x}_r[i]")
-    lines += ["        }", "    }", "    return 1;", "}"]
+    lines += ["        }", "    }", "}"]
     return "\n".join(lines) + "\n"
 
 

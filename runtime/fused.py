@@ -180,7 +180,7 @@ static PyObject *py_kernel(PyObject *self, PyObject *const *args, Py_ssize_t nar
         p[j] = PyArray_BYTES(x);
     }
     Py_BEGIN_ALLOW_THREADS
-    if (!kernel_planes(n, p, s)) kernel_strided(n, p, s);
+    if (planes_ok(s)) kernel_planes(n, p, s); else kernel_strided(n, p, s);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -228,7 +228,11 @@ def load(kernel: str, name: str, dtype: str):
         so = cache_dir() / f"{module}{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}"
         source = extension_source(kernel, name, dtype, module)
         if not so.exists():
-            _build(source, cc, so)
+            try:
+                _build(source, cc, so)
+            except OSError as exc:  # a cache folder that cannot be written, a full disk
+                raise KernelBuildError(f"cannot build into {so.parent}: {exc} (set "
+                                       f"CONVC_CACHE to a folder that can be written)") from exc
         try:
             mod = _import(module, so)
         except ImportError:  # an older glibc without these vector functions: scalar ones

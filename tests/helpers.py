@@ -204,3 +204,16 @@ def run_docs_python(doc: str, needle: str, cwd: Path) -> dict:
     finally:
         os.chdir(here)
     return namespace
+
+
+def every_model() -> list[tuple[str, Path, str]]:
+    """(name, path, text) of every example (shrunk), every std-cell model and the
+    random models of the invariants record: what a check over "every model" runs."""
+    import json
+
+    out = [(p.stem, p, shrink(p.read_text(encoding="utf-8"))) for p in EXAMPLES]
+    out += [(name, std_model_path(name), text) for name, text in sorted(STD_MODELS.items())]
+    record = json.loads((ROOT / "tests" / "invariants" / "record-Haswell.json").read_text())
+    out += [(e["name"], ROOT / "tests" / f"{e['name']}.cell", e["text"])
+            for e in record["models"] if e["kind"] == "random"]
+    return out

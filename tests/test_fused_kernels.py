@@ -12,7 +12,6 @@ saying why, without nvcc).
 from __future__ import annotations
 
 import ctypes
-import json
 import re
 import shutil
 import subprocess
@@ -25,20 +24,9 @@ from convc.compiler.fuse import Kernel, model_kernels
 from convc.compiler.interp import ref_attrs
 from convc.compiler.ops import OPS
 from convc.compiler.render import _dims, render_c, render_cuda
-from helpers import EXAMPLES, ROOT, STD_MODELS, shrink, std_model_path
+from helpers import every_model
 
 N = 2
-
-
-def _models():
-    for p in EXAMPLES:
-        yield p.stem, p, shrink(p.read_text(encoding="utf-8"))
-    for name, text in sorted(STD_MODELS.items()):
-        yield name, std_model_path(name), text
-    record = json.loads((ROOT / "tests" / "invariants" / "record-Haswell.json").read_text())
-    for e in record["models"]:
-        if e["kind"] == "random":
-            yield e["name"], ROOT / "tests" / "fused_random.cell", e["text"]
 
 
 def _same_code(k: Kernel) -> str:
@@ -51,7 +39,7 @@ def _same_code(k: Kernel) -> str:
 def all_kernels() -> list[tuple[str, Kernel]]:
     """Every kernel of every model, one of each that computes the same as another."""
     out, seen = [], set()
-    for m, (name, path, text) in enumerate(_models()):
+    for m, (name, path, text) in enumerate(every_model()):
         mod = api.load(path, text=text)
         for k in model_kernels(mod.compiled):
             key = _same_code(k)

@@ -14,7 +14,6 @@ path. Skipped, saying why, where kernels cannot be built (runtime/fused.py
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import convc.api as api
 from convc.runtime.backend import get_backend
 from convc.runtime import fused
 from convc.runtime.gradcheck import random_problem
-from helpers import EXAMPLES, ROOT, STD_MODELS, shrink, std_model_path
+from helpers import EXAMPLES, every_model, shrink
 
 OK, WHY = fused.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"fused kernels cannot be built here: {WHY}")
@@ -35,18 +34,7 @@ pytestmark = pytest.mark.skipif(not OK, reason=f"fused kernels cannot be built h
 TOL = 1e-12
 
 
-def _models():
-    for p in EXAMPLES:
-        yield p.stem, p, shrink(p.read_text(encoding="utf-8"))
-    for name, text in sorted(STD_MODELS.items()):
-        yield name, std_model_path(name), text
-    record = json.loads((ROOT / "tests" / "invariants" / "record-Haswell.json").read_text())
-    for e in record["models"]:
-        if e["kind"] == "random":
-            yield e["name"], ROOT / "tests" / f"{e['name']}.cell", e["text"]
-
-
-MODELS = list(_models())
+MODELS = every_model()
 
 
 def _worst(a: dict, b: dict) -> tuple[float, str]:
@@ -172,7 +160,10 @@ PROBLEM = (
     "want = plain.loss_and_grad(params, inputs, targets)[0]\n")
 
 
-def test_a_compiler_that_fails_gives_a_warning_and_the_array_kernels(tmp_path):
+@pytest.mark.parametrize("broken", ["compiler", "cache"])
+def test_a_build_that_fails_gives_a_warning_and_the_array_kernels(tmp_path, broken):
+    """A compiler that fails (CC=false), or a cache folder that cannot be made (under a
+    file): the run goes on, with the array kernels, and says why once."""
     script = PROBLEM + (
         "m = convc.load(path, fuse=True)\n"
         "with warnings.catch_warnings(record=True) as w:\n"
@@ -180,9 +171,14 @@ def test_a_compiler_that_fails_gives_a_warning_and_the_array_kernels(tmp_path):
         "    got = m.loss_and_grad(params, inputs, targets)[0]\n"
         "print('WARNED', [str(x.message).splitlines()[0][:60] for x in w])\n"
         "print('SAME', abs(got - want) <= 1e-12 * abs(want))\n")
-    r = _run(script, CC="false", CONVC_CACHE=str(tmp_path), CONVC_FUSE="")
-    assert "WARNED ['fused kernels: false" in r.stdout and "SAME True" in r.stdout, \
-        r.stdout + r.stderr
+    if broken == "compiler":
+        r = _run(script, CC="false", CONVC_CACHE=str(tmp_path), CONVC_FUSE="")
+        said = "WARNED ['fused kernels: false"
+    else:
+        (tmp_path / "file").write_text("")
+        r = _run(script, CONVC_CACHE=str(tmp_path / "file" / "cache"), CONVC_FUSE="")
+        said = "WARNED ['fused kernels: cannot build into"
+    assert said in r.stdout and "SAME True" in r.stdout, r.stdout + r.stderr
 
 
 def test_without_a_toolchain_fuse_says_why_and_the_default_is_plain(tmp_path):
@@ -203,3 +199,32 @@ def test_where_kernels_can_be_built_the_default_is_fused():
     r = _run(PROBLEM + "print('DEFAULT FUSED', 'K.k' in convc.load(path).source)\n",
              CONVC_FUSE="")
     assert "DEFAULT FUSED True" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_plane_loop_of_every_kernel_is_vectorised(tmp_path):
+    """The plane loop is where the time goes: gcc must vectorise it (with glibc's vector
+    exp and tanh), or a kernel runs its transcendentals one at a time, slower than
+    NumPy. Compiled as runtime/fused.py does, with gcc's vectoriser report."""
+    import shutil
+
+    cc = fused.compiler()
+    if cc is None or "gcc version" not in subprocess.run([cc, "-v"], capture_output=True,
+                                                         text=True).stderr:
+        pytest.skip("the vectoriser report read here is gcc's")
+    kernels = {}
+    for p in EXAMPLES:
+        mod = api.load(p, fuse=True)
+        for k, src in mod.KERNELS.items():
+            kernels.setdefault(src, f"{p.stem}.{k}")  # each distinct kernel once
+    for src, name in sorted(kernels.items(), key=lambda kv: kv[1]):
+        c = tmp_path / f"{name}.c"
+        c.write_text(fused.extension_source(src, name, "float32", "convc_probe"))
+        r = subprocess.run([cc, *fused.FLAGS, *(f"-I{d}" for d in fused._includes()), str(c),
+                            "-o", str(tmp_path / "probe.so"), "-fopt-info-vec-optimized"],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(i for i, ln in enumerate(c.read_text().splitlines(), 1)
+                    if ln.strip().startswith("for (long i = 0;"))
+        assert f"{c.name}:{line}:" in r.stderr and "loop vectorized" in r.stderr, \
+            f"{name}: the plane loop (line {line}) is not vectorised:\n{r.stderr[-2000:]}"
+    shutil.rmtree(tmp_path, ignore_errors=True)
