@@ -30,10 +30,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 from .ir import Graph
-from .memplan import LoopMemory
 from .ops import OPS
 from .peel import ALIAS, COMPUTE, Variant
+
+if TYPE_CHECKING:  # memplan plans a fused loop's memory after its kernels
+    from .memplan import LoopMemory
 
 
 @dataclass
@@ -60,7 +64,10 @@ def _broadcasts(shape: tuple, to: tuple) -> bool:
 
 
 def kernels(g: Graph, lm: LoopMemory, v: Variant, prefix: str = "k") -> list[Kernel]:
-    """The fused kernels of one variant of a loop body."""
+    """The fused kernels of one variant of a loop body (before its memory plan: the
+    members only the kernel reads get no buffer)."""
+    from .memplan import writes_memory
+
     groups: list[list[str]] = []
     open_group: list[str] = []
     members: set[str] = set()
@@ -82,7 +89,7 @@ def kernels(g: Graph, lm: LoopMemory, v: Variant, prefix: str = "k") -> list[Ker
                 close()
             open_group.append(n)
             members.add(n)
-        elif reads & members or n in v.dest:
+        elif reads & members or writes_memory(g, lm, v, n):
             close()
     close()
     return [_kernel(g, lm, v, grp, f"{prefix}{k}") for k, grp in enumerate(groups)]

@@ -242,6 +242,7 @@ class LoopMemory:
     zero: set[str] = field(default_factory=set)  # backward: carries nothing arrives at
     never: set[str] = field(default_factory=set)  # backward: carries with no cotangent
     kernels: dict[str, list] = field(default_factory=dict)  # variant -> its fused kernels
+    fuse: bool = False  # group each variant's elementwise work into kernels (fuse.py)
     pos: dict[str, int] = field(init=False)  # node -> its place in the body
 
     def __post_init__(self):
@@ -314,9 +315,24 @@ def add_variant(g: Graph, lm: LoopMemory, key: str, zero_sources: set[str],
     of the loop's general steps (its work buffers are named for it)."""
     v = peel(g, lm.body, zero_sources, roots)
     v.main = main
-    v.dest, v.retargeted = _assign(g, lm, v)
+    inside = set()  # fused members no one reads outside their kernel: never in memory
+    if lm.fuse:
+        from .fuse import kernels
+
+        b = lm.block
+        lm.kernels[key] = kernels(g, lm, v, prefix=f"k_{b.kind}{b.seg}_{b.k}_{key}_")
+        inside = {n for k in lm.kernels[key] for n, op, *_ in k.body
+                  if op != "const" and n not in k.outputs}
+    v.dest, v.retargeted = _assign(g, lm, v, inside)
     lm.variants[key] = v
     return v
+
+
+def writes_memory(g: Graph, lm: LoopMemory, v: Variant, n: str) -> bool:
+    """Might n write into memory the loop holds (a work buffer or a fixed place)?"""
+    op = OPS[g.node(n).op]
+    return n in lm.fixed or n in lm.part_of or (
+        v.status.get(n) == COMPUTE and not op.view and op.writes_into and n not in lm.fresh)
 
 
 def _temp(g: Graph, lm: LoopMemory, v: Variant, n: str) -> bool:
@@ -332,11 +348,13 @@ def _operands(v: Variant, u: str) -> list[str]:
         v.args[u] if v.status[u] == COMPUTE else []
 
 
-def _assign(g: Graph, lm: LoopMemory, v: Variant) -> tuple[dict[str, object], set[str]]:
-    """Places of one variant: fixed ones, then work buffers by linear scan."""
+def _assign(g: Graph, lm: LoopMemory, v: Variant, inside: set[str] = frozenset()
+            ) -> tuple[dict[str, object], set[str]]:
+    """Places of one variant: fixed ones, then work buffers by linear scan (none for the
+    values `inside` a fused kernel)."""
     pos = lm.pos
     live = [n for n in lm.body if n in v.live]
-    temps = [n for n in live if _temp(g, lm, v, n)]
+    temps = [n for n in live if _temp(g, lm, v, n) and n not in inside]
     retarget = _retargets(lm, v, live, temps)
     temps = [n for n in temps if n not in retarget]
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .autodiff import Backward
-from .fuse import kernels
 from .ir import Graph, data_name, is_data_seg
 from .lower import Lowered
 from .memplan import FunctionMemory, LoopMemory, add_variant, plan_function, plan_loop
@@ -97,7 +96,8 @@ def _keep(low: Lowered, bw: Backward | None) -> set[str]:
 
 
 def _loops(g: Graph, bw: Backward | None, blocks: list[Block], members: dict,
-           stored: set[str], state_of_update: dict) -> dict[Block, LoopMemory]:
+           stored: set[str], state_of_update: dict, fuse: bool = False
+           ) -> dict[Block, LoopMemory]:
     """Each loop's memory plan and the variants of its body, in the order they run."""
     loops = {}
     read_cts = bw.read_cts if bw is not None else {}
@@ -106,6 +106,7 @@ def _loops(g: Graph, bw: Backward | None, blocks: list[Block], members: dict,
         if b.kind not in (Kind.LOOP, Kind.BLOOP) or not nodes:
             continue
         lm = plan_loop(g, b, nodes, stored, state_of_update, read_cts)
+        lm.fuse = fuse
         if b.kind == Kind.LOOP:
             _forward_variants(g, lm, stored, state_of_update)
         else:
@@ -168,11 +169,7 @@ def plan_module(low: Lowered, bw: Backward | None, s: Schedule, recompute: int |
         cm = channel_major_values(g, s, stored, weight_gradient_layout)
         memory = plan_function(g, s, blocks, members, stored, keep, time_of, rec.ring,
                                rec.windows, rec.window_values)
-        loops = _loops(g, bw, blocks, members, stored, state_of_update)
-        if fuse:
-            for b, lm in loops.items():
-                for key, v in lm.variants.items():
-                    lm.kernels[key] = kernels(g, lm, v, prefix=f"{name}_{b.kind}{b.seg}_{b.k}_{key}_")
+        loops = _loops(g, bw, blocks, members, stored, state_of_update, fuse)
         functions[name] = FunctionPlan(name, blocks, members, stored, cm, rec, memory, loops)
 
     states = [g.node(r).attrs["update"] for seg in low.segments for r in seg.states]
