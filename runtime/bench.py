@@ -267,19 +267,20 @@ def time_model(mod, *, batch: int, frames: int, frames_out: int | None = None,
 def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup: int = 2,
         batch: int | None = None, frames: int | None = None, frames_out: int | None = None,
         min_time: float = 0.0, seed: int = 0, peak: bool = True, model: str | None = None,
-        lr: float = 0.01, recompute: int | None = None) -> dict:
+        lr: float = 0.01, recompute: int | None = None, fuse: bool | None = None) -> dict:
     """Time one `.cell` file (spec) or the built-in configurations; returns a report dict.
 
     config: one of CONFIGS, a list of them, or None (all three when spec is None).
     threads: BLAS threads for the timed steps and the GEMM peak (None: leave as is).
-    recompute: compile with recompute=K (memory against compute).
+    recompute: compile with recompute=K (memory against compute). fuse: fused step
+    kernels (None: where they can be built, as convc.load does).
     """
     from convc.runtime import loader
 
     results = []
     with blas_threads(threads):
         if spec is not None:
-            mod = loader.load(spec, model=model, recompute=recompute)
+            mod = loader.load(spec, model=model, recompute=recompute, fuse=fuse)
             train = mod.MODEL.get("train", {})
             n = batch or int(train.get("batch_size", 8))
             t = frames or int(train.get("frames_in", 10))
@@ -296,7 +297,8 @@ def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup
                     raise ValueError(f"unknown benchmark configuration {name!r}; "
                                      f"choose from {', '.join(CONFIGS)}")
                 cfg = dict(CONFIGS[name], name=name)
-                mod = loader.load(None, text=peer_cell_text(cfg), recompute=recompute)
+                mod = loader.load(None, text=peer_cell_text(cfg), recompute=recompute,
+                                  fuse=fuse)
                 r = time_model(mod, batch=batch or cfg["N"], frames=frames or cfg["T"],
                                steps=steps, warmup=warmup, min_time=min_time, seed=seed,
                                lr=lr)
@@ -304,6 +306,7 @@ def run(spec=None, config=None, steps: int = 10, threads: int | None = 2, warmup
                 r["config"] = cfg
                 results.append(r)
     out = dict(results=results, threads=threads, machine=machine_info(), recompute=recompute,
+               fused=bool(getattr(mod, "KERNELS", None)),
                date=time.strftime("%Y-%m-%d %H:%M"))
     if peak:
         out["gemm_peak"] = gemm_peak(threads or 2)
@@ -343,6 +346,9 @@ def format_report(report: dict) -> str:
         lines.append(f"float32 GEMM peak ({peak['threads']} threads): {peak['gflops']:.1f} GFLOP/s")
     if report.get("recompute"):
         lines.append(f"compiled with recompute={report['recompute']}")
+    if "fused" in report:
+        lines.append("fused step kernels: " + ("yes" if report["fused"] else
+                                               "no (the plain NumPy path)"))
     lines.append("")
     head = (f"{'model':<14} {'N':>3} {'T':>4} {'median ms':>10} {'min ms':>9} {'GFLOP/step':>11} "
             f"{'GFLOP/s':>8} {'% peak':>7} {'step RSS MB':>12} {'peak RSS MB':>12} {'loss':>9}")
@@ -388,6 +394,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--recompute", type=positive_int, default=None, metavar="K",
                         help="compile with recompute=K: forward values kept for windows of K "
                              "steps, recomputed in the backward pass")
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=None,
+                        help="fused step kernels (default: where they can be built)")
     parser.add_argument("--no-peak", action="store_true", help="skip the GEMM peak measurement")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write the report as JSON")
     return parser
@@ -397,7 +405,8 @@ def main_bench(args) -> int:
     report = run(spec=args.file, config=args.config, steps=args.steps, threads=args.threads,
                  warmup=args.warmup, batch=args.batch, frames=args.frames,
                  frames_out=args.frames_out, min_time=args.min_time, seed=args.seed,
-                 peak=not args.no_peak, model=args.model, recompute=args.recompute)
+                 peak=not args.no_peak, model=args.model, recompute=args.recompute,
+                 fuse=args.fuse)
     print(format_report(report))
     if args.json:
         from convc.runtime.atomic import write_output
