@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +229,22 @@ def test_the_plane_loop_of_every_kernel_is_vectorised(tmp_path):
         assert f"{c.name}:{line}:" in r.stderr and "loop vectorized" in r.stderr, \
             f"{name}: the plane loop (line {line}) is not vectorised:\n{r.stderr[-2000:]}"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_convlstm_step_is_one_convolution_and_one_kernel_each_way():
+    """bench/calls_per_step.py's count of the peer seed model's general steps: plain, a
+    NumPy call per elementwise op; fused, one kernel and one convolution a step."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import calls_per_step as cps
+    from convc.runtime.bench import CONFIGS, peer_cell_text
+
+    text = peer_cell_text(dict(CONFIGS["seed"], name="seed"))
+    fused_loops = [cps.count(b) for b in cps.loop_bodies(api.load(None, text=text,
+                                                                   fuse=True).source)]
+    plain_loops = [cps.count(b) for b in cps.loop_bodies(api.load(None, text=text,
+                                                                   fuse=False).source)]
+    assert len(fused_loops) == len(plain_loops) == 2
+    for c in fused_loops:
+        assert c == {"elementwise": 0, "fused kernels": 1, "convolutions": 1}, c
+    for c in plain_loops:
+        assert c["fused kernels"] == 0 and c["elementwise"] >= 8, c
