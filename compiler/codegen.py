@@ -53,7 +53,7 @@ from .naming import Names
 from .ops import OPS, float_source, node_flops
 from .peel import ALIAS, COMPUTE, ZERO, Variant
 from .plan import FunctionPlan, ModulePlan, plan_module
-from .render import render_c_kernel, render_python_kernel, same_kernel
+from .render import render_c_kernel, render_cuda_kernel, render_python_kernel, same_kernel
 from .schedule import Block, Kind, Schedule
 
 class _Out:
@@ -1368,7 +1368,16 @@ class _KernelTable:
                 o("    " + line)
         o()
         o()
-        o("FK = rt.FusedKernels(KERNELS, ArrayKernels)")
+        o("# The same kernels as CUDA, for a GPU backend (CuPy's RawModule, one thread an")
+        o("# element): each kernel's shape per sample, its number of outputs, its source.")
+        o("CUDA_KERNELS = {")
+        for k in self.kernels:
+            o(f"    {k.name!r}: ({tuple(int(d) for d in k.shape)!r}, {len(k.outputs)}, r\"\"\"")
+            o.lines.extend(render_cuda_kernel(k).rstrip("\n").split("\n"))
+            o('"""),')
+        o("}")
+        o()
+        o("FK = rt.FusedKernels(KERNELS, ArrayKernels, CUDA_KERNELS)")
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,

@@ -102,16 +102,43 @@ def render_cuda(kernels: list[Kernel], dtype: str = "float32") -> str:
     ctype = CTYPES[dtype]
     out = [*_prelude(ctype), ""]
     for k in kernels:
-        C, H, W = _dims(k.shape)
+        out += _cuda_element(k, f"{k.name}_element")
         out.append(f'extern "C" __global__ void {k.name}({_signature(k)}) {{')
-        out.append("    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;")
-        out.append(f"    if (i >= n * {C * H * W}) return;")
-        out.append(f"    long w = i % {W}, h = (i / {W}) % {H}, c = (i / {W * H}) % {C}, "
-                   f"a = i / {C * H * W};")
-        out += _element(k, " " * 4)
+        out += _cuda_launch_body(k, f"{k.name}_element")
         out.append("}")
         out.append("")
     return "\n".join(out)
+
+
+def _cuda_element(k: Kernel, name: str) -> list[str]:
+    """Element i of a kernel as a device function: what one thread computes."""
+    C, H, W = _dims(k.shape)
+    return [f"static __device__ void {name}(long i, {_signature(k)}) {{",
+            f"    long w = i % {W}, h = (i / {W}) % {H}, c = (i / {W * H}) % {C}, "
+            f"a = i / {C * H * W};",
+            *_element(k, " " * 4), "}"]
+
+
+def _cuda_launch_body(k: Kernel, element: str) -> list[str]:
+    C, H, W = _dims(k.shape)
+    return ["    long i = (long)blockIdx.x * blockDim.x + threadIdx.x;",
+            f"    if (i < n * {C * H * W}) {element}(i, {_arguments(k)});"]
+
+
+def _arguments(k: Kernel) -> str:
+    """_signature's names, to pass them on."""
+    return ", ".join(part.rsplit(" ", 1)[-1].lstrip("*") for part in _signature(k).split(", "))
+
+
+def render_cuda_kernel(k: Kernel) -> str:
+    """One kernel as the CUDA that generated code carries (runtime/fused.py puts the
+    dtype's T and functions before it and launches `kernel` through CuPy's RawModule,
+    one thread an element): `element(i, ...)`, what thread i computes, and the
+    kernel. Its arguments: n, then each input and each output with its four
+    element strides over (a, c, h, w)."""
+    return "\n".join([*_cuda_element(k, "element"),
+                      f'extern "C" __global__ void kernel({_signature(k)}) {{',
+                      *_cuda_launch_body(k, "element"), "}"]) + "\n"
 
 
 # ---------------------------------------------------------------- the CPU module

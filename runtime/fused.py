@@ -253,24 +253,29 @@ def _import(module: str, so: Path):
 
 class FusedKernels:
     """A generated module's kernels: its KERNELS (name -> C), built per dtype on demand,
-    and its ArrayKernels (the same over the array module).
+    its ArrayKernels (the same over the array module) and its CUDA_KERNELS.
 
     `of(dtype, backend)` is what the module's functions call `K.k0(...)` on: the C
     kernels for a CPU backend's NumPy arrays (the first call in a dtype builds
-    every kernel of the module in it, several compilers at once), else the array
-    kernels."""
+    every kernel of the module in it, several compilers at once), the CUDA
+    kernels for a GPU backend (CuPy's RawModule compiles them, once per dtype
+    and device), else the array kernels."""
 
-    def __init__(self, kernels: dict[str, str], fallback=None):
+    def __init__(self, kernels: dict[str, str], fallback=None, cuda: dict | None = None):
         self.kernels = dict(kernels)
         self.fallback = fallback
+        self.cuda = dict(cuda or {})
         self._built: dict[str, object] = {}
         self._lock = threading.Lock()
 
     def of(self, dtype, backend=None):
-        if backend is not None and (backend.capabilities.device != "cpu"
-                                    or getattr(backend, "xp", None) is not _numpy()):
-            return self.fallback
         key = _numpy().dtype(dtype).name
+        if backend is not None and backend.capabilities.device == "gpu":
+            if not self.cuda or os.environ.get("CONVC_FUSE", "") == "array":
+                return self.fallback
+            key = f"{key}@gpu{_device_id()}"
+        elif backend is not None and getattr(backend, "xp", None) is not _numpy():
+            return self.fallback
         ns = self._built.get(key)
         if ns is None:
             with self._lock:  # shards of one call start together: build once
@@ -279,7 +284,12 @@ class FusedKernels:
                     ns = self._built[key] = self._build(key)
         return ns
 
-    def _build(self, dtype: str):
+    def _build(self, key: str):
+        dtype, _, gpu = key.partition("@")
+        if gpu:
+            return types.SimpleNamespace(**{
+                name: CudaKernel(source, name, dtype, shape, nout)
+                for name, (shape, nout, source) in self.cuda.items()})
         if os.environ.get("CONVC_FUSE", "") == "array" or dtype not in DTYPES:
             return self.fallback
         jobs = max(1, min(len(self.kernels), os.cpu_count() or 1, 8))
@@ -294,6 +304,78 @@ class FusedKernels:
                           RuntimeWarning, stacklevel=3)
             return self.fallback
         return types.SimpleNamespace(**dict(zip(self.kernels, fns)))
+
+
+# ---------------------------------------------------------------- on the GPU
+
+CUDA_DTYPES = {"float64": ("double", dict(EXP="exp", TANH="tanh", LOG1P="log1p", FABS="fabs")),
+               "float32": ("float", dict(EXP="expf", TANH="tanhf", LOG1P="log1pf",
+                                         FABS="fabsf"))}
+THREADS = 256  # a block
+
+
+def cuda_source(kernel: str, dtype: str) -> str:
+    """The whole CUDA file of one kernel (generated code's CUDA_KERNELS) in one dtype."""
+    ctype, math = CUDA_DTYPES[dtype]
+    head = [f"typedef {ctype} T;", *(f"#define {k} {v}" for k, v in math.items()),
+            "#define CLIP01(v) ((v) < 0 ? (T)0 : ((v) > 1 ? (T)1 : (v)))"]
+    return "\n".join(head) + "\n\n" + kernel
+
+
+def element_strides(shape, strides, itemsize: int, n: int, kshape: tuple, output: bool,
+                    what: str) -> list[int]:
+    """An array's element strides over a kernel's (a, c, h, w): the rule of the C
+    wrapper (WRAPPER), right-aligned to (n, kshape) as NumPy broadcasts."""
+    rank = len(kshape)
+    dims = (1,) * (3 - rank) + tuple(kshape)
+    nd = len(shape)
+    if (output and nd != rank + 1) or nd > rank + 1:
+        raise ValueError(f"{what} has {nd} axes, not {rank + 1}")
+    want = (n, *dims)
+    out = [0, 0, 0, 0]
+    for d in range(nd):
+        target = rank + 1 - nd + d
+        axis = 0 if target == 0 else target + 3 - rank
+        if shape[d] == want[axis]:
+            out[axis] = strides[d] // itemsize
+        elif shape[d] != 1 or output:
+            raise ValueError(f"{what} has length {shape[d]} on axis {d}, not {want[axis]}")
+    return out
+
+
+class CudaKernel:
+    """One fused kernel on the GPU: `kernel(out0, ..., in0, ...)` with CuPy arrays,
+    one launch of one thread an element, on the current stream (no synchronisation)."""
+
+    def __init__(self, source: str, name: str, dtype: str, shape: tuple, nout: int):
+        import cupy
+
+        self.name, self.dtype, self.shape, self.nout = name, dtype, tuple(shape), nout
+        self.fn = cupy.RawModule(code=cuda_source(source, dtype)).get_function("kernel")
+        self.size = 1
+        for d in self.shape:
+            self.size *= int(d)
+
+    def __call__(self, *arrays):
+        outs, ins = arrays[:self.nout], arrays[self.nout:]
+        n = int(outs[0].shape[0])
+        np = _numpy()
+        args = [np.int64(n)]
+        for j, a in [(j, a) for j, a in enumerate(ins)] + [(None, a) for a in outs]:
+            if str(a.dtype) != self.dtype:
+                raise TypeError(f"{self.name}: an operand is {a.dtype}, the kernel "
+                                f"{self.dtype}")
+            what = f"{self.name}: " + (f"input {j}" if j is not None else "an output")
+            s = element_strides(a.shape, a.strides, a.itemsize, n, self.shape, j is None, what)
+            args += [a, *(np.int64(v) for v in s)]
+        total = n * self.size
+        self.fn(((total + THREADS - 1) // THREADS,), (THREADS,), tuple(args))
+
+
+def _device_id() -> int:
+    import cupy
+
+    return int(cupy.cuda.runtime.getDevice())
 
 
 def _numpy():

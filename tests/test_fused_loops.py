@@ -137,13 +137,20 @@ def test_the_kernels_refuse_bad_operands_with_a_message(kernel):
         fn(ro, *good[1:])
 
 
-def test_a_gpu_backend_gets_the_array_kernels():
+def test_the_backend_chooses_the_kernels(monkeypatch):
+    """C for a CPU backend's NumPy arrays; the array kernels for a backend with another
+    array module, or everywhere with CONVC_FUSE=array (a GPU backend's CUDA kernels:
+    tests/test_fused_gpu.py)."""
     path = next(p for p in EXAMPLES if p.stem == "seed")
     fast = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=True)
+    cpu = fast.FK.of(np.float64, get_backend("cpu", "numpy"))
+    assert type(cpu.k0).__name__ == "builtin_function_or_method"
+    other = types.SimpleNamespace(capabilities=types.SimpleNamespace(device="cpu"), xp=None)
+    assert fast.FK.of(np.float64, other) is fast.ArrayKernels
+    monkeypatch.setenv("CONVC_FUSE", "array")
     gpu = types.SimpleNamespace(capabilities=types.SimpleNamespace(device="gpu"), xp=None)
     assert fast.FK.of(np.float64, gpu) is fast.ArrayKernels
-    cpu = fast.FK.of(np.float64, get_backend("cpu", "numpy"))
-    assert cpu is not fast.ArrayKernels and type(cpu.k0).__name__ == "builtin_function_or_method"
+    assert fast.FK.of(np.float32, get_backend("cpu", "numpy")) is fast.ArrayKernels
 
 
 def _run(script: str, **env) -> subprocess.CompletedProcess:
