@@ -5,14 +5,17 @@
 
 1. float64 agreement: the peer yardstick's ConvLSTM (two layers, small
    frames) gives the same loss and gradients on CuPy as on NumPy (relative
-   difference <= 1e-10; the two run the same generated code).
+   difference <= 1e-10; the two run the same generated code, its fused
+   step kernels as CUDA on the GPU and as C on the CPU), and as the plain
+   module (fuse=False: one CuPy call per elementwise op) on the GPU.
 2. Repeatability: three float32 runs of one batch on the GPU, in
    deterministic mode (ops_cupy.CupyBackend.make_deterministic: no TF32, no
    CUB/cuTENSOR reductions), give bitwise identical losses and gradients.
 3. Speed: ms per training step (forward over T, BPTT, SGD update, float32)
    of the three benchmark configurations (`seed`, `small`, `shi2015`),
    synchronised around each step, and the same model in PyTorch on CUDA
-   beside it when torch with CUDA can be imported (same weights and data).
+   beside it when torch with CUDA can be imported (same weights and data);
+   seed also without fused kernels (what the CUDA kernels save).
 4. Two GPUs (only where CuPy sees two or more, with mpi4py and mpirun):
    `mpirun -n 2 convc train --device gpu --collectives nccl` gives bitwise
    the losses of one process with `--shards 2` on one GPU
@@ -79,11 +82,11 @@ def batch(cfg: dict, seed: int, dtype):
     return {"x": data[:, :-1]}, {"y": data[:, 1:]}
 
 
-def load(cfg: dict):
+def load(cfg: dict, fuse: bool | None = None):
     import convc.api as api
     from convc.runtime.bench import peer_cell_text
 
-    return api.load(None, text=peer_cell_text(cfg))
+    return api.load(None, text=peer_cell_text(cfg), fuse=fuse)
 
 
 def to_device(backend, tree: dict) -> dict:
@@ -102,8 +105,21 @@ def check_float64(backend) -> dict:
         diff = np.abs(backend.asnumpy(grads_g[name]) - g).max() / max(np.abs(g).max(), 1e-300)
         worst = max(worst, float(diff))
     loss_diff = abs(float(loss_g) - float(loss_c)) / max(abs(float(loss_c)), 1e-300)
+    from convc.runtime.fused import CudaKernel
+
+    kernels = getattr(mod, "FK", None)
+    cuda = kernels is not None and isinstance(
+        next(iter(vars(kernels.of(np.float64, backend)).values()), None), CudaKernel)
+    plain = load(SMALL_CHECK, fuse=False)
+    loss_p, grads_p, _ = plain.loss_and_grad(to_device(backend, params), inputs, targets,
+                                             backend=backend)
+    plain_worst = max(float(np.abs(backend.asnumpy(grads_g[k]) - backend.asnumpy(g)).max()
+                            / max(float(np.abs(backend.asnumpy(g)).max()), 1e-300))
+                      for k, g in grads_p.items())
     return dict(loss_cpu=float(loss_c), loss_gpu=float(loss_g), loss_rel_diff=loss_diff,
-                grad_max_rel_diff=worst, ok=bool(worst <= 1e-10 and loss_diff <= 1e-12))
+                grad_max_rel_diff=worst, cuda_kernels=bool(cuda),
+                fused_vs_plain_grad_max_rel_diff=plain_worst,
+                ok=bool(worst <= 1e-10 and loss_diff <= 1e-12 and plain_worst <= 1e-10))
 
 
 def check_repeatable(backend, runs: int = 3) -> dict:
@@ -121,9 +137,9 @@ def check_repeatable(backend, runs: int = 3) -> dict:
     return dict(runs=runs, losses=[r[0] for r in results], bitwise_identical=bool(same))
 
 
-def time_convc(backend, name: str, steps: int, deadline: float) -> dict:
+def time_convc(backend, name: str, steps: int, deadline: float, fuse=None) -> dict:
     cfg = dict(CONFIG_SET[name], name=name)
-    mod = load(cfg)
+    mod = load(cfg, fuse=fuse)
     params = to_device(backend, peer_params(mod, cfg, 0, np.float32))
     inputs, targets = batch(cfg, 1, np.float32)
     sync = synchronizer(backend)
@@ -275,7 +291,9 @@ def main(argv=None) -> int:
     report["float64"] = check_float64(backend)
     f = report["float64"]
     print(f"1. float64 CuPy vs NumPy: loss rel diff {f['loss_rel_diff']:.1e}, gradients max "
-          f"rel diff {f['grad_max_rel_diff']:.1e}: {'PASS' if f['ok'] else 'FAIL'}", flush=True)
+          f"rel diff {f['grad_max_rel_diff']:.1e}; fused (CUDA kernels: {f['cuda_kernels']}) "
+          f"vs plain on the GPU {f['fused_vs_plain_grad_max_rel_diff']:.1e}: "
+          f"{'PASS' if f['ok'] else 'FAIL'}", flush=True)
     report["repeat"] = check_repeatable(backend)
     r = report["repeat"]
     print(f"2. {r['runs']} float32 runs bitwise identical: "
@@ -289,6 +307,8 @@ def main(argv=None) -> int:
             print(f"   {cname}: skipped (time limit)")
             continue
         row = dict(convc=time_convc(backend, cname, steps, deadline))
+        if cname == "seed":  # launch-bound: what the fused CUDA kernels save
+            row["convc_plain"] = time_convc(backend, cname, steps, deadline, fuse=False)
         try:
             row["torch_cuda"] = time_torch(cname, steps, deadline)
         except Exception as exc:  # torch is only a comparison: report, do not fail
@@ -297,7 +317,8 @@ def main(argv=None) -> int:
         t = row["torch_cuda"]
         tt = f"{t['median_ms']:.2f} ms" if t and "median_ms" in t else \
             (t.get("error") if t else "not available")
-        print(f"   {cname:8s} convc {row['convc']['median_ms']:8.2f} ms   torch CUDA {tt}",
+        plain = f" (plain {row['convc_plain']['median_ms']:.2f} ms)" if "convc_plain" in row else ""
+        print(f"   {cname:8s} convc {row['convc']['median_ms']:8.2f} ms{plain}   torch CUDA {tt}",
               flush=True)
     if time.perf_counter() < deadline:
         report["two_gpus"] = check_two_gpus(xp)

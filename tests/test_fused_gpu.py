@@ -155,3 +155,20 @@ def test_the_launcher_refuses_what_the_kernel_cannot_take(gpu):
         K.k0(*ok[:-1], ok[-1].astype(np.float64))
     with pytest.raises(ValueError, match="length"):
         K.k0(np.zeros((2, shape[0] + 1, *shape[1:]), np.float32), *ok[1:])
+
+
+def test_gpu_check_runs_its_first_check_on_the_emulated_gpu(gpu, monkeypatch):
+    """bench/gpu_check.py's float64 check, fused kernels on (as a user gets them), on the
+    stand-in: the CUDA kernels run, and agree with NumPy and with the plain module."""
+    import importlib.util
+    from pathlib import Path
+
+    backend, launches = gpu
+    monkeypatch.setenv("CONVC_FUSE", "")  # the default a user has: fused where it can be
+    path = Path(__file__).resolve().parent.parent / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("convc_gpu_check_emulated", path)
+    gc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gc)
+    f = gc.check_float64(backend)
+    assert f["cuda_kernels"] and launches, f
+    assert f["ok"], f
