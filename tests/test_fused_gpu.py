@@ -8,8 +8,11 @@ its argument order, the strides and broadcasting the launcher passes, the grid
 it launches. For every example and the std ConvLSTM models, a fused module run
 on the GPU backend (CuPy's, here NumPy underneath) computes the loss and the
 gradients of the plain NumPy path (1e-12 of each value's size, float64), and
-makes one launch per kernel call of the step. Skipped, saying why, without a
-C++ compiler. (nvcc compiles the same kernels in tests/test_fused_kernels.py.)
+makes one launch per kernel call of the step. The stand-in's arrays count what
+would wait for the device (a value read on the host): a training step, fused
+or plain, reads one, its loss, at any number of steps. Skipped, saying why,
+without a C++ compiler. (nvcc compiles the same kernels in
+tests/test_fused_kernels.py.)
 """
 from __future__ import annotations
 
@@ -69,10 +72,53 @@ class _Emulated:
         self.launches.append(n)
 
 
+class DeviceArray(np.ndarray):
+    """The stand-in's device array: NumPy's, counting what would wait for the GPU (a
+    value read on the host: float(), int(), bool(), .item(), .tolist())."""
+
+    syncs: list = []
+
+    def _host(self, what):
+        DeviceArray.syncs.append(what)
+        return np.asarray(self)
+
+    def __float__(self):
+        return float(self._host("float"))
+
+    def __int__(self):
+        return int(self._host("int"))
+
+    def __bool__(self):
+        return bool(self._host("bool"))
+
+    def __index__(self):
+        return self._host("index").__index__()
+
+    def item(self, *args):
+        return self._host("item").item(*args)
+
+    def tolist(self):
+        return self._host("tolist").tolist()
+
+
+def _on_device(f):
+    def made(*args, **kwargs):
+        r = f(*args, **kwargs)
+        return r.view(DeviceArray) if isinstance(r, np.ndarray) else r
+    return made
+
+
 def _fake_cupy(folder, launches: list) -> types.ModuleType:
     fake = types.ModuleType("cupy")
     fake.__getattr__ = lambda name: getattr(np, name)  # NumPy underneath
-    fake.asnumpy = np.asarray
+    for name in ("empty", "zeros", "zeros_like", "empty_like", "asarray", "ascontiguousarray",
+                 "full", "ones", "array", "concatenate", "stack"):
+        setattr(fake, name, _on_device(getattr(np, name)))
+
+    def asnumpy(a):
+        DeviceArray.syncs.append("asnumpy")
+        return np.asarray(a)
+    fake.asnumpy = asnumpy
     fake.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(
         getDeviceCount=lambda: 1, getDevice=lambda: 0))
 
@@ -172,3 +218,26 @@ def test_gpu_check_runs_its_first_check_on_the_emulated_gpu(gpu, monkeypatch):
     f = gc.check_float64(backend)
     assert f["cuda_kernels"] and launches, f
     assert f["ok"], f
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "plain"])
+@pytest.mark.parametrize("model", ["seed", "stack"])
+def test_a_step_on_the_gpu_waits_for_the_device_once(gpu, model, fuse):
+    """loss_and_grad on the GPU backend reads one value on the host, the loss at its end,
+    at any T: nothing inside the time loops synchronises; and its kernel launches
+    grow by the same count per step."""
+    backend, launches = gpu
+    path = next(p for p in EXAMPLES if p.stem == model)
+    mod = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=fuse)
+    seen = {}
+    for T in (4, 8):
+        params, inputs, targets = random_problem(mod, batch=2, frames=T)
+        params = {k: v.view(DeviceArray) for k, v in params.items()}
+        mod.loss_and_grad_shard(params, inputs, targets, backend=backend)  # warm-up
+        DeviceArray.syncs.clear()
+        launches.clear()
+        mod.loss_and_grad_shard(params, inputs, targets, backend=backend)
+        seen[T] = (list(DeviceArray.syncs), len(launches))
+    assert seen[4][0] == seen[8][0] == ["float"], seen
+    if fuse:
+        assert seen[8][1] > seen[4][1] > 0 and (seen[8][1] - seen[4][1]) % 4 == 0, seen
