@@ -1359,8 +1359,8 @@ class _KernelTable:
         o()
         o()
         o("class ArrayKernels:")
-        o('    """The same kernels over the array module, for the GPU and where no C compiler')
-        o('    is found."""')
+        o('    """The same kernels over the array module (NumPy or CuPy), one call a statement:')
+        o('    where the C or CUDA kernels cannot run (no compiler; CONVC_FUSE=array)."""')
         for k in self.kernels:
             o()
             o("    @staticmethod")
