@@ -229,7 +229,10 @@ def load(kernel: str, name: str, dtype: str):
         source = extension_source(kernel, name, dtype, module)
         if not so.exists():
             try:
-                _build(source, cc, so)
+                try:
+                    _build(source, cc, so)
+                except KernelBuildError:  # a compiler without gcc's simd attribute (clang)
+                    _build("#define CONVC_NO_LIBMVEC\n" + source, cc, so)
             except OSError as exc:  # a cache folder that cannot be written, a full disk
                 raise KernelBuildError(f"cannot build into {so.parent}: {exc} (set "
                                        f"CONVC_CACHE to a folder that can be written)") from exc

@@ -255,3 +255,26 @@ def test_a_convlstm_step_is_one_convolution_and_one_kernel_each_way():
         assert c == {"elementwise": 0, "fused kernels": 1, "convolutions": 1}, c
     for c in plain_loops:
         assert c["fused kernels"] == 0 and c["elementwise"] >= 8, c
+
+
+def test_a_compiler_without_the_simd_attribute_builds_scalar_kernels(tmp_path):
+    """A C compiler that rejects glibc's vector-math declarations (clang does): the
+    kernels are built again without them, and run as C, with no warning."""
+    cc = tmp_path / "cc-without-simd"
+    cc.write_text("#!/bin/sh\n"
+                  "for a in \"$@\"; do case \"$a\" in *.c)\n"
+                  "  grep -q '^#define CONVC_NO_LIBMVEC' \"$a\" || "
+                  "{ echo 'error: unknown attribute simd' >&2; exit 1; };; esac; done\n"
+                  f"exec {fused.compiler()} \"$@\"\n")
+    cc.chmod(0o755)
+    script = PROBLEM + (
+        "m = convc.load(path, fuse=True)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    got = m.loss_and_grad(params, inputs, targets)[0]\n"
+        "import numpy as np\n"
+        "k = m.FK.of(np.float64, None).k0\n"
+        "print('C', type(k).__name__ == 'builtin_function_or_method', 'WARNED', len(w))\n"
+        "print('SAME', abs(got - want) <= 1e-12 * abs(want))\n")
+    r = _run(script, CC=str(cc), CONVC_CACHE=str(tmp_path / "cache"), CONVC_FUSE="")
+    assert "C True WARNED 0" in r.stdout and "SAME True" in r.stdout, r.stdout + r.stderr
