@@ -151,7 +151,8 @@ def render_c_kernel(k: Kernel) -> str:
     - NOUT, NIN, RANK and DIMS: the outputs, the inputs, the kernel's rank per
       sample and its (C, H, W);
     - `kernel_strided(n, p, s)`: the loops over (a, c, h, w) with each operand's
-      four element strides `s` (any layout NumPy gives);
+      four element strides `s` (any layout NumPy gives; RARE: built with less
+      optimisation, as the layouts generated code makes take the plane loop);
     - `kernel_planes(n, p, s)`: the same with one contiguous (vectorised) inner
       loop over a plane, for when `planes_ok(s)`: every operand is whole planes
       of (H, W) with contiguous rows, or constant over them.
@@ -169,7 +170,7 @@ def render_c_kernel(k: Kernel) -> str:
         decl.append(f"    {const}T *{name} = ({const}T *)p[{j}];")
         decl.append("    const long " + ", ".join(f"{name}_s{d} = s[{4 * j + d}]"
                                                      for d in range(4)) + ";")
-    lines += ["static void kernel_strided(long n, char **p, const long *s) {", *decl,
+    lines += ["RARE static void kernel_strided(long n, char **p, const long *s) {", *decl,
               "    for (long a = 0; a < n; a++)", f"    for (long c = 0; c < {C}; c++)",
               f"    for (long h = 0; h < {H}; h++)", f"    for (long w = 0; w < {W}; w++) {{",
               *_element(k, " " * 8), "    }", "}", ""]

@@ -135,6 +135,11 @@ __attribute__((simd("notinbranch"))) extern float log1pf(float);
 #endif
 
 #define CLIP01(v) ((v) < 0 ? (T)0 : ((v) > 1 ? (T)1 : (v)))
+#if defined(__GNUC__) && !defined(__clang__)  /* the strided loop: rare, built quickly */
+#define RARE __attribute__((optimize("O1")))
+#else
+#define RARE
+#endif
 """
 
 WRAPPER = r"""

@@ -15,6 +15,7 @@ path. Skipped, saying why, where kernels cannot be built (runtime/fused.py
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -278,3 +279,25 @@ def test_a_compiler_without_the_simd_attribute_builds_scalar_kernels(tmp_path):
         "print('SAME', abs(got - want) <= 1e-12 * abs(want))\n")
     r = _run(script, CC=str(cc), CONVC_CACHE=str(tmp_path / "cache"), CONVC_FUSE="")
     assert "C True WARNED 0" in r.stdout and "SAME True" in r.stdout, r.stdout + r.stderr
+
+
+def test_the_strided_loop_computes_what_the_plane_loop_does():
+    """Operands whose planes are not contiguous (every other column of a wider array,
+    a Fortran-ordered array) take the strided loop: the same values as the array
+    kernels."""
+    path = next(p for p in EXAMPLES if p.stem == "seed")
+    fast = api.load(path, text=shrink(path.read_text(encoding="utf-8")), fuse=True)
+    K = fast.FK.of(np.float64, get_backend("cpu", "numpy"))
+    rng = np.random.default_rng(3)
+    for name, (shape, nout, source) in fast.CUDA_KERNELS.items():
+        nin = len(re.findall(r"const T \*in\d+", source.split("{")[0]))
+        full = (2, *shape)
+        wide = full[:-1] + (2 * full[-1],)
+        ins = [rng.uniform(-2, 2, wide)[..., ::2] if k % 2 else
+               np.asfortranarray(rng.uniform(-2, 2, full)) for k in range(nin)]
+        got = [np.full(wide, np.nan)[..., ::2] for _ in range(nout)]  # W stride 2
+        want = [np.full(full, np.nan) for _ in range(nout)]
+        getattr(K, name)(*got, *ins)
+        getattr(fast.ArrayKernels, name)(*want, *ins)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-13, atol=1e-15)
