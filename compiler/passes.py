@@ -224,7 +224,7 @@ def loop_rewrites(low, bw, fuse: bool = False) -> dict[str, int]:
     counts["split_grad_input_slices"] = split_grad_input_slices(g)
     counts["concat_slice_grads"] = concat_slice_grads(g)
     if fuse:
-        counts["slice_elementwise"] = slice_elementwise(g)
+        counts["slice_elementwise"] = slice_elementwise(g, protected_nodes(low, bw))
     else:
         counts["merge_sibling_activations"] = merge_sibling_activations(g)
         counts["merge_sibling_activation_grads"] = merge_sibling_activation_grads(g)
@@ -529,14 +529,15 @@ def merge_sibling_activations(g: Graph) -> int:
     return changed
 
 
-def slice_elementwise(g: Graph) -> int:
+def slice_elementwise(g: Graph, protected: set[str] = frozenset()) -> int:
     """slice(f(a, b), i, j) -> f(slice(a, i, j), slice(b, i, j)) when every use of f is
     a channel slice: a ConvLSTM's z = conv_x + conv_h becomes one add per gate.
 
     For fused kernels (fuse.py), which group ops of one shape: each part then
     has its gate's shape. Operands are sliced where they have f's channels and
     passed whole where they broadcast over them (a channel of length 1). Runs
-    to a fixed point, so slices move up through a chain of such ops.
+    to a fixed point, so slices move up through a chain of such ops. A
+    `protected` node (an output, a gradient, a state's update) stays whole.
     """
     changed = 0
     again = True
@@ -549,7 +550,7 @@ def slice_elementwise(g: Graph) -> int:
             op = OPS[node.op]
             users = g.consumers(nid)
             if not (op.elementwise and op.scalar is not None) or not users or \
-                    node.seg is None or is_data_seg(node.seg) or \
+                    nid in protected or node.seg is None or is_data_seg(node.seg) or \
                     node.shape is None or len(node.shape) < 1 or \
                     any(g.node(u).op != "slice" for u in users) or len(set(users)) != len(users):
                 continue
