@@ -1350,12 +1350,7 @@ class _KernelTable:
         o()
         o("# The fused step kernels the loops above call (K.k0, ...), as C: runtime/fused.py")
         o("# compiles each for this CPU the first time a function runs in a dtype, and caches it.")
-        o("KERNELS = {")
-        for k in self.kernels:
-            o(f'    {k.name!r}: r"""')
-            o.lines.extend(render_c_kernel(k).rstrip("\n").split("\n"))
-            o('""",')
-        o("}")
+        self.emit_sources(o, "KERNELS", render_c_kernel)
         o()
         o()
         o("class ArrayKernels:")
@@ -1370,14 +1365,19 @@ class _KernelTable:
         o()
         o("# The same kernels as CUDA, for a GPU backend (CuPy's RawModule, one thread an")
         o("# element): each kernel's shape per sample, its number of outputs, its source.")
-        o("CUDA_KERNELS = {")
-        for k in self.kernels:
-            o(f"    {k.name!r}: ({tuple(int(d) for d in k.shape)!r}, {len(k.outputs)}, r\"\"\"")
-            o.lines.extend(render_cuda_kernel(k).rstrip("\n").split("\n"))
-            o('"""),')
-        o("}")
+        self.emit_sources(o, "CUDA_KERNELS", render_cuda_kernel,
+                          lambda k: f"{tuple(int(d) for d in k.shape)!r}, {len(k.outputs)}")
         o()
         o("FK = rt.FusedKernels(KERNELS, ArrayKernels, CUDA_KERNELS)")
+
+    def emit_sources(self, o: _Out, var: str, render, meta=None) -> None:
+        """{name: source} of every kernel, or {name: (meta..., source)}."""
+        o(f"{var} = {{")
+        for k in self.kernels:
+            o(f'    {k.name!r}: {"(" + meta(k) + ", " if meta else ""}r"""')
+            o.lines.extend(render(k).rstrip("\n").split("\n"))
+            o('"""),' if meta else '""",')
+        o("}")
 
 
 def generate(low: Lowered, bw: Backward, sched: Schedule, debug_nans: bool = False,

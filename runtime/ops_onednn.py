@@ -415,6 +415,18 @@ def _contiguous32(a):
     return a if a.flags.c_contiguous else numpy.ascontiguousarray(a)
 
 
+def _written(out, shape: tuple, run):
+    """run(y) into `out` where it is a contiguous float32 array, else into a new one that
+    is then copied into `out` (a strided view) or returned."""
+    direct = out is not None and out.flags.c_contiguous and out.dtype == numpy.float32
+    y = out if direct else numpy.empty(shape, dtype=numpy.float32)
+    run(y)
+    if out is not None and not direct:
+        out[...] = y
+        return out
+    return y
+
+
 class OnednnBackend(NumpyBackend):
     """NumPy arrays on the CPU with oneDNN v3.2's float32 convolutions.
 
@@ -466,13 +478,8 @@ class OnednnBackend(NumpyBackend):
         ho, wo = check_conv2d_shapes(x.shape, w.shape, stride, pad, dilation)
         y_shape = (x.shape[0], w.shape[0], ho, wo)
         prim = self._prim("fwd", x.shape, w.shape, y_shape, stride, pad, dilation, nthreads)
-        direct = out is not None and out.flags.c_contiguous and out.dtype == numpy.float32
-        y = out if direct else numpy.empty(y_shape, dtype=numpy.float32)
-        prim(nthreads, self._scratch, _contiguous32(x), _contiguous32(w), y)
-        if out is not None and not direct:
-            out[...] = y
-            return out
-        return y
+        return _written(out, y_shape, lambda y: prim(nthreads, self._scratch, _contiguous32(x),
+                                                     _contiguous32(w), y))
 
     def conv2d_grad_input(self, gy, w, x_shape: tuple, stride: Pair, pad: Pair, dilation: Pair,
                           out=None):
@@ -484,13 +491,8 @@ class OnednnBackend(NumpyBackend):
         _check_gy(gy, x_shape, w.shape, out_hw)
         prim = self._prim("bwd_data", x_shape, w.shape, gy.shape, stride, pad, dilation,
                           nthreads)
-        direct = out is not None and out.flags.c_contiguous and out.dtype == numpy.float32
-        dx = out if direct else numpy.empty(x_shape, dtype=numpy.float32)
-        prim(nthreads, self._scratch, _contiguous32(gy), _contiguous32(w), dx)
-        if out is not None and not direct:
-            out[...] = dx
-            return out
-        return dx
+        return _written(out, x_shape, lambda dx: prim(nthreads, self._scratch,
+                                                      _contiguous32(gy), _contiguous32(w), dx))
 
     def conv2d_grad_weight(self, x, gy, w_shape: tuple, stride: Pair, pad: Pair,
                            dilation: Pair):
